@@ -1,0 +1,11 @@
+// The schema of every jakiro op, in one place. Kernels register themselves per
+// device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) implementations and
+// Python wrappers live in jakiro/ops.py. Contracts: DESIGN.md section 5.
+#include <torch/library.h>
+
+TORCH_LIBRARY(jakiro, m) {
+  // Ancestor bitmask and depth of every node of a batch of draft trees.
+  // validate=False skips the CUDA kernel's one host read of its error flag
+  // (inputs are still never read out of bounds); CPU always validates.
+  m.def("build_tree_mask(Tensor parents, bool validate=True) -> (Tensor tree_mask, Tensor depth)");
+}

@@ -1,0 +1,29 @@
+"""jakiro: Jakiro speculative decoding for Hugging Face causal LMs.
+
+Importing the package loads the compiled extension, which registers every op
+under ``torch.ops.jakiro``; ``jakiro.ops`` holds their Python wrappers.
+"""
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+from jakiro import _C  # registers torch.ops.jakiro.*
+from jakiro import ops  # noqa: F401  (fake implementations for torch.compile)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the extension was built, plus the versions it runs with now.
+
+    Keys: ``cuda_compiled`` (CUDA kernels built), ``cuda_arch_list``,
+    ``nvcc_version``, ``built_against_torch``, ``build_type``, ``cxx_compiler``,
+    ``max_tree_nodes``, and at run time ``torch_version``, ``torch_cuda_version``,
+    ``cuda_available``.
+    """
+    info = dict(_C.build_info())
+    info["torch_version"] = torch.__version__
+    info["torch_cuda_version"] = torch.version.cuda
+    info["cuda_available"] = torch.cuda.is_available()
+    return info
+
+
+__all__ = ["build_info", "ops", "__version__"]

@@ -1,0 +1,29 @@
+"""Shared test fixtures: devices to run on and the CUDA skip rule."""
+import pytest
+import torch
+
+import jakiro
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_COMPILED = jakiro.build_info()["cuda_compiled"]
+
+cuda_only = pytest.mark.skipif(
+    not (HAS_CUDA and CUDA_COMPILED),
+    reason="no CUDA device" if not HAS_CUDA else "extension built without CUDA kernels",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(cuda_only)
+
+
+# Parametrise a test over this: the CUDA case carries the `cuda` mark, so it is
+# skipped with a reason where no GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from jakiro import ops, reference
-from trees import SHAPES, make_parents
+from jakiro.testing import SHAPES, make_parents
 
 SIZES = [1, 2, 31, 32, 33, 64, 100]
 

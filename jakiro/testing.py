@@ -1,4 +1,9 @@
-"""Random and structured draft trees in the DESIGN.md §4 format, for tests and benchmarks."""
+"""Input generators shared by the tests and the benchmarks (not needed at run time).
+
+Trees are in the DESIGN.md §4 format.
+"""
+from __future__ import annotations
+
 import torch
 
 SHAPES = ("chain", "star", "binary", "random")

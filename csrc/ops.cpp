@@ -8,4 +8,10 @@ TORCH_LIBRARY(jakiro, m) {
   // validate=False skips the CUDA kernel's one host read of its error flag
   // (inputs are still never read out of bounds); CPU always validates.
   m.def("build_tree_mask(Tensor parents, bool validate=True) -> (Tensor tree_mask, Tensor depth)");
+  // Attention of a block of tree queries over a KV cache whose last tree_len
+  // keys are the tree (ancestor mask) and the rest the prefix; no mask means
+  // bottom-right causal. validate=False skips the CUDA host read of
+  // cache_seqlens (lengths are still clamped, never read out of bounds).
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? tree_mask, "
+        "int tree_len, float scale, bool validate=True) -> Tensor");
 }

@@ -16,12 +16,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "jakiro/checks.h"
 #include "jakiro/tree_attention.h"
+
+// The micro-kernels pass 8-float vectors between always-inlined functions; GCC
+// warns that their ABI differs with and without AVX, which never matters here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define JAKIRO_X86_AVX2_COPY 1
@@ -35,7 +43,7 @@ namespace jakiro {
 namespace {
 
 constexpr const char* kOp = "tree_attention";
-constexpr int64_t kRowBlock = 16;  // packed query rows per work unit
+constexpr int64_t kRowBlock = 32;  // packed query rows per work unit
 constexpr int kKeyBlock = 64;      // keys converted to fp32 at a time
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -48,11 +56,13 @@ struct RowState {
 };
 
 // What one key block step needs: fp32 copies of the block and of the rows.
+// Row arrays hold kRowBlock rows; rows past num_rows are zero padding.
 struct KeyBlock {
-  const float* q;       // [rows][D], already multiplied by the scale
+  const float* q;       // [kRowBlock][D], already multiplied by the scale
   const float* k_t;     // [D][kKeyBlock], transposed, zero past num_keys
-  const float* v;       // [kKeyBlock][D]
-  float* acc;           // [rows][D] unnormalised outputs
+  const float* v;       // [kKeyBlock][D], rows past num_keys unused
+  float* scores;        // [kRowBlock][kKeyBlock] scratch: scores, then probabilities
+  float* acc;           // [kRowBlock][D] unnormalised outputs
   RowState* rows;
   int64_t num_rows;
   int64_t first_key;    // absolute index of key 0 of the block
@@ -60,54 +70,128 @@ struct KeyBlock {
   int64_t tree_start;   // first tree key of this batch row
 };
 
+static_assert(kRowBlock % 4 == 0 && kKeyBlock % 16 == 0, "micro-kernel tiles");
+
+// Eight floats; GCC/Clang lower it to AVX2 in the AVX2 copy and to SSE pairs otherwise.
+typedef float Vec8 __attribute__((vector_size(32)));
+constexpr int kTileRows = 4;  // rows sharing each loaded K/V vector in the micro-kernels
+
+JAKIRO_ALWAYS_INLINE Vec8 load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+JAKIRO_ALWAYS_INLINE void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x) for x <= 0 (or -inf), branch-free so loops over it vectorise: 2^n by
+// exponent bits times a degree-6 Taylor polynomial of 2^f, |f| <= 1/2
+// (relative error about 2e-7). Underflows to exactly 0 below -87.
+JAKIRO_ALWAYS_INLINE float exp_nonpositive(float x) {
+  const float t = std::max(x * 1.44269504f, -126.f);
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
+  const float f = (t - n) * 0.693147181f;
+  const float poly =
+      1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.f ? 0.f : poly * two_n;
+}
+
+// scores[r][j] = q[r] . k[j] for all kRowBlock rows and kKeyBlock keys: tiles
+// of 4 rows x 16 keys held in registers, one pass over D per tile.
+template <int D>
+JAKIRO_ALWAYS_INLINE void block_scores(const KeyBlock& blk) {
+  for (int64_t r0 = 0; r0 < blk.num_rows; r0 += kTileRows) {
+    for (int j0 = 0; j0 < kKeyBlock; j0 += 16) {
+      Vec8 acc[kTileRows][2] = {};
+      for (int d = 0; d < D; ++d) {
+        const Vec8 k0 = load8(blk.k_t + d * kKeyBlock + j0), k1 = load8(blk.k_t + d * kKeyBlock + j0 + 8);
+        for (int rr = 0; rr < kTileRows; ++rr) {
+          const float qd = blk.q[(r0 + rr) * D + d];
+          acc[rr][0] += qd * k0;
+          acc[rr][1] += qd * k1;
+        }
+      }
+      for (int rr = 0; rr < kTileRows; ++rr) {
+        store8(blk.scores + (r0 + rr) * kKeyBlock + j0, acc[rr][0]);
+        store8(blk.scores + (r0 + rr) * kKeyBlock + j0 + 8, acc[rr][1]);
+      }
+    }
+  }
+}
+
+// Masks one row's scores, updates its softmax state, turns the scores into
+// probabilities and returns the factor its accumulator must be scaled by.
+JAKIRO_ALWAYS_INLINE float row_softmax(const KeyBlock& blk, RowState& row, float* s) {
+  if (row.range.visible_end <= blk.first_key) {  // nothing visible in this block
+    for (int j = 0; j < kKeyBlock; ++j) s[j] = 0.f;
+    return 1.f;
+  }
+  // Keys past dense_end are tree keys (tested bit by bit) or do not exist.
+  if (blk.first_key + blk.num_keys > row.range.dense_end) {
+    for (int j = 0; j < blk.num_keys; ++j) {
+      const int64_t key = blk.first_key + j;
+      if (key < row.range.dense_end) continue;
+      const bool visible = key < row.range.visible_end && row.mask_row != nullptr &&
+                           tree_key_visible(row.mask_row, blk.tree_start, key);
+      if (!visible) s[j] = kNegInf;
+    }
+  }
+  for (int j = blk.num_keys; j < kKeyBlock; ++j) s[j] = kNegInf;
+  float block_max = kNegInf;
+  for (int j = 0; j < kKeyBlock; ++j) block_max = std::max(block_max, s[j]);
+  if (block_max == kNegInf) {
+    for (int j = 0; j < kKeyBlock; ++j) s[j] = 0.f;
+    return 1.f;
+  }
+  const float new_max = std::max(row.max, block_max);
+  const float rescale = row.max == kNegInf ? 0.f : exp_nonpositive(row.max - new_max);
+  // Two loops: the first vectorises; the second is a reduction, which would not.
+  for (int j = 0; j < kKeyBlock; ++j) s[j] = exp_nonpositive(s[j] - new_max);  // masked: exp(-inf) == 0
+  float block_sum = 0.f;
+  for (int j = 0; j < kKeyBlock; ++j) block_sum += s[j];
+  row.sum = row.sum * rescale + block_sum;
+  row.max = new_max;
+  return rescale;
+}
+
+// acc[r] = acc[r] * rescale[r] + sum_j p[r][j] v[j]: tiles of 4 rows x 16
+// columns held in registers over the block's keys.
+template <int D>
+JAKIRO_ALWAYS_INLINE void block_values(const KeyBlock& blk, const float* rescale) {
+  for (int64_t r0 = 0; r0 < blk.num_rows; r0 += kTileRows) {
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      Vec8 acc[kTileRows][2];
+      for (int rr = 0; rr < kTileRows; ++rr) {
+        float* a = blk.acc + (r0 + rr) * D + d0;
+        acc[rr][0] = load8(a) * rescale[r0 + rr];
+        acc[rr][1] = load8(a + 8) * rescale[r0 + rr];
+      }
+      for (int j = 0; j < blk.num_keys; ++j) {
+        const Vec8 v0 = load8(blk.v + j * D + d0), v1 = load8(blk.v + j * D + d0 + 8);
+        for (int rr = 0; rr < kTileRows; ++rr) {
+          const float p = blk.scores[(r0 + rr) * kKeyBlock + j];
+          acc[rr][0] += p * v0;
+          acc[rr][1] += p * v1;
+        }
+      }
+      for (int rr = 0; rr < kTileRows; ++rr) {
+        store8(blk.acc + (r0 + rr) * D + d0, acc[rr][0]);
+        store8(blk.acc + (r0 + rr) * D + d0 + 8, acc[rr][1]);
+      }
+    }
+  }
+}
+
 // Scores, masking, online softmax update and P·V for every row over one block.
 template <int D>
 JAKIRO_ALWAYS_INLINE void key_block_step(const KeyBlock& blk) {
-  float s[kKeyBlock];
-  for (int64_t r = 0; r < blk.num_rows; ++r) {
-    RowState& row = blk.rows[r];
-    if (row.range.visible_end <= blk.first_key) continue;  // nothing visible here
-    const float* q = blk.q + r * D;
-    for (int j = 0; j < kKeyBlock; ++j) s[j] = 0.f;
-    for (int d = 0; d < D; ++d) {
-      const float qd = q[d];
-      const float* kd = blk.k_t + d * kKeyBlock;
-      for (int j = 0; j < kKeyBlock; ++j) s[j] += qd * kd[j];
-    }
-    // Keys past dense_end are tree keys (tested bit by bit) or do not exist.
-    const int64_t last_key = blk.first_key + blk.num_keys;
-    if (last_key > row.range.dense_end) {
-      for (int j = 0; j < blk.num_keys; ++j) {
-        const int64_t key = blk.first_key + j;
-        if (key < row.range.dense_end) continue;
-        const bool visible = key < row.range.visible_end && row.mask_row != nullptr &&
-                             tree_key_visible(row.mask_row, blk.tree_start, key);
-        if (!visible) s[j] = kNegInf;
-      }
-    }
-    float block_max = kNegInf;
-    for (int j = 0; j < blk.num_keys; ++j) block_max = std::max(block_max, s[j]);
-    if (block_max == kNegInf) continue;
-    const float new_max = std::max(row.max, block_max);
-    const float rescale = row.max == kNegInf ? 0.f : std::exp(row.max - new_max);
-    float block_sum = 0.f;
-    for (int j = 0; j < blk.num_keys; ++j) {
-      s[j] = std::exp(s[j] - new_max);  // exp(-inf) == 0 for masked keys
-      block_sum += s[j];
-    }
-    row.sum = row.sum * rescale + block_sum;
-    row.max = new_max;
-    float* acc = blk.acc + r * D;
-    if (rescale != 1.f) {
-      for (int d = 0; d < D; ++d) acc[d] *= rescale;
-    }
-    for (int j = 0; j < blk.num_keys; ++j) {
-      const float p = s[j];
-      if (p == 0.f) continue;
-      const float* v = blk.v + j * D;
-      for (int d = 0; d < D; ++d) acc[d] += p * v[d];
-    }
+  block_scores<D>(blk);
+  float rescale[kRowBlock];
+  for (int64_t r = 0; r < kRowBlock; ++r) {
+    rescale[r] = r < blk.num_rows ? row_softmax(blk, blk.rows[r], blk.scores + r * kKeyBlock) : 1.f;
   }
+  block_values<D>(blk, rescale);
 }
 
 template <int D>
@@ -148,6 +232,7 @@ struct Inputs {
 
 template <typename scalar_t, int D>
 void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
+  static_assert(D % 16 == 0, "the P·V micro-kernel takes 16 columns at a time");
   const int64_t group = in.hq / in.hkv;
   const int64_t packed_rows = in.nq * group;
   const int64_t row_blocks = (packed_rows + kRowBlock - 1) / kRowBlock;
@@ -156,7 +241,7 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
 
   at::parallel_for(0, units, 1, [&](int64_t unit0, int64_t unit1) {
     std::vector<float> q_buf(kRowBlock * D), acc(kRowBlock * D);
-    std::vector<float> k_t(D * kKeyBlock), v_buf(kKeyBlock * D);
+    std::vector<float> k_t(D * kKeyBlock), v_buf(kKeyBlock * D), scores(kRowBlock * kKeyBlock);
     RowState rows[kRowBlock];
     for (int64_t unit = unit0; unit < unit1; ++unit) {
       const int64_t row_block = unit % row_blocks;
@@ -168,6 +253,11 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
       const int64_t tree_start = query_key_range(kv_len, in.tree_len, true, in.nq, 0).dense_end;
 
       int64_t end = 0;  // keys past every row's visible end are skipped
+      // The micro-kernels work on whole tiles of rows: zero the padding rows.
+      std::fill(q_buf.begin(), q_buf.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t tiled_rows = (num_rows + kTileRows - 1) / kTileRows * kTileRows;
+      for (RowState& row : rows) row = RowState{{0, 0}, nullptr, kNegInf, 0.f};  // padding sees nothing
       for (int64_t r = 0; r < num_rows; ++r) {
         const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
         rows[r].range = query_key_range(kv_len, in.tree_len, in.has_mask, in.nq, i);
@@ -177,7 +267,6 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
         end = std::max(end, rows[r].range.visible_end);
         const scalar_t* q = in.q + ((b * in.hq + h) * in.nq + i) * D;
         for (int d = 0; d < D; ++d) q_buf[r * D + d] = static_cast<float>(q[d]) * in.scale;
-        for (int d = 0; d < D; ++d) acc[r * D + d] = 0.f;
       }
 
       const scalar_t* k_head = in.k + b * in.k_strides[0] + hkv * in.k_strides[1];
@@ -194,8 +283,8 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
             for (int d = 0; d < D; ++d) k_t[d * kKeyBlock + j] = 0.f;
           }
         }
-        step(KeyBlock{q_buf.data(), k_t.data(), v_buf.data(), acc.data(), rows, num_rows, key0,
-                      num_keys, tree_start});
+        step(KeyBlock{q_buf.data(), k_t.data(), v_buf.data(), scores.data(), acc.data(), rows, tiled_rows,
+                      key0, num_keys, tree_start});
       }
 
       for (int64_t r = 0; r < num_rows; ++r) {

@@ -10,6 +10,22 @@ from jakiro import ops, reference
 from jakiro.testing import make_tree_attention_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# On CUDA, fp16/bf16 inputs run the tensor-core kernel and fp32 the scalar one;
+# "cuda-scalar" forces the scalar kernel for every dtype, so both are tested.
+ATTENTION_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
+                     pytest.param("cuda-scalar", marks=pytest.mark.cuda)]
+KERNEL_ENV = "JAKIRO_TREE_ATTENTION_KERNEL"
+
+
+@pytest.fixture(params=ATTENTION_DEVICES)
+def device(request, monkeypatch):
+    """Overrides conftest's fixture: also runs CUDA cases with the scalar kernel forced."""
+    if request.param == "cuda-scalar":
+        monkeypatch.setenv(KERNEL_ENV, "scalar")
+        return torch.device("cuda")
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    return torch.device(request.param)
 # Largest error allowed, relative to the largest output magnitude.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -253,13 +269,39 @@ def test_cuda_without_validation_is_memory_safe():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["auto", "scalar"])
 @pytest.mark.parametrize("batch, prefix", [(1, 20000), (64, 600)])
-def test_cuda_split_and_unsplit_paths(batch, prefix):
+def test_cuda_split_and_unsplit_paths(batch, prefix, kernel, monkeypatch):
     # one long row: many splits merged by log-sum-exp; many rows: a single split
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     gen = torch.Generator().manual_seed(batch)
     inputs = make_tree_attention_inputs(batch=batch, hq=8, hkv=2, nq=16, head_dim=128, prefix_lens=prefix,
                                         dtype=torch.bfloat16, device="cuda", generator=gen)
     assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
+
+
+def test_misaligned_views_fall_back_to_the_scalar_kernel(device):
+    # q, k and v start 2 bytes into their storage: no 16-byte loads possible
+    gen = torch.Generator().manual_seed(11)
+    inputs = make_tree_attention_inputs(batch=2, hq=4, hkv=2, nq=9, head_dim=64, prefix_lens=[70, 5],
+                                        dtype=torch.float16, device=device, generator=gen)
+    for name in ("q", "k_cache", "v_cache"):
+        t = inputs[name]
+        shifted = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        inputs[name] = shifted.copy_(t)
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_choice_is_explicit(monkeypatch):
+    inputs = base_inputs("cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv(KERNEL_ENV, "mma")
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
+    with pytest.raises(ValueError, match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16"):
+        call(base_inputs("cuda"))
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar or mma"):
+        call(inputs)
 
 
 def test_opcheck(device):

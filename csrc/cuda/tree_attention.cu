@@ -20,7 +20,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
+#include <type_traits>
 
 #include "jakiro/checks.h"
 #include "jakiro/tree_attention.h"
@@ -37,7 +40,7 @@ constexpr int kRowsPerWarp = kRows / kWarps;   // softmax rows owned by one warp
 constexpr int kColGroups = kThreads / kRows;   // threads sharing one row in P·V
 constexpr int kMinKeysPerSplit = 256;          // below this a split is not worth its merge
 constexpr int kMaxSplits = 64;
-constexpr int kMaxGridYZ = 65535;
+constexpr int64_t kMaxGridYZ = 65535;
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kRows % kWarps == 0 && kThreads % kRows == 0 && kKeys == 32, "tile shape");
 
@@ -241,6 +244,14 @@ __global__ void merge_splits_kernel(const float* __restrict__ partial_out, const
   out[idx] = static_cast<scalar_t>(value);
 }
 
+}  // namespace
+}  // namespace jakiro
+
+#include "tree_attention_mma.cuh"  // the tensor-core kernel, built on Params above
+
+namespace jakiro {
+namespace {
+
 // How many splits of the keys: enough blocks to fill the GPU twice over, but
 // never fewer than kMinKeysPerSplit keys per split. Decided from the cache size
 // S (reading the lengths would synchronise); splits past a row's length exit
@@ -251,16 +262,55 @@ int choose_splits(int64_t base_blocks, int64_t cache_size, int num_sms) {
   return static_cast<int>(std::min<int64_t>({by_length, by_occupancy, kMaxSplits}));
 }
 
+// Which kernel runs: the tensor-core one for fp16/bf16 whenever its 16-byte
+// loads are legal (sm_80+, aligned pointers and strides), else the scalar
+// one. JAKIRO_TREE_ATTENTION_KERNEL=scalar forces the scalar kernel (tests run
+// both); =mma demands the tensor-core one and raises if it cannot run.
+enum class Kernel { kScalar, kMma };
+
+bool aligned_16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  for (int dim = 0; dim + 1 < t.dim(); ++dim) {
+    if ((t.stride(dim) * t.element_size()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const char* env = std::getenv("JAKIRO_TREE_ATTENTION_KERNEL");
+  const std::string wanted = env ? env : "auto";
+  JAKIRO_CHECK(wanted == "auto" || wanted == "scalar" || wanted == "mma", kOp,
+               "JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar or mma, got ", wanted);
+  const bool mma_possible = q.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+                            aligned_16(q) && aligned_16(k) && aligned_16(v);
+  if (wanted == "mma") {
+    JAKIRO_CHECK(mma_possible, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16 inputs on sm_80+ with "
+                 "16-byte aligned pointers and strides");
+  }
+  return wanted != "scalar" && mma_possible ? Kernel::kMma : Kernel::kScalar;
+}
+
 template <typename scalar_t, int D>
-void launch(Params<scalar_t> p, int64_t batch, int row_tiles, const at::Tensor& q) {
+void launch(const Params<scalar_t>& p, int64_t batch, int64_t row_tiles, Kernel kernel_kind) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  constexpr size_t smem = shared_bytes<D>();
-  auto kernel = tree_attention_kernel<scalar_t, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(batch * p.hkv), static_cast<unsigned>(row_tiles),
                   static_cast<unsigned>(p.num_splits));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (kernel_kind == Kernel::kMma) {
+      constexpr size_t smem = mma_shared_bytes<D>();
+      auto kernel = tree_attention_mma_kernel<scalar_t, D>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel<<<grid, kMmaThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (kernel_kind == Kernel::kScalar) {
+    constexpr size_t smem = shared_bytes<D>();
+    auto kernel = tree_attention_kernel<scalar_t, D>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (p.num_splits > 1) {
     const int64_t total_rows = batch * p.hq * p.nq;
     const int64_t elements = total_rows * D;
@@ -276,9 +326,11 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
          const at::Tensor& mask, int64_t tree_len, double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), hq = q.size(1), nq = q.size(2), head_dim = q.size(3);
   const int64_t hkv = k.size(1), cache_size = k.size(2), group = hq / hkv;
-  const int64_t row_tiles = (nq * group + kRows - 1) / kRows;
+  const Kernel kernel_kind = choose_kernel(q, k, v);
+  const int64_t rows_per_block = kernel_kind == Kernel::kMma ? kMmaRows : kRows;
+  const int64_t row_tiles = (nq * group + rows_per_block - 1) / rows_per_block;
   JAKIRO_CHECK(row_tiles <= kMaxGridYZ, kOp, "too many query rows: Nq * Hq / Hkv = ", nq * group,
-               " exceeds the CUDA kernel's limit of ", int64_t{kMaxGridYZ} * kRows);
+               " exceeds the CUDA kernel's limit of ", kMaxGridYZ * rows_per_block);
   JAKIRO_CHECK(batch * hkv <= std::numeric_limits<int32_t>::max(), kOp, "B * Hkv = ", batch * hkv, " is too large");
 
   Params<scalar_t> p{};
@@ -302,10 +354,13 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.tree_len = tree_len;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
+  // Splits are whole numbers of the larger key tile, so neither kernel's
+  // tiles straddle a split boundary without need.
+  constexpr int64_t kSplitQuantum = std::max(kKeys, kMmaKeys);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms);
   const int64_t per_split = (cache_size + p.num_splits - 1) / p.num_splits;
-  p.keys_per_split = std::max<int64_t>(kKeys, (per_split + kKeys - 1) / kKeys * kKeys);
+  p.keys_per_split = std::max<int64_t>(kSplitQuantum, (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum);
   p.num_splits = static_cast<int>(std::max<int64_t>(1, (cache_size + p.keys_per_split - 1) / p.keys_per_split));
 
   at::Tensor partial_out, partial_lse;
@@ -315,8 +370,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     p.partial_out = partial_out.mutable_data_ptr<float>();
     p.partial_lse = partial_lse.mutable_data_ptr<float>();
   }
-  if (head_dim == 64) return launch<scalar_t, 64>(p, batch, static_cast<int>(row_tiles), q);
-  if (head_dim == 128) return launch<scalar_t, 128>(p, batch, static_cast<int>(row_tiles), q);
+  if (head_dim == 64) return launch<scalar_t, 64>(p, batch, row_tiles, kernel_kind);
+  if (head_dim == 128) return launch<scalar_t, 128>(p, batch, row_tiles, kernel_kind);
   JAKIRO_CHECK(false, kOp, "head_dim ", head_dim, " is not supported");
 }
 

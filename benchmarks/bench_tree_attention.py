@@ -8,10 +8,12 @@ Baselines, all timed in this process on the same inputs:
   (``causal_lower_right``: the flash backend on CUDA), what a chain of the same
   size costs: our speed of light.
 - ``reference``: ``jakiro.reference.tree_attention`` (dense fp64), small cases only.
+- on CUDA, ``jakiro_scalar``: the op with its scalar (non-tensor-core) kernel forced.
 
 KV bandwidth counts the K and V bytes of the valid keys read once, as a fraction of
 the copy bandwidth measured in-process.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from jakiro import ops, reference  # noqa: E402
 from jakiro.testing import make_tree_attention_inputs  # noqa: E402
 
 HQ, D, N = 32, 128, 60
+KERNEL_ENV = "JAKIRO_TREE_ATTENTION_KERNEL"  # picks the CUDA kernel (see csrc/cuda/tree_attention.cu)
 # (B, Hkv, prefix): the issue's grid on CUDA, smaller shapes on the CPU.
 CUDA_CASES = [(b, hkv, prefix) for hkv in (8, 32) for b in (1, 8, 32) for prefix in (512, 2048, 8192, 32768)
               if b * hkv * prefix <= 32 * 8 * 32768]
@@ -74,13 +77,18 @@ def main(argv=None):
             "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale,
                                                                   enable_gqa=True),
         }
+        if device.type == "cuda":
+            # the same op with the scalar CUDA kernel forced (fp16/bf16 otherwise use tensor cores)
+            impls["jakiro_scalar"] = impls["jakiro"]
         if batch * HQ * N * kv_len <= REFERENCE_MAX_ELEMENTS:
             impls["reference"] = lambda: reference.tree_attention(q, k, v, inputs["cache_seqlens"],
                                                                   inputs["tree_mask"], N, scale)
         case = f"B={batch} Hkv={hkv} prefix={prefix}"
         base = {}
         for impl, fn in impls.items():
-            t = time_fn(fn, device, warmup=warmup, iters=iters, cuda_graph=args.cuda_graph and impl == "jakiro")
+            os.environ[KERNEL_ENV] = "scalar" if impl == "jakiro_scalar" else "auto"
+            t = time_fn(fn, device, warmup=warmup, iters=iters,
+                        cuda_graph=args.cuda_graph and impl.startswith("jakiro"))
             gbps = kv_bytes / (t.median_us * 1e-6) / 1e9
             report.add(case=case, impl=impl, timing=t, kv_GBps=gbps, kv_pct_of_copy=100 * gbps / peak,
                        TFLOPs=flops / (t.median_us * 1e-6) / 1e12)
@@ -89,6 +97,7 @@ def main(argv=None):
             if row["case"] == case:
                 row["speedup_vs_dense_mask"] = base["sdpa_dense_mask"] / row["median_us"]
                 row["speedup_vs_causal"] = base["sdpa_causal"] / row["median_us"]
+    os.environ.pop(KERNEL_ENV, None)
     finish(report, args)
 
 

@@ -78,6 +78,21 @@ def test_long_prefix_matches_reference(device, nq, group, batch, dtype):
     assert_close_scaled(call(inputs), call_reference(inputs), dtype)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_key_splits_match_reference(causal):
+    # Few (row, head) units and many threads: the CPU kernel splits the keys and
+    # merges the splits by log-sum-exp.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        gen = torch.Generator().manual_seed(12)
+        inputs = make_tree_attention_inputs(batch=2, hq=2, hkv=1, nq=3, head_dim=64, prefix_lens=[3000, 700],
+                                            tree_shape=None if causal else "binary", generator=gen)
+        assert_close_scaled(call(inputs), call_reference(inputs), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def chain_oracle(inputs):
     """Each tree query's output is causal attention over its root->node path (plus the prefix)."""
     q, k, v = inputs["q"].cpu().double(), inputs["k_cache"].cpu().double(), inputs["v_cache"].cpu().double()

@@ -46,6 +46,7 @@ namespace {
 constexpr const char* kOp = "tree_attention";
 constexpr int64_t kRowBlock = 32;  // packed query rows per work unit
 constexpr int kKeyBlock = 64;      // keys converted to fp32 at a time
+constexpr int64_t kMinKeysPerSplit = 512;  // below this a key split is not worth its merge
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // One query row's view of the keys plus its running softmax state.
@@ -231,23 +232,43 @@ struct Inputs {
   float scale;
 };
 
+// How many splits of the keys: only when (batch row, KV head, row block) units
+// alone cannot keep every thread busy (decoding one sequence, say), and never
+// fewer than kMinKeysPerSplit keys per split.
+int64_t choose_splits(int64_t base_units, int64_t cache_size) {
+  const int64_t threads = at::get_num_threads();
+  if (base_units >= 2 * threads) return 1;
+  const int64_t by_threads = (2 * threads + base_units - 1) / base_units;
+  return std::max<int64_t>(1, std::min(by_threads, cache_size / kMinKeysPerSplit));
+}
+
 template <typename scalar_t, int D>
 void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
   static_assert(D % 16 == 0, "the P·V micro-kernel takes 16 columns at a time");
   const int64_t group = in.hq / in.hkv;
   const int64_t packed_rows = in.nq * group;
   const int64_t row_blocks = (packed_rows + kRowBlock - 1) / kRowBlock;
-  const int64_t units = in.batch * in.hkv * row_blocks;
+  const int64_t base_units = in.batch * in.hkv * row_blocks;
+  int64_t splits = choose_splits(base_units, in.cache_size);
+  const int64_t per_split = (in.cache_size + splits - 1) / splits;
+  const int64_t keys_per_split = std::max<int64_t>(kKeyBlock, (per_split + kKeyBlock - 1) / kKeyBlock * kKeyBlock);
+  splits = std::max<int64_t>(1, (in.cache_size + keys_per_split - 1) / keys_per_split);
+  // With several splits each writes its normalised output and log-sum-exp;
+  // a second pass merges them.
+  const int64_t total_rows = in.batch * in.hq * in.nq;
+  std::vector<float> partial_out(splits > 1 ? splits * total_rows * D : 0);
+  std::vector<float> partial_lse(splits > 1 ? splits * total_rows : 0);
   const KeyBlockFn step = pick_key_block_step<D>();
 
-  at::parallel_for(0, units, 1, [&](int64_t unit0, int64_t unit1) {
+  at::parallel_for(0, base_units * splits, 1, [&](int64_t unit0, int64_t unit1) {
     std::vector<float> q_buf(kRowBlock * D), acc(kRowBlock * D);
     std::vector<float> k_t(D * kKeyBlock), v_buf(kKeyBlock * D), scores(kRowBlock * kKeyBlock);
     RowState rows[kRowBlock];
     for (int64_t unit = unit0; unit < unit1; ++unit) {
-      const int64_t row_block = unit % row_blocks;
-      const int64_t hkv = (unit / row_blocks) % in.hkv;
-      const int64_t b = unit / (row_blocks * in.hkv);
+      const int64_t split = unit % splits;
+      const int64_t row_block = (unit / splits) % row_blocks;
+      const int64_t hkv = (unit / (splits * row_blocks)) % in.hkv;
+      const int64_t b = unit / (splits * row_blocks * in.hkv);
       const int64_t r0 = row_block * kRowBlock;
       const int64_t num_rows = std::min(kRowBlock, packed_rows - r0);
       const int64_t kv_len = clamped_kv_len(in.seqlens[b], in.cache_size);
@@ -263,16 +284,16 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
         const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
         rows[r].range = query_key_range(kv_len, in.tree_len, in.has_mask, in.nq, i);
         rows[r].mask_row = in.has_mask ? in.mask + (b * in.nq + i) * in.mask_words : nullptr;
-        rows[r].max = kNegInf;
-        rows[r].sum = 0.f;
         end = std::max(end, rows[r].range.visible_end);
         const scalar_t* q = in.q + ((b * in.hq + h) * in.nq + i) * D;
         for (int d = 0; d < D; ++d) q_buf[r * D + d] = static_cast<float>(q[d]) * in.scale;
       }
 
+      const int64_t begin = split * keys_per_split;
+      end = std::min(end, begin + keys_per_split);
       const scalar_t* k_head = in.k + b * in.k_strides[0] + hkv * in.k_strides[1];
       const scalar_t* v_head = in.v + b * in.v_strides[0] + hkv * in.v_strides[1];
-      for (int64_t key0 = 0; key0 < end; key0 += kKeyBlock) {
+      for (int64_t key0 = begin; key0 < end; key0 += kKeyBlock) {
         const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, end - key0));
         for (int j = 0; j < kKeyBlock; ++j) {
           if (j < num_keys) {
@@ -290,11 +311,43 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
 
       for (int64_t r = 0; r < num_rows; ++r) {
         const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
+        const int64_t out_row = (b * in.hq + h) * in.nq + i;
         // A row that sees no key at all gets zeros.
         const float inv = rows[r].sum > 0.f ? 1.f / rows[r].sum : 0.f;
-        scalar_t* out = in.out + ((b * in.hq + h) * in.nq + i) * D;
-        for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        if (splits == 1) {
+          scalar_t* out = in.out + out_row * D;
+          for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        } else {
+          float* out = partial_out.data() + (split * total_rows + out_row) * D;
+          for (int d = 0; d < D; ++d) out[d] = acc[r * D + d] * inv;
+          partial_lse[split * total_rows + out_row] =
+              rows[r].sum > 0.f ? rows[r].max + std::log(rows[r].sum) : kNegInf;
+        }
       }
+    }
+  });
+  if (splits == 1) return;
+
+  // Merge: weight each split by its share of the softmax mass, exp(lse - max).
+  at::parallel_for(0, total_rows, 16, [&](int64_t row0, int64_t row1) {
+    for (int64_t row = row0; row < row1; ++row) {
+      float lse_max = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, partial_lse[sp * total_rows + row]);
+      float value[D] = {};
+      float weight_sum = 0.f;
+      if (lse_max != kNegInf) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float lse = partial_lse[sp * total_rows + row];
+          if (lse == kNegInf) continue;  // this split saw no key of the row
+          const float weight = std::exp(lse - lse_max);
+          weight_sum += weight;
+          const float* o = partial_out.data() + (sp * total_rows + row) * D;
+          for (int d = 0; d < D; ++d) value[d] += weight * o[d];
+        }
+      }
+      const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+      scalar_t* out = in.out + row * D;
+      for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(value[d] * inv);
     }
   });
 }

@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -95,7 +94,9 @@ JAKIRO_ALWAYS_INLINE float exp_nonpositive(float x) {
   const float f = (t - n) * 0.693147181f;
   const float poly =
       1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &exponent_bits, sizeof(two_n));  // std::bit_cast, but C++17 too
   return x < -87.f ? 0.f : poly * two_n;
 }
 

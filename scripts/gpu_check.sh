@@ -14,10 +14,14 @@ OUT_DIR=${1:-${OUT:-gpu-results}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} JAKIRO_CUDA=1
+# The GPU image points CC/CXX at /opt/gcc/bin wrappers whose links embed a
+# private static libstdc++ in the module; its iostreams then crash the process
+# when an error message formats an integer. Use the system compilers instead.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 
-{ date -u; nvidia-smi; "$PY" -c "import torch, sys; print('python', sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
+{ date -u; nvidia-smi; echo "CXX=${CXX:-}"; "${CXX:-c++}" --version | head -1; "$PY" -c "import torch, sys; print('python', sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
   > "$OUT_DIR/env.txt" 2>&1
 
 echo "== build"

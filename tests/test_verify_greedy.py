@@ -28,10 +28,18 @@ def test_matches_reference(device, shape, dtype, batch, n, vocab):
     assert_same(got, reference.verify_greedy(tokens, parents, logits))
 
 
-@pytest.mark.parametrize("vocab, dtype", [(32000, torch.float32), (151936, torch.bfloat16)])
+@pytest.mark.parametrize("vocab, dtype", [(32000, torch.float32), (151936, torch.bfloat16), (262144, torch.float16)])
 def test_large_vocab(device, vocab, dtype):
     gen = torch.Generator().manual_seed(vocab)
     tokens, parents, logits = make_verify_inputs(2, 24, vocab, match=0.8, dtype=dtype, generator=gen)
+    got = ops.verify_greedy(tokens.to(device), parents.to(device), logits.to(device))
+    assert_same(got, reference.verify_greedy(tokens, parents, logits))
+
+
+def test_documented_limits(device):
+    # B = 256 rows of N = 256 nodes (the minimum limits; V up to 262144 above).
+    gen = torch.Generator().manual_seed(9)
+    tokens, parents, logits = make_verify_inputs(256, 256, 5, match=0.9, generator=gen)
     got = ops.verify_greedy(tokens.to(device), parents.to(device), logits.to(device))
     assert_same(got, reference.verify_greedy(tokens, parents, logits))
 

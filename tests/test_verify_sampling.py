@@ -56,7 +56,7 @@ def test_matches_reference(device, drafts, temperature, top_p, top_k, shape, dty
 
 
 @pytest.mark.parametrize("drafts", ["point", "sampled"])
-@pytest.mark.parametrize("vocab, dtype", [(32000, torch.float32), (151936, torch.bfloat16)])
+@pytest.mark.parametrize("vocab, dtype", [(32000, torch.float32), (151936, torch.bfloat16), (262144, torch.float16)])
 def test_large_vocab(device, drafts, vocab, dtype):
     gen = torch.Generator().manual_seed(vocab + len(drafts))
     batch, n = 3, 16
@@ -69,6 +69,17 @@ def test_large_vocab(device, drafts, vocab, dtype):
     if drafts == "sampled":
         q = torch.softmax(logits.float() * 0.8, -1)
     run_both(device, tokens, parents, logits, uniforms, temperature, top_p, top_k, q)
+
+
+@pytest.mark.parametrize("drafts", ["point", "sampled"])
+def test_documented_limits(device, drafts):
+    # B = 256 rows of N = 256 nodes (the minimum limits; V up to 262144 above).
+    gen = torch.Generator().manual_seed(10)
+    batch, n, vocab = 256, 256, 6
+    tokens, parents, logits = make_verify_inputs(batch, n, vocab, match=0.9, scale=2.0, generator=gen)
+    uniforms = torch.rand(batch, n, 2, generator=gen)
+    q = make_draft_probs(batch, n, vocab, gen) if drafts == "sampled" else None
+    run_both(device, tokens, parents, logits, uniforms, *settings(batch, 0.8, 0.95, 4), q)
 
 
 def test_one_hot_targets_and_mixed_rows(device):
@@ -345,3 +356,29 @@ def test_opcheck(device, drafts):
     args = tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in
                  (a["tokens"], a["parents"], a["logits"], a["uniforms"], a["temperature"], a["top_p"], a["top_k"], q))
     torch.library.opcheck(torch.ops.jakiro.verify_sampling.default, args + (True,))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_matches_eager():
+    gen = torch.Generator().manual_seed(15)
+    tokens, parents, logits = (t.cuda() for t in make_verify_inputs(8, 30, 1000, scale=4.0, generator=gen))
+    uniforms = torch.rand(8, 30, 2, generator=gen).cuda()
+    temperature, top_p, top_k = settings(8, 0.8, 0.9, 20, "cuda")
+
+    def step():
+        sampled = ops.verify_sampling(tokens, parents, logits, temperature, top_p, top_k, uniforms=uniforms)
+        return sampled + ops.verify_greedy(tokens, parents, logits)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()  # validation is skipped automatically under capture
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, c in zip(eager, captured):
+        assert torch.equal(e, c)

@@ -45,7 +45,7 @@ int64_t argmax_row(const T* row, int64_t vocab) {
   return best_i;
 }
 
-// The lowest-index child of `node` after `after` whose token is `token`, or -1.
+// The lowest-index child of `node` whose token is `token`, or -1.
 int64_t find_child_with_token(const int32_t* par, const int64_t* tok, int64_t n, int64_t node,
                               int64_t token) {
   for (int64_t c = node + 1; c < n; ++c)

@@ -55,6 +55,30 @@ struct NodeDist {
   __device__ double p_at(int64_t x) const { return kept_weight_at(x) / z; }
 };
 
+// A thread's last four histogram buckets, kept in registers: most keys of a
+// round share a few digits (floats of similar magnitude), and adding them up
+// here first spares the shared-memory atomics most of their contention.
+template <typename Measure>
+struct DigitCache {
+  int d0 = -1, d1 = -1, d2 = -1, d3 = -1;
+  Measure s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+
+  __device__ void add(int d, Measure w, Measure* hist) {
+    if (d == d0) { s0 += w; return; }
+    if (d == d1) { s1 += w; return; }
+    if (d == d2) { s2 += w; return; }
+    if (d == d3) { s3 += w; return; }
+    if (d3 >= 0) atomicAdd(&hist[d3], s3);  // evict the oldest bucket
+    d3 = d2, s3 = s2, d2 = d1, s2 = s1, d1 = d0, s1 = s0, d0 = d, s0 = w;
+  }
+  __device__ void flush(Measure* hist) {
+    if (d0 >= 0) atomicAdd(&hist[d0], s0);
+    if (d1 >= 0) atomicAdd(&hist[d1], s1);
+    if (d2 >= 0) atomicAdd(&hist[d2], s2);
+    if (d3 >= 0) atomicAdd(&hist[d3], s3);
+  }
+};
+
 // Smallest key k with measure(eligible keys > k) < limit (see accept.h).
 template <typename T, typename Measure, typename Weight>
 __device__ uint32_t block_descend(const NodeDist<T>& dist, int64_t vocab, uint32_t eligible_from,
@@ -66,13 +90,15 @@ __device__ uint32_t block_descend(const NodeDist<T>& dist, int64_t vocab, uint32
     const int shift = 32 - kRadixBits * (round + 1);
     for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) hist[d] = Measure(0);
     __syncthreads();
+    DigitCache<Measure> cache;
     for_each_in_row(dist.row, vocab, [&](int64_t, float logit) {
       const float s = dist.s_of(logit);
       const uint32_t key = NodeDist<T>::key_of(s);
       if (key < eligible_from) return;
       if (round > 0 && (key >> (shift + kRadixBits)) != (prefix >> (shift + kRadixBits))) return;
-      atomicAdd(&hist[(key >> shift) & (kRadixBuckets - 1)], weight(s));
+      cache.add(static_cast<int>((key >> shift) & (kRadixBuckets - 1)), weight(s), hist);
     });
+    cache.flush(hist);
     __syncthreads();
     if (threadIdx.x == 0) {
       Measure above = *above_shared;

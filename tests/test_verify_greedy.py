@@ -61,12 +61,8 @@ def test_emits_the_target_argmax_chain(device, seed):
         assert emitted_tokens(tokens, path, accept_len, next_token, b)[-1] == int(argmax[b, nodes[-1]])
         # stopped because no child of the last node carries its argmax
         last = nodes[-1]
-        children = [c for c in range(n_nodes(parents)) if int(parents[b, c]) == last]
+        children = [c for c in range(parents.shape[1]) if int(parents[b, c]) == last]
         assert all(int(tokens[b, c]) != int(argmax[b, last]) for c in children)
-
-
-def n_nodes(parents):
-    return parents.shape[1]
 
 
 def test_known_tree_and_lowest_index_wins(device):

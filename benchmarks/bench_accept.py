@@ -158,7 +158,7 @@ def bench_verify(report, args, device, dtype, gen, cases):
 
 
 def bench_compact_kv(report, args, device, dtype, gen):
-    layers, heads, head_dim, seq_len, n = (4, 4, 64, 512, 60) if device.type == "cpu" else (32, 8, 128, 2048, 60)
+    layers, heads, head_dim, seq_len, n = (4, 4, 64, 512, 60) if device.type == "cpu" else (32, 8, 128, 1024, 60)
     for batch in ((1, 8) if args.quick else (1, 8, 64)):
         kv = torch.randn(layers, 2, batch, heads, seq_len, head_dim, device=device, dtype=dtype)
         parents = make_parents("random", batch, n, gen)

@@ -339,9 +339,13 @@ def test_bad_input_raises_clear_error(device, args, message):
 @pytest.mark.cuda
 def test_cuda_without_validation_is_memory_safe():
     a = good_inputs()
-    bad = dict(a, tokens=torch.full_like(a["tokens"], 10**12), temperature=torch.tensor([-1.0, float("nan")]),
-               top_p=torch.tensor([5.0, -1.0]), top_k=torch.tensor([-4, 10**9], dtype=torch.int32),
-               parents=torch.tensor([[3, 9, -4, 100, 0, 1]] * 2, dtype=torch.int32))
+    # Row 0 samples (legal settings) over illegal tokens and parents; row 1 has illegal settings.
+    bad_tokens = a["tokens"].clone()
+    bad_tokens[:, 1::2] = 10**12
+    bad_tokens[:, 2::2] = -7
+    bad = dict(a, tokens=bad_tokens, temperature=torch.tensor([1.0, float("nan")]),
+               top_p=torch.tensor([0.5, -1.0]), top_k=torch.tensor([3, -4], dtype=torch.int32),
+               parents=torch.tensor([[3, 0, -4, 100, 0, 1], [-1, 0, 7, 0, 0, 2]], dtype=torch.int32))
     c = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in bad.items()}
     for q in (None, torch.rand(2, 6, 11).cuda()):
         torch.ops.jakiro.verify_sampling(c["tokens"], c["parents"], c["logits"], c["uniforms"], c["temperature"],

@@ -24,6 +24,9 @@ namespace jakiro {
 namespace {
 
 constexpr int kThreads = 512;
+// Dynamic shared memory a launch may use without opting in (48 KiB minus the
+// static SamplingShared, rounded down).
+constexpr size_t kDefaultDynamicSmem = 40 * 1024;
 
 struct SamplingShared {
   BlockScratch scratch;
@@ -347,8 +350,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   const size_t smem = sizeof(int32_t) * n + (draft_probs.defined() ? 0 : sizeof(uint32_t) * ((vocab + 31) / 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     const auto kernel = verify_sampling_kernel<scalar_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+    if (smem > kDefaultDynamicSmem) {  // large trees and vocabularies need the opt-in
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
     kernel<<<static_cast<unsigned>(batch), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         logits.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(),
         parents.const_data_ptr<int32_t>(), uniforms.const_data_ptr<float>(),

@@ -7,6 +7,8 @@ Environment:
   CUDA_HOME                the CUDA toolkit (default: /usr/local/cuda, then nvcc on PATH).
   MAX_JOBS                 parallel compile jobs (default: ninja's choice).
   JAKIRO_BUILD_TYPE        CMake build type, default Release.
+  JAKIRO_CMAKE_ARGS        extra CMake arguments, space-separated.
+  JAKIRO_BUILD_DIR         CMake build folder (default: build/cmake-<python>-<torch>).
 """
 import os
 import shutil
@@ -70,7 +72,7 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # A persistent build folder inside the checkout keeps rebuilds incremental.
         tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}"
-        build_dir = ROOT / "build" / f"cmake-{tag}"
+        build_dir = Path(os.environ.get("JAKIRO_BUILD_DIR") or ROOT / "build" / f"cmake-{tag}")
         build_dir.mkdir(parents=True, exist_ok=True)
 
         nvcc = decide_cuda(torch)
@@ -93,6 +95,7 @@ class CMakeBuild(build_ext):
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={nvcc.parent.parent}"]
             if nvidia_dir.is_dir():
                 args.append(f"-DJAKIRO_NVIDIA_PIP_DIR={nvidia_dir}")
+        args += os.environ.get("JAKIRO_CMAKE_ARGS", "").split()
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         build = ["cmake", "--build", str(build_dir)]
         if os.environ.get("MAX_JOBS"):

@@ -55,7 +55,7 @@ __global__ void build_tree_mask_kernel(const int32_t* __restrict__ parents,
       mask[(b * n + i) * words + w] = bits;
       if (w == 0) {
         depth[b * n + i] = steps;
-        if (!is_valid_parent(i, s_parents[i])) atomicOr(error, 1);
+        if (error != nullptr && !is_valid_parent(i, s_parents[i])) atomicOr(error, 1);
       }
     }
     __syncthreads();
@@ -72,7 +72,10 @@ std::tuple<at::Tensor, at::Tensor> build_tree_mask_cuda(const at::Tensor& parent
   at::Tensor mask = at::empty({batch, n, words}, parents.options());
   at::Tensor depth = at::empty({batch, n}, parents.options());
   if (batch == 0) return {mask, depth};
-  at::Tensor error = at::zeros({1}, parents.options());
+  // Reading the flag synchronises; impossible (and skipped) under graph capture.
+  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+  const bool check = validate && !capturing;
+  at::Tensor error = check ? at::zeros({1}, parents.options()) : at::Tensor();
 
   const dim3 grid(static_cast<unsigned>((n * words + kThreads - 1) / kThreads),
                   static_cast<unsigned>(std::min<int64_t>(batch, kMaxGridY)));
@@ -80,13 +83,11 @@ std::tuple<at::Tensor, at::Tensor> build_tree_mask_cuda(const at::Tensor& parent
   build_tree_mask_kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       parents.const_data_ptr<int32_t>(),
       reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<int32_t>()),
-      depth.mutable_data_ptr<int32_t>(), error.mutable_data_ptr<int32_t>(), batch,
+      depth.mutable_data_ptr<int32_t>(), check ? error.mutable_data_ptr<int32_t>() : nullptr, batch,
       static_cast<int32_t>(n), static_cast<int32_t>(words));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Reading the flag synchronises; impossible (and skipped) under graph capture.
-  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (validate && !capturing && error.item<int32_t>() != 0) {
+  if (check && error.item<int32_t>() != 0) {
     check_parents_values(parents.cpu(), op);  // raises with the exact position
     TORCH_CHECK(false, op, ": the CUDA kernel flagged an illegal parent that the CPU check did not find");
   }

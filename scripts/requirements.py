@@ -1,0 +1,19 @@
+"""Prints jakiro's requirements from pyproject.toml (the one place they are pinned), one per line.
+
+Used by scripts/setup.sh: build requirements, run-time dependencies and the
+given extras (default: test), so a --no-build-isolation install finds them.
+"""
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip vendors the same parser
+    from pip._vendor import tomli as tomllib
+
+project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+extras = sys.argv[1:] or ["test"]
+requirements = project["build-system"]["requires"] + project["project"]["dependencies"]
+for extra in extras:
+    requirements += project["project"]["optional-dependencies"][extra]
+print("\n".join(dict.fromkeys(requirements)))

@@ -66,12 +66,14 @@ def make_coeff(pattern: str, tokens: int, heads: int, experts: int,
 def make_expert_mlp_inputs(tokens: int, hidden: int, intermediate: int, experts: int, heads: int,
                            pattern: str = "dense", dtype: torch.dtype = torch.float32,
                            device: torch.device | str = "cpu", generator: torch.Generator | None = None):
-    """(x, w_gate_up, w_down, coeff) for expert_mlp, scaled so every stage stays O(1)."""
+    """(x, w_gate_up, w_down, coeff) for expert_mlp, scaled so every stage stays O(1).
+
+    coeff is float32, or float64 when dtype is (so gradcheck perturbs it precisely)."""
     x = torch.randn(tokens, hidden, generator=generator)
     w_gate_up = torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
     w_down = torch.randn(experts, hidden, intermediate, generator=generator) / intermediate**0.5
     coeff = make_coeff(pattern, tokens, heads, experts, generator)
-    return (x.to(device, dtype), w_gate_up.to(device, dtype), w_down.to(device, dtype), coeff.to(device))
+    return (x.to(device, dtype), w_gate_up.to(device, dtype), w_down.to(device, dtype), coeff.to(device, torch.float64 if dtype == torch.float64 else torch.float32))
 
 
 def make_expert_offsets(tokens: int, experts: int, empty: int = 0,

@@ -83,5 +83,8 @@ def make_expert_offsets(tokens: int, experts: int, empty: int = 0,
     cuts = torch.randint(0, tokens + 1, (experts - 1,), generator=generator).sort().values
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), tokens)])
     for e in list(range(1, experts, 2))[:empty]:
-        offsets[e + 1] = offsets[e]  # segment e becomes empty, segment e + 1 absorbs its rows
+        if e + 1 < experts:
+            offsets[e + 1] = offsets[e]  # segment e becomes empty, segment e + 1 absorbs its rows
+        else:
+            offsets[e] = offsets[e + 1]  # the last segment becomes empty, segment e - 1 absorbs it
     return offsets.to(torch.int32)

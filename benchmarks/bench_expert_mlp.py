@@ -1,4 +1,4 @@
-"""Benchmark of expert_mlp (and grouped_gemm): the Jakiro MoE MLP, both routing heads.
+"""Benchmark of expert_mlp (the Jakiro MoE MLP, both routing heads) and grouped_gemm.
 
 Every case is timed in one process against (a) the authors'-style PyTorch block
 (each expert separate gate/up/down nn.Linear layers, every token through every
@@ -7,6 +7,7 @@ gate/up weights, (c) torch._grouped_mm where this torch and device have it.
 Routing is Jakiro's: E=2 experts, R=2 heads (a softmax head and a signed
 contrastive head), so every expert runs on every token. Reports GB/s of the
 weight + activation traffic and TFLOP/s, and % of the measured copy bandwidth.
+grouped_gemm is timed against a per-expert torch.mm loop and torch._grouped_mm.
 """
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, finish, measure_copy_bandwidth, parser, time_fn  # noqa: E402
 from jakiro import ops  # noqa: E402
-from jakiro.testing import make_expert_mlp_inputs  # noqa: E402
+from jakiro.testing import make_expert_mlp_inputs, make_expert_offsets  # noqa: E402
 
 EXPERTS, HEADS = 2, 2
 # (name, H, I, T, training)
@@ -26,6 +27,9 @@ CASES = [("draft", 4096, 4096, t, False) for t in (1, 10, 60, 600)] + \
         [("train", 4096, 4096, 4096, True), ("train-smollm2", 576, 576, 4096, True)]
 QUICK_CASES = [("smollm2", 576, 576, 1, False), ("smollm2", 576, 576, 60, False),
                ("train-smollm2", 576, 576, 256, True)]
+# grouped_gemm alone: (T, K, N, E), rows spread over the experts at random
+GEMM_CASES = [(60, 4096, 8192, 2), (600, 4096, 8192, 2), (4096, 4096, 8192, 8), (4096, 576, 1152, 8)]
+GEMM_QUICK_CASES = [(60, 576, 1152, 2), (512, 576, 1152, 4)]
 
 
 def authors_block(x, w_gate_up, w_down, coeff):
@@ -70,6 +74,46 @@ def grouped_mm(x, w_gate_up, w_down, coeff):
 
 def jakiro_op(x, w_gate_up, w_down, coeff):
     return ops.expert_mlp(x, w_gate_up, w_down, coeff)
+
+
+def gemm_loop(x, w, offsets):
+    """A per-expert loop of torch.mm; the offsets are read on the host (one synchronisation)."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    bounds = offsets.tolist()
+    for e in range(w.shape[0]):
+        torch.mm(x[bounds[e]:bounds[e + 1]], w[e].t(), out=out[bounds[e]:bounds[e + 1]])
+    return out
+
+
+def bench_grouped_gemm(args, device, dtype, peak, warmup, iters, gen):
+    report = Report("grouped_gemm", device)
+    report.meta["dtype"] = str(dtype)
+    report.meta["copy_bandwidth_GBps"] = peak
+    for tokens, k, n, experts in GEMM_QUICK_CASES if args.quick else GEMM_CASES:
+        x = torch.randn(tokens, k, generator=gen).to(device, dtype)
+        w = (torch.randn(experts, n, k, generator=gen) / k**0.5).to(device, dtype)
+        offsets = make_expert_offsets(tokens, experts, generator=gen).to(device)
+        impls = {"jakiro": lambda: ops.grouped_gemm(x, w, offsets, validate=False),
+                 "mm_loop": lambda: gemm_loop(x, w, offsets)}
+        if hasattr(torch, "_grouped_mm") and device.type == "cuda":
+            ends = offsets[1:].contiguous()
+            impls["torch._grouped_mm"] = lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+        nbytes = (x.numel() + w.numel() + tokens * n) * x.element_size()
+        case = f"T={tokens} K={k} N={n} E={experts}"
+        rows = []
+        for impl, fn in impls.items():
+            try:
+                t = time_fn(fn, device, warmup=warmup, iters=iters, cuda_graph=args.cuda_graph and impl == "jakiro")
+            except (RuntimeError, NotImplementedError) as exc:
+                print(f"skipping {impl} on {case}: {str(exc).splitlines()[0]}", file=sys.stderr)
+                continue
+            gbps = nbytes / (t.median_us * 1e-6) / 1e9
+            rows.append(report.add(case=case, impl=impl, timing=t, GBps=gbps, pct_of_copy=100 * gbps / peak,
+                                   TFLOPs=2 * tokens * k * n / (t.median_us * 1e-6) / 1e12))
+        base = next(r["median_us"] for r in rows if r["impl"] == "mm_loop")
+        for r in rows:
+            r["speedup_vs_mm_loop"] = base / r["median_us"]
+    finish(report, args)
 
 
 def training_step(fn, inputs, grad):
@@ -120,6 +164,7 @@ def main(argv=None):
             if base is not None:
                 r["speedup_vs_authors"] = base / r["median_us"]
     finish(report, args)
+    bench_grouped_gemm(args, device, dtype, peak, warmup, iters, gen)
 
 
 if __name__ == "__main__":

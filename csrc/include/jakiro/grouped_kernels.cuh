@@ -12,8 +12,9 @@
 //
 // Two kernel families:
 //   stream_kernel: few rows (decode). A warp owns one weight row (two for
-//     SwiGLU), streams it with 16-byte loads once per tile of 16 rows, and dots
+//     SwiGLU), streams it with 16-byte loads once per tile of 32 rows, and dots
 //     it with the tile staged in shared memory. Weight-bandwidth bound.
+//     (32 rows per pass keep 64 fp32 partial sums per lane for SwiGLU.)
 //   tile_kernel: many rows (training, prefill). 64x64 output tiles, tensor
 //     cores (WMMA) for fp16/bf16, a register-blocked SIMT loop for fp32.
 #pragma once
@@ -94,8 +95,9 @@ struct GroupedParams {
 // ---------------------------------------------------------------------------
 constexpr int kStreamWarps = 8;                    // weight rows per block
 constexpr int kStreamThreads = kStreamWarps * 32;
-constexpr int kStreamTile = 16;                    // positions per pass over the weights
-constexpr int kStreamChunkBytes = 2048;            // bytes of one staged row chunk
+constexpr int kStreamTile = 32;                    // positions per pass over the weights
+constexpr int kStreamChunkBytes = 1024;            // bytes of one staged row chunk
+static_assert(kStreamTile <= 32, "lane j finishes position j of a tile");
 
 template <typename T, int VEC, Epilogue EPI>
 __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedParams<T> p) {

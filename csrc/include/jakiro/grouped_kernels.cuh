@@ -12,9 +12,10 @@
 //
 // Two kernel families:
 //   stream_kernel: few rows (decode). A warp owns one weight row (two for
-//     SwiGLU), streams it with 16-byte loads once per tile of 32 rows, and dots
-//     it with the tile staged in shared memory. Weight-bandwidth bound.
-//     (32 rows per pass keep 64 fp32 partial sums per lane for SwiGLU.)
+//     SwiGLU), streams it with 16-byte loads once per tile of 32 positions, and
+//     dots it with the tile's rows staged in shared memory chunk by chunk; the
+//     weight loads of a chunk are issued before its barriers. Weight-bandwidth
+//     bound. (32 positions per pass: 64 fp32 partial sums per lane for SwiGLU.)
 //   tile_kernel: many rows (training, prefill). 64x64 output tiles, tensor
 //     cores (WMMA) for fp16/bf16, a register-blocked SIMT loop for fp32.
 #pragma once
@@ -101,7 +102,9 @@ static_assert(kStreamTile <= 32, "lane j finishes position j of a tile");
 
 template <typename T, int VEC, Epilogue EPI>
 __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedParams<T> p) {
-  constexpr int kChunk = kStreamChunkBytes / sizeof(T);  // a multiple of 32 * VEC
+  constexpr int kChunk = kStreamChunkBytes / sizeof(T);
+  static_assert(kChunk % (32 * VEC) == 0, "a chunk is whole packs for every lane");
+  constexpr int kPacksPerLane = kChunk / (32 * VEC);
   constexpr int kRowsPerWarp = EPI == Epilogue::kSwiGLU ? 2 : 1;
   __shared__ __align__(16) T tile[kStreamTile][kChunk];
   __shared__ int32_t tile_rows[kStreamTile];
@@ -125,38 +128,54 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
 #pragma unroll
         for (int j = 0; j < kStreamTile; ++j) dot[q][j] = 0.f;
 
+      __syncthreads();  // the previous tile's source rows are no longer read
+      if (threadIdx.x < kStreamTile) {
+        const int64_t pos = p0 + threadIdx.x;
+        tile_rows[threadIdx.x] = pos < end ? (p.src_rows ? p.src_rows[pos] : static_cast<int32_t>(pos)) : 0;
+      }
+
       for (int k0 = 0; k0 < p.k; k0 += kChunk) {
-        const int width = min(kChunk, p.k - k0);
-        __syncthreads();  // the previous chunk (and tile_rows) are no longer read
-        if (threadIdx.x < kStreamTile) {
-          const int64_t pos = p0 + threadIdx.x;
-          tile_rows[threadIdx.x] = pos < end ? (p.src_rows ? p.src_rows[pos] : static_cast<int32_t>(pos)) : 0;
+        const int width = min(kChunk, p.k - k0);  // a multiple of VEC (k is)
+        // Issue this chunk's weight loads first: they do not depend on the staged
+        // tile, so their latency overlaps the barriers and the staging below.
+        Pack<T, VEC> wp[kRowsPerWarp][kPacksPerLane];
+        if (has_col) {
+#pragma unroll
+          for (int i = 0; i < kPacksPerLane; ++i) {
+            const int c = (i * 32 + lane) * VEC;
+            if (c < width) {
+#pragma unroll
+              for (int q = 0; q < kRowsPerWarp; ++q) wp[q][i] = load_pack<T, VEC>(w_rows[q] + k0 + c);
+            }
+          }
         }
-        __syncthreads();
-        const int packs = width / VEC;  // width is a multiple of VEC (k is)
+        __syncthreads();  // the previous chunk is no longer read; tile_rows is visible
+        const int packs = width / VEC;
         for (int i = threadIdx.x; i < count * packs; i += kStreamThreads) {
           const int j = i / packs, c = (i % packs) * VEC;
           store_pack<T, VEC>(&tile[j][c], load_pack<T, VEC>(p.src + static_cast<int64_t>(tile_rows[j]) * p.k + k0 + c));
         }
         __syncthreads();
         if (has_col) {
-          for (int c = lane * VEC; c < width; c += 32 * VEC) {
-            float w[kRowsPerWarp][VEC];
 #pragma unroll
-            for (int q = 0; q < kRowsPerWarp; ++q) {
-              const Pack<T, VEC> wp = load_pack<T, VEC>(w_rows[q] + k0 + c);
+          for (int i = 0; i < kPacksPerLane; ++i) {
+            const int c = (i * 32 + lane) * VEC;
+            if (c < width) {
+              float w[kRowsPerWarp][VEC];
 #pragma unroll
-              for (int v = 0; v < VEC; ++v) w[q][v] = to_float(wp.v[v]);
-            }
+              for (int q = 0; q < kRowsPerWarp; ++q)
 #pragma unroll
-            for (int j = 0; j < kStreamTile; ++j) {
-              if (j < count) {
-                const Pack<T, VEC> xp = load_pack<T, VEC>(&tile[j][c]);
+                for (int v = 0; v < VEC; ++v) w[q][v] = to_float(wp[q][i].v[v]);
 #pragma unroll
-                for (int v = 0; v < VEC; ++v) {
-                  const float xv = to_float(xp.v[v]);
+              for (int j = 0; j < kStreamTile; ++j) {
+                if (j < count) {
+                  const Pack<T, VEC> xp = load_pack<T, VEC>(&tile[j][c]);
 #pragma unroll
-                  for (int q = 0; q < kRowsPerWarp; ++q) dot[q][j] = fmaf(w[q][v], xv, dot[q][j]);
+                  for (int v = 0; v < VEC; ++v) {
+                    const float xv = to_float(xp.v[v]);
+#pragma unroll
+                    for (int q = 0; q < kRowsPerWarp; ++q) dot[q][j] = fmaf(w[q][v], xv, dot[q][j]);
+                  }
                 }
               }
             }
@@ -233,8 +252,12 @@ __device__ __forceinline__ void stage_tile(T* dst, int tile_rows, int rows, RowP
 #pragma unroll
       for (int q = 0; q < VEC; ++q) v.v[q] = from_float<T>(0.f);
     }
+    if constexpr ((kTilePitch<T> * sizeof(T)) % (VEC * sizeof(T)) == 0) {
+      store_pack<T, VEC>(dst + r * kTilePitch<T> + c, v);  // the staged row keeps the pack's alignment
+    } else {
 #pragma unroll
-    for (int q = 0; q < VEC; ++q) dst[r * kTilePitch<T> + c + q] = v.v[q];
+      for (int q = 0; q < VEC; ++q) dst[r * kTilePitch<T> + c + q] = v.v[q];
+    }
   }
 }
 

@@ -95,7 +95,7 @@ def bench_grouped_gemm(args, device, dtype, peak, warmup, iters, gen):
         offsets = make_expert_offsets(tokens, experts, generator=gen).to(device)
         impls = {"jakiro": lambda: ops.grouped_gemm(x, w, offsets, validate=False),
                  "mm_loop": lambda: gemm_loop(x, w, offsets)}
-        if hasattr(torch, "_grouped_mm") and device.type == "cuda":
+        if hasattr(torch, "_grouped_mm"):
             ends = offsets[1:].contiguous()
             impls["torch._grouped_mm"] = lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
         nbytes = (x.numel() + w.numel() + tokens * n) * x.element_size()
@@ -133,7 +133,7 @@ def main(argv=None):
     report.meta["copy_bandwidth_GBps"] = peak = measure_copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     impls = {"jakiro": jakiro_op, "authors_block": authors_block, "mm_loop": mm_loop}
-    if hasattr(torch, "_grouped_mm") and device.type == "cuda":
+    if hasattr(torch, "_grouped_mm"):
         impls["torch._grouped_mm"] = grouped_mm
     for name, hidden, inter, tokens, training in QUICK_CASES if args.quick else CASES:
         x, wgu, wd, coeff = make_expert_mlp_inputs(tokens, hidden, inter, EXPERTS, HEADS, "signed", dtype, device, gen)

@@ -190,10 +190,12 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
       for (int q = 0; q < kRowsPerWarp; ++q)
 #pragma unroll
         for (int j = 0; j < kStreamTile; ++j) {
-          float s = dot[q][j];
+          if (j < count) {  // warp-uniform, so the shuffles stay converged
+            float s = dot[q][j];
 #pragma unroll
-          for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-          if (lane == j) mine[q] = s;
+            for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (lane == j) mine[q] = s;
+          }
         }
       if (has_col && lane < count) {
         const int64_t pos = p0 + lane;

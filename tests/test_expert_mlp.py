@@ -5,8 +5,9 @@ largest absolute reference value, with the reference computed in fp32 (fp64 for
 float64). fp32 1e-4 (reduction order only); fp16 5e-3 and bf16 3e-2: the output
 is rounded to the dtype (2^-11 / 2^-8 relative), and on CUDA the SwiGLU
 activations are rounded to it between the two products.
-On CUDA, T <= 64 runs the weight-streaming kernels and larger T the tile
-kernels, so the T grid below covers both.
+On CUDA, T <= 64 runs the weight-streaming kernels (8-position tiles for
+T <= 8, 32-position tiles above) and larger T the tile kernels; the T grid
+below covers all three, with and without 16-byte loads.
 """
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_large(device, dtype):
     check(device, 4097, 1000, 576, 4, 2, "top2", dtype)
 
 
-@pytest.mark.parametrize("tokens", [5, 65, 200])
+@pytest.mark.parametrize("tokens", [5, 40, 65, 200])
 def test_misaligned_rows_use_the_scalar_path(device, tokens):
     # H = 61, I = 37: no row is 16-byte aligned, so the kernels fall back to scalar loads.
     check(device, tokens, 61, 37, 3, 2, "top2", torch.float16, seed=tokens)
@@ -172,6 +173,20 @@ def test_compiles_with_torch_compile():
         return torch.ops.jakiro.expert_mlp(x, wgu, wd, coeff) * 2
 
     torch.testing.assert_close(mlp(*inputs), 2 * reference.expert_mlp(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_backward_compiles_with_torch_compile():
+    mine = [t.requires_grad_() for t in make_expert_mlp_inputs(10, 32, 16, 2, 2, "top1")]
+    theirs = [t.detach().clone().requires_grad_() for t in mine]
+
+    @torch.compile(fullgraph=True, backend="aot_eager", dynamic=True)
+    def loss(x, wgu, wd, coeff):
+        return torch.ops.jakiro.expert_mlp(x, wgu, wd, coeff).square().sum()
+
+    loss(*mine).backward()
+    reference.expert_mlp(*theirs).square().sum().backward()
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

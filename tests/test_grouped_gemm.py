@@ -2,7 +2,8 @@
 
 Tolerance: largest absolute error over largest absolute reference value (fp32
 reference); fp32 1e-4, fp16 5e-3, bf16 3e-2 (output rounding). On CUDA, T <= 64
-runs the weight-streaming kernel and larger T the tile kernel.
+runs the weight-streaming kernel (8-position tiles for T <= 8) and larger T the
+tile kernel.
 """
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_matches_reference(device, tokens, experts, empty):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k, n", [(64, 80), (576, 1000), (1000, 64), (61, 37)])
-@pytest.mark.parametrize("tokens", [5, 200])
+@pytest.mark.parametrize("tokens", [5, 40, 200])
 def test_sizes_and_dtypes(device, tokens, k, n, dtype):
     check(device, tokens, k, n, 4, dtype, empty=1, seed=k + n)
 

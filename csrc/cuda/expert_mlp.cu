@@ -158,7 +158,7 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
     up.out = reinterpret_cast<T*>(h.mutable_data_ptr());
     const bool up_vec = grouped::can_vectorize<T>(s.hidden, {up.src, up.w});
     if (small) {
-      grouped::launch_stream<T, grouped::Epilogue::kSwiGLU>(up, up_vec, stream);
+      grouped::launch_stream<T, grouped::Epilogue::kSwiGLU>(up, up_vec, s.tokens, stream);
     } else {
       grouped::launch_tile<T, true>(up, up_vec, max_tiles, stream);
     }
@@ -184,7 +184,7 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
       down.out_tokens = token_of.const_data_ptr<int32_t>();
       down.heads = static_cast<int32_t>(s.heads);
       down.tokens = s.tokens;
-      grouped::launch_stream<T, grouped::Epilogue::kCombine>(down, down_vec, stream);
+      grouped::launch_stream<T, grouped::Epilogue::kCombine>(down, down_vec, s.tokens, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!fp32) out.copy_(acc);
     } else {

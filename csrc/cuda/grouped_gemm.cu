@@ -46,7 +46,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_in, con
     p.out = reinterpret_cast<T*>(out.mutable_data_ptr());
     const bool vec = grouped::can_vectorize<T>(s.k, {p.src, p.w});
     if (s.rows <= kStreamMaxRows) {
-      grouped::launch_stream<T, grouped::Epilogue::kStore>(p, vec, stream);
+      grouped::launch_stream<T, grouped::Epilogue::kStore>(p, vec, s.rows, stream);
     } else {
       const int64_t max_tiles = (s.rows + grouped::kTileM - 1) / grouped::kTileM + s.experts;
       grouped::launch_tile<T, false>(p, vec, max_tiles, stream);

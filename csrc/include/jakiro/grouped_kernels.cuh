@@ -12,10 +12,10 @@
 //
 // Two kernel families:
 //   stream_kernel: few rows (decode). A warp owns one weight row (two for
-//     SwiGLU), streams it with 16-byte loads once per tile of 32 positions, and
+//     SwiGLU), streams it with 16-byte loads once per tile of 8 or 32 positions, and
 //     dots it with the tile's rows staged in shared memory chunk by chunk; the
 //     weight loads of a chunk are issued before its barriers. Weight-bandwidth
-//     bound. (32 positions per pass: 64 fp32 partial sums per lane for SwiGLU.)
+//     bound.
 //   tile_kernel: many rows (training, prefill). 64x64 output tiles, tensor
 //     cores (WMMA) for fp16/bf16, a register-blocked SIMT loop for fp32.
 #pragma once
@@ -96,18 +96,20 @@ struct GroupedParams {
 // ---------------------------------------------------------------------------
 constexpr int kStreamWarps = 8;                    // weight rows per block
 constexpr int kStreamThreads = kStreamWarps * 32;
-constexpr int kStreamTile = 32;                    // positions per pass over the weights
 constexpr int kStreamChunkBytes = 1024;            // bytes of one staged row chunk
-static_assert(kStreamTile <= 32, "lane j finishes position j of a tile");
+// Positions per pass over the weights: a small tile when every expert has few
+// positions (fewer registers, so more warps in flight), else 32.
+constexpr int kStreamSmallTile = 8, kStreamLargeTile = 32;
 
-template <typename T, int VEC, Epilogue EPI>
+template <typename T, int VEC, Epilogue EPI, int TILE>
 __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedParams<T> p) {
+  static_assert(TILE <= 32, "lane j finishes position j of a tile");
   constexpr int kChunk = kStreamChunkBytes / sizeof(T);
   static_assert(kChunk % (32 * VEC) == 0, "a chunk is whole packs for every lane");
   constexpr int kPacksPerLane = kChunk / (32 * VEC);
   constexpr int kRowsPerWarp = EPI == Epilogue::kSwiGLU ? 2 : 1;
-  __shared__ __align__(16) T tile[kStreamTile][kChunk];
-  __shared__ int32_t tile_rows[kStreamTile];
+  __shared__ __align__(16) T tile[TILE][kChunk];
+  __shared__ int32_t tile_rows[TILE];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kStreamWarps + warp;  // weight row n
@@ -120,16 +122,16 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
     for (int q = 0; q < kRowsPerWarp; ++q) {
       w_rows[q] = p.w + (static_cast<int64_t>(e) * p.w_rows + col + q * p.n) * p.k;
     }
-    for (int64_t p0 = begin; p0 < end; p0 += kStreamTile) {
-      const int count = static_cast<int>(min(static_cast<int64_t>(kStreamTile), end - p0));
-      float dot[kRowsPerWarp][kStreamTile];
+    for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+      const int count = static_cast<int>(min(static_cast<int64_t>(TILE), end - p0));
+      float dot[kRowsPerWarp][TILE];
 #pragma unroll
       for (int q = 0; q < kRowsPerWarp; ++q)
 #pragma unroll
-        for (int j = 0; j < kStreamTile; ++j) dot[q][j] = 0.f;
+        for (int j = 0; j < TILE; ++j) dot[q][j] = 0.f;
 
       __syncthreads();  // the previous tile's source rows are no longer read
-      if (threadIdx.x < kStreamTile) {
+      if (threadIdx.x < TILE) {
         const int64_t pos = p0 + threadIdx.x;
         tile_rows[threadIdx.x] = pos < end ? (p.src_rows ? p.src_rows[pos] : static_cast<int32_t>(pos)) : 0;
       }
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
 #pragma unroll
                 for (int v = 0; v < VEC; ++v) w[q][v] = to_float(wp[q][i].v[v]);
 #pragma unroll
-              for (int j = 0; j < kStreamTile; ++j) {
+              for (int j = 0; j < TILE; ++j) {
                 if (j < count) {
                   const Pack<T, VEC> xp = load_pack<T, VEC>(&tile[j][c]);
 #pragma unroll
@@ -189,7 +191,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
 #pragma unroll
       for (int q = 0; q < kRowsPerWarp; ++q)
 #pragma unroll
-        for (int j = 0; j < kStreamTile; ++j) {
+        for (int j = 0; j < TILE; ++j) {
           if (j < count) {  // warp-uniform, so the shuffles stay converged
             float s = dot[q][j];
 #pragma unroll
@@ -401,13 +403,21 @@ inline bool can_vectorize(int64_t row_length, std::initializer_list<const void*>
   return true;
 }
 
+// max_positions: an upper bound on any expert's number of positions.
 template <typename T, Epilogue EPI>
-void launch_stream(const GroupedParams<T>& p, bool vectorized, cudaStream_t stream) {
+void launch_stream(const GroupedParams<T>& p, bool vectorized, int64_t max_positions, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.n + kStreamWarps - 1) / kStreamWarps));
-  if (vectorized) {
-    stream_kernel<T, 16 / sizeof(T), EPI><<<grid, kStreamThreads, 0, stream>>>(p);
+  constexpr int kVec = 16 / sizeof(T);
+  if (max_positions <= kStreamSmallTile) {
+    if (vectorized) {
+      stream_kernel<T, kVec, EPI, kStreamSmallTile><<<grid, kStreamThreads, 0, stream>>>(p);
+    } else {
+      stream_kernel<T, 1, EPI, kStreamSmallTile><<<grid, kStreamThreads, 0, stream>>>(p);
+    }
+  } else if (vectorized) {
+    stream_kernel<T, kVec, EPI, kStreamLargeTile><<<grid, kStreamThreads, 0, stream>>>(p);
   } else {
-    stream_kernel<T, 1, EPI><<<grid, kStreamThreads, 0, stream>>>(p);
+    stream_kernel<T, 1, EPI, kStreamLargeTile><<<grid, kStreamThreads, 0, stream>>>(p);
   }
 }
 

@@ -21,4 +21,10 @@ TORCH_LIBRARY(jakiro, m) {
   m.def("verify_sampling(Tensor tokens, Tensor parents, Tensor logits, Tensor uniforms, Tensor temperature, Tensor top_p, Tensor top_k, Tensor? draft_probs=None, bool validate=True) -> (Tensor accept_len, Tensor path, Tensor next_token)");
   // Moves the accepted KV rows of every layer down to prefix_len + j, in place.
   m.def("compact_kv(Tensor(a!) kv, Tensor prefix_len, Tensor path, Tensor accept_len, bool validate=True) -> ()");
+  // Every token through its routed SwiGLU experts, combined per routing head:
+  // out[r, t] = sum_e coeff[t, r, e] * expert_e(x[t]); zero-coefficient experts are skipped.
+  m.def("expert_mlp(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor coeff) -> Tensor");
+  // Rows of x pre-sorted by expert: out[p] = w[e] @ x[p] for offsets[e] <= p < offsets[e + 1].
+  // validate=False skips the CUDA kernel's one host read of the offsets (the kernel clamps them).
+  m.def("grouped_gemm(Tensor x, Tensor w, Tensor expert_offsets, bool validate=True) -> Tensor");
 }

@@ -7,7 +7,8 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default: $OUT, else gpu-results/)
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 16),
-# PYTHON (default python3), BENCH_ARGS (extra benchmark options, e.g. --quick).
+# PYTHON (default python3), BENCH_ARGS (extra benchmark options, e.g. --quick or
+# --only NAME...), TEST_ARGS (pytest selection, default: the whole suite).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-results}}
@@ -33,7 +34,7 @@ echo "built in $(( $(date +%s) - start )) s"
 "$PY" -c "import jakiro, json; print(json.dumps(jakiro.build_info()))" | tee -a "$OUT_DIR/env.txt"
 
 echo "== tests"
-"$PY" -m pytest -q -rfEs -p no:cacheprovider tests > "$OUT_DIR/pytest.log" 2>&1 || status=1
+"$PY" -m pytest -q -rfE -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT_DIR/pytest.log" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest.log" | head -40
 tail -3 "$OUT_DIR/pytest.log"
 

@@ -90,7 +90,11 @@ struct DigitCache {
 };
 
 // Smallest key k with measure(eligible keys > k) < limit (see accept.h).
-template <typename T, typename Measure, typename Weight>
+// kScaledLimit (top-p): the limit is `limit` times the eligible mass, which round
+// 0 sums on the way. Those are the same terms in the same order as
+// block_kept_mass's with threshold eligible_from (which adds only zeros
+// besides), so the sum is the same double; fusing it saves a pass.
+template <typename T, typename Measure, bool kScaledLimit = false, typename Weight>
 __device__ uint32_t block_descend(const NodeDist<T>& dist, int64_t vocab, uint32_t eligible_from,
                                   Measure limit, Measure* hist, Measure* above_shared,
                                   SamplingShared& sh, Weight weight) {
@@ -101,15 +105,21 @@ __device__ uint32_t block_descend(const NodeDist<T>& dist, int64_t vocab, uint32
     for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) hist[d] = Measure(0);
     __syncthreads();
     DigitCache<Measure> cache;
+    double local_mass = 0.0;  // kScaledLimit, round 0 only
     for_each_in_row(dist.row, vocab, [&](int64_t, float logit) {
       const float s = dist.s_of(logit);
       const uint32_t key = NodeDist<T>::key_of(s);
       if (key < eligible_from) return;
       if (round > 0 && (key >> (shift + kRadixBits)) != (prefix >> (shift + kRadixBits))) return;
-      cache.add(static_cast<int>((key >> shift) & (kRadixBuckets - 1)), weight(s), hist);
+      const Measure w = weight(s);
+      if (kScaledLimit && round == 0) local_mass += w;
+      cache.add(static_cast<int>((key >> shift) & (kRadixBuckets - 1)), w, hist);
     });
     cache.flush(hist);
     __syncthreads();
+    if (kScaledLimit && round == 0) {  // uniform branch: block_sum has barriers
+      limit = limit * block_sum(local_mass, sh.scratch);
+    }
     if (threadIdx.x == 0) {
       Measure above = *above_shared;
       const int digit = pick_radix_digit(hist, above, limit);
@@ -228,13 +238,13 @@ __device__ NodeStats block_node_stats(const T* row, int64_t vocab, bool sampling
     dist.threshold = block_descend<T, int32_t>(dist, vocab, 0u, top_k, sh.hist_count, &sh.above_count, sh,
                                                [](float) { return int32_t{1}; });
   }
-  dist.z = block_kept_mass(dist, vocab, sh.scratch);
   if (top_p < 1.0f) {
-    const double limit = static_cast<double>(top_p) * dist.z;
-    dist.threshold = block_descend<T, double>(dist, vocab, dist.threshold, limit, sh.hist_mass, &sh.above_mass,
-                                              sh, [](float s) { return static_cast<double>(expf(s)); });
-    dist.z = block_kept_mass(dist, vocab, sh.scratch);
+    // limit = top_p * Z_k, with Z_k (the mass after top-k) summed by the descent's first round.
+    dist.threshold = block_descend<T, double, true>(dist, vocab, dist.threshold, static_cast<double>(top_p),
+                                                    sh.hist_mass, &sh.above_mass, sh,
+                                                    [](float s) { return static_cast<double>(expf(s)); });
   }
+  dist.z = block_kept_mass(dist, vocab, sh.scratch);
   st.threshold = dist.threshold;
   st.z = dist.z;
   return st;

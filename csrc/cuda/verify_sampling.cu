@@ -8,11 +8,10 @@
 //    each node it visits;
 //  - parallel: one block per (row, node) computes that node's statistics into a
 //    scratch array; the last block of a row to finish walks the row with them.
-// Both call the same block_node_stats, so they make identical decisions. The
-// walk tries the children of a node
-// tried in index order; when none is accepted, the next token is drawn by an
-// inverse CDF in token order (per-thread segment sums, a block scan, then one
-// thread walks the segment that holds the target).
+// Both call the same block_node_stats, so they make identical decisions. At
+// each node the walk tries the children in index order; when none is accepted,
+// the next token is drawn by an inverse CDF in token order (per-thread segment
+// sums, a block scan, then one thread walks the segment that holds the target).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>

@@ -127,10 +127,11 @@ def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Ten
     synchronisation when ``validate=False``.
 
     On CUDA one of two kernels runs, with identical results: for small ``B * N`` (at most
-    8 per SM) every node's row statistics are computed in parallel, one block per node,
-    and the last block of a row walks it; otherwise one block per row walks its tree and
-    reads only the rows it visits. ``JAKIRO_ACCEPT_PATH=walk`` or ``=parallel`` in the
-    environment forces one (tests, benchmarks); it is read at each call.
+    8 per SM here, 4 for :func:`verify_sampling`) every node's row statistics are
+    computed in parallel, one block per node, and the last block of a row walks it;
+    otherwise one block per row walks its tree and reads only the rows it visits.
+    ``JAKIRO_ACCEPT_PATH=walk`` or ``=parallel`` in the environment forces one (tests,
+    benchmarks); it is read at each call.
 
     Args:
         tokens: int64 ``[B, N]``, the token of every node (node 0 = the root, not checked

@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
   if (batch == 0) return {accept_len, path, next_token};
   JAKIRO_CHECK(batch <= kMaxGridX, op, "batch size ", batch, " is too large");
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const AcceptPath route = choose_accept_path(batch, n, sm_count);
+  const AcceptPath route = choose_accept_path(batch, n, sm_count, kGreedyParallelBlocksPerSm);
   // flags[0]: the error flags; flags[1 + b]: the parallel path's arrival count of row b.
   at::Tensor flags = at::zeros({route == AcceptPath::kParallel ? 1 + batch : 1}, parents.options());
   int32_t* error = flags.mutable_data_ptr<int32_t>();

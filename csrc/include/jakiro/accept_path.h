@@ -17,22 +17,31 @@ namespace jakiro {
 
 enum class AcceptPath { kWalk, kParallel };
 
-// The parallel path wins while its B * N node blocks fit in a few waves of the
-// GPU: a walk visits several nodes (accept length + 1) one after the other, so
-// it costs about that many node-times. 8 blocks per SM (two waves of four
-// 512-thread blocks) is where the two meet for a typical accept length of 3-4.
-constexpr int64_t kParallelBlocksPerSm = 8;
+// The parallel path wins while its B * N node blocks take fewer waves of the
+// GPU than a walk takes node-times (accept length + 1, often 3-6, one after the
+// other). Limits in node blocks per SM:
+//  - greedy: the argmax is memory-bound and several blocks fit on an SM; at 8
+//    per SM the parallel path reads about as much as a wide walk takes;
+//  - sampling: a node's statistics are compute-bound (~7 passes with exp and an
+//    IEEE division per element) and a 512-thread block needs ~110 registers per
+//    thread, so one block fits on an SM: 4 per SM is 4 waves, below a typical walk.
+// Estimates from the H100 timings of the walk; benchmarks/bench_accept.py times
+// both paths side by side on CUDA to tune them.
+constexpr int64_t kGreedyParallelBlocksPerSm = 8;
+constexpr int64_t kSamplingParallelBlocksPerSm = 4;
 
-// The path for a call; JAKIRO_ACCEPT_PATH=walk or =parallel forces one (tests,
-// benchmarks), any other value or none picks by size as above.
-inline AcceptPath choose_accept_path(int64_t batch, int64_t n, int64_t sm_count) {
+// The path for a call of B = batch rows of n nodes with at most
+// blocks_per_sm * sm_count node blocks for the parallel path;
+// JAKIRO_ACCEPT_PATH=walk or =parallel forces one (tests, benchmarks), any
+// other value or none picks by size.
+inline AcceptPath choose_accept_path(int64_t batch, int64_t n, int64_t sm_count, int64_t blocks_per_sm) {
   const int64_t blocks = batch * n;  // batch, n <= 2^31 each, so no overflow
   if (blocks > 2147483647) return AcceptPath::kWalk;  // grid.x limit
   if (const char* forced = std::getenv("JAKIRO_ACCEPT_PATH")) {
     if (std::strcmp(forced, "walk") == 0) return AcceptPath::kWalk;
     if (std::strcmp(forced, "parallel") == 0) return AcceptPath::kParallel;
   }
-  return blocks <= kParallelBlocksPerSm * sm_count ? AcceptPath::kParallel : AcceptPath::kWalk;
+  return blocks <= blocks_per_sm * sm_count ? AcceptPath::kParallel : AcceptPath::kWalk;
 }
 
 }  // namespace jakiro

@@ -1,9 +1,13 @@
 """Benchmark of tree acceptance: verify_greedy, verify_sampling and compact_kv against the
 plain-PyTorch reference, a vectorised-PyTorch greedy (match -> cumprod over leaf paths ->
 argmax), the authors'-style Python sampling loop (per-candidate .item(), host random
-numbers) and per-layer / vectorised PyTorch KV copies. All in one process."""
+numbers) and per-layer / vectorised PyTorch KV copies. All in one process. On CUDA each
+acceptance kernel is also timed forced (jakiro-walk, jakiro-parallel) next to the automatic
+choice (jakiro)."""
+import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,6 +126,24 @@ def make_authors_sampling_loop(tokens, parents):
 
 # ------------------------------------------------------------------ cases
 
+CUDA_PATHS = ("walk", "parallel")  # the CUDA kernels, forced by JAKIRO_ACCEPT_PATH (accept_path.h)
+
+
+@contextmanager
+def accept_path(path):
+    """Forces one CUDA kernel of the acceptance ops while timing (None: the automatic choice)."""
+    old = os.environ.get("JAKIRO_ACCEPT_PATH")
+    if path is not None:
+        os.environ["JAKIRO_ACCEPT_PATH"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("JAKIRO_ACCEPT_PATH", None)
+        else:
+            os.environ["JAKIRO_ACCEPT_PATH"] = old
+
+
 def bench_verify(report, args, device, dtype, gen, cases):
     python_loops_max_batch = 8 if args.quick else 64
     for batch, n, vocab in cases:
@@ -140,6 +162,10 @@ def bench_verify(report, args, device, dtype, gen, cases):
             ("sampling", "jakiro"): (lambda: ops.verify_sampling(tokens, parents, logits, *settings,
                                                                  uniforms=uniforms, validate=False), args.iters),
         }
+        if device.type == "cuda":  # each CUDA kernel side by side with the automatic choice
+            for path in CUDA_PATHS:
+                impls[("greedy", f"jakiro-{path}")] = impls[("greedy", "jakiro")]
+                impls[("sampling", f"jakiro-{path}")] = impls[("sampling", "jakiro")]
         if batch <= python_loops_max_batch:
             impls[("greedy", "reference")] = (lambda: reference.verify_greedy(tokens, parents, logits), few)
             impls[("sampling", "authors-python-loop")] = (
@@ -148,8 +174,10 @@ def bench_verify(report, args, device, dtype, gen, cases):
             impls[("sampling", "reference")] = (lambda: reference.verify_sampling(
                 tokens, parents, logits, uniforms, *settings), 3)
         for (op, impl), (fn, iters) in impls.items():
-            t = time_fn(fn, device, warmup=min(args.warmup, iters), iters=iters,
-                        cuda_graph=args.cuda_graph and impl == "jakiro")
+            path = impl.split("-", 1)[1] if impl.startswith("jakiro-") else None
+            with accept_path(path):
+                t = time_fn(fn, device, warmup=min(args.warmup, iters), iters=iters,
+                            cuda_graph=args.cuda_graph and impl.startswith("jakiro"))
             gbps = nbytes / (t.median_us * 1e-6) / 1e9
             report.add(case=f"{op} {case}", impl=impl, timing=t, GBps=gbps,
                        pct_of_copy=100 * gbps / report.meta["copy_bandwidth_GBps"])

@@ -128,6 +128,13 @@ def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Ten
     wins) accept it and continue from ``c``, else stop. One kernel launch, no host
     synchronisation when ``validate=False``.
 
+    On CUDA one of two kernels runs, with identical results: for small ``B * N`` (at most
+    8 per SM here, 4 for :func:`verify_sampling`) every node's row statistics are
+    computed in parallel, one block per node, and the last block of a row walks it;
+    otherwise one block per row walks its tree and reads only the rows it visits.
+    ``JAKIRO_ACCEPT_PATH=walk`` or ``=parallel`` in the environment forces one (tests,
+    benchmarks); it is read at each call.
+
     Args:
         tokens: int64 ``[B, N]``, the token of every node (node 0 = the root, not checked
             against the logits); every id must be in ``[0, V)``.
@@ -183,6 +190,8 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.T
           ``uniforms[b, u, 1]`` (inverse CDF in token order: the first token whose running
           weight exceeds ``u * total``). At a fully accepted leaf it is drawn from the full
           filtered ``p`` at that leaf (not the unfiltered softmax, the authors' defect).
+
+    On CUDA the kernel is chosen as in :func:`verify_greedy` (one launch either way).
 
     Kernels and ``jakiro.reference.verify_sampling`` make the same decisions for the same
     uniforms, except when a uniform lies within about 1e-7 (relative) of a decision

@@ -180,3 +180,58 @@ def test_compiles_with_torch_compile():
     acc1, path, nxt = step(tokens, parents, logits)
     ref = reference.verify_greedy(tokens, parents, logits)
     assert torch.equal(acc1, ref[0] + 1) and torch.equal(path, ref[1]) and torch.equal(nxt, ref[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["walk", "parallel"])
+@pytest.mark.parametrize("batch, n, vocab, dtype", [
+    (1, 1, 17, torch.float32), (5, 37, 1000, torch.bfloat16), (3, 60, 32001, torch.float16),
+    (2, 24, 151936, torch.bfloat16), (40, 256, 50, torch.float32)])
+def test_cuda_paths_match_reference(monkeypatch, path, batch, n, vocab, dtype):
+    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/accept_path.h);
+    # repeated calls also check that the parallel path's arrival counters start from zero.
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    gen = torch.Generator().manual_seed(batch * 7 + n + vocab)
+    for shape in ("chain", "random"):
+        tokens, parents, logits = make_verify_inputs(batch, n, vocab, shape=shape, match=0.8, dtype=dtype,
+                                                     generator=gen)
+        want = reference.verify_greedy(tokens, parents, logits)
+        for _ in range(2):
+            assert_same(ops.verify_greedy(tokens.cuda(), parents.cuda(), logits.cuda()), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["walk", "parallel"])
+def test_cuda_paths_flag_bad_input(monkeypatch, path):
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    tokens, parents, logits = good_inputs()
+    with pytest.raises(ValueError, match=r"verify_greedy: .*parents\[0, 4\] = 4"):
+        ops.verify_greedy(tokens.cuda(), parents.index_fill(1, torch.tensor([4]), 4).cuda(), logits.cuda())
+    bad_parents = torch.tensor([[5, 9, -3, 2, 100, 1], [-1, 0, 7, -9, 0, 2]], dtype=torch.int32)
+    ops.verify_greedy(tokens.cuda() * 10**9, bad_parents.cuda(), logits.cuda(), validate=False)
+    torch.cuda.synchronize()
+    assert_same(ops.verify_greedy(tokens.cuda(), parents.cuda(), logits.cuda()),
+                reference.verify_greedy(tokens, parents, logits))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_parallel_path(monkeypatch):
+    # The arrival counters are zeroed inside the graph, so every replay walks every row.
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "parallel")
+    gen = torch.Generator().manual_seed(11)
+    tokens, parents, logits = (t.cuda() for t in make_verify_inputs(4, 30, 1000, match=0.8, generator=gen))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.verify_greedy(tokens, parents, logits, validate=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.verify_greedy(tokens, parents, logits, validate=False)
+    for seed in range(3):
+        new = make_verify_inputs(4, 30, 1000, match=0.8, generator=torch.Generator().manual_seed(seed))
+        for dst, src in zip((tokens, parents, logits), new):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same(out, reference.verify_greedy(*new))

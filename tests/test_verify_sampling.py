@@ -387,3 +387,76 @@ def test_cuda_graph_replay_matches_eager():
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
         assert torch.equal(e, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["walk", "parallel"])
+@pytest.mark.parametrize("drafts", ["point", "sampled"])
+@pytest.mark.parametrize("batch, n, vocab, dtype", [
+    (1, 1, 17, torch.float32), (6, 37, 1000, torch.bfloat16), (3, 60, 32001, torch.float16),
+    (3, 16, 151936, torch.bfloat16), (40, 128, 40, torch.float32)])
+def test_cuda_paths_match_reference(monkeypatch, path, drafts, batch, n, vocab, dtype):
+    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/accept_path.h) over
+    # mixed rows: plain, top-k, top-p, both, temperature 0 and illegal-free greedy fallbacks.
+    # Repeated calls also check that the parallel path's arrival counters start from zero.
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    gen = torch.Generator().manual_seed(batch * 7 + n + vocab + len(drafts))
+    row_settings = [(1.0, 1.0, 0), (0.7, 1.0, 5), (0.7, 0.8, 0), (1.3, 0.9, 7), (0.0, 0.9, 3), (0.8, 1.0, 1)]
+    rows = [row_settings[b % len(row_settings)] for b in range(batch)]
+    temperature = torch.tensor([r[0] for r in rows])
+    top_p = torch.tensor([r[1] for r in rows])
+    top_k = torch.tensor([r[2] for r in rows], dtype=torch.int32)
+    for shape in ("chain", "random"):
+        tokens, parents, logits = make_verify_inputs(batch, n, vocab, shape=shape, match=0.8, scale=4.0, dtype=dtype,
+                                                     generator=gen)
+        uniforms = torch.rand(batch, n, 2, generator=gen)
+        q = make_draft_probs(batch, n, vocab, gen) if drafts == "sampled" else None
+        for _ in range(2):
+            run_both("cuda", tokens, parents, logits, uniforms, temperature, top_p, top_k, q)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["walk", "parallel"])
+def test_cuda_paths_flag_bad_input(monkeypatch, path):
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    a = good_inputs()
+    c = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    with pytest.raises(ValueError, match=r"verify_sampling: .*parents\[0, 4\] = 4"):
+        ops.verify_sampling(c["tokens"], c["parents"].index_fill(1, torch.tensor([4], device="cuda"), 4), c["logits"],
+                            c["temperature"], c["top_p"], c["top_k"], uniforms=c["uniforms"])
+    bad_parents = torch.tensor([[3, 0, -4, 100, 0, 1], [-1, 0, 7, 0, 0, 2]], dtype=torch.int32, device="cuda")
+    for q in (None, torch.rand(2, 6, 11).cuda()):
+        torch.ops.jakiro.verify_sampling(c["tokens"] * 10**9, bad_parents, c["logits"], c["uniforms"],
+                                         c["temperature"], c["top_p"], c["top_k"], q, False)
+    torch.cuda.synchronize()
+    run_both("cuda", a["tokens"], a["parents"], a["logits"], a["uniforms"], a["temperature"], a["top_p"], a["top_k"])
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_parallel_path(monkeypatch):
+    # The arrival counters are zeroed inside the graph, so every replay walks every row.
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "parallel")
+    batch, n, vocab = 4, 30, 1000
+    inputs = [t.cuda() for t in make_verify_inputs(batch, n, vocab, scale=4.0, generator=torch.Generator().manual_seed(3))]
+    uniforms = torch.rand(batch, n, 2).cuda()
+    sampling_settings = settings(batch, 0.8, 0.9, 20, "cuda")
+    step = lambda: ops.verify_sampling(*inputs, *sampling_settings, uniforms=uniforms, validate=False)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(100 + seed)
+        new = make_verify_inputs(batch, n, vocab, scale=4.0, generator=gen)
+        new_uniforms = torch.rand(batch, n, 2, generator=gen)
+        for dst, src in zip(inputs + [uniforms], list(new) + [new_uniforms]):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.verify_sampling(*new, new_uniforms, *(s.cpu() for s in sampling_settings))
+        for g, w in zip(out, want):
+            assert torch.equal(g.cpu(), w)

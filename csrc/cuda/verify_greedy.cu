@@ -1,6 +1,9 @@
-// CUDA kernel of verify_greedy (DESIGN.md 5.4): one block per batch row walks
-// the tree, computing the argmax of only the rows it visits (vectorised loads,
-// warp-shuffle reductions), so the argmax is fused and there is one launch.
+// CUDA kernels of verify_greedy (DESIGN.md 5.4), one launch either way (see
+// accept_path.h for which runs):
+//  - walk: one block per batch row walks the tree, computing the argmax of only
+//    the rows it visits (vectorised loads, warp-shuffle reductions);
+//  - parallel: one block per (row, node) computes that node's argmax into a
+//    scratch array; the last block of a row to finish walks the row with them.
 // Illegal parents or token ids are flagged, never dereferenced out of bounds:
 // the walk only compares them, and node indices only grow.
 #include <ATen/Dispatch.h>
@@ -14,6 +17,7 @@
 #include <algorithm>
 
 #include "jakiro/accept_checks.h"
+#include "jakiro/accept_path.h"
 #include "jakiro/block_ops.cuh"
 
 namespace jakiro {
@@ -24,7 +28,7 @@ constexpr int64_t kMaxGridX = 2147483647;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    verify_greedy_kernel(const T* __restrict__ logits, const int64_t* __restrict__ tokens,
+    verify_greedy_walk_kernel(const T* __restrict__ logits, const int64_t* __restrict__ tokens,
                          const int32_t* __restrict__ parents, int64_t n, int64_t vocab,
                          int32_t* __restrict__ accept_len, int32_t* __restrict__ path,
                          int64_t* __restrict__ next_token, int32_t* __restrict__ error) {
@@ -36,6 +40,37 @@ __global__ void __launch_bounds__(kThreads)
   block_check_tree(par, tok, n, vocab, error);
   int64_t len = 0;
   const int64_t bonus = block_greedy_walk(logits + b * n * vocab, par, tok, n, vocab, path_b, len, scratch);
+  block_finish_path(path_b, n, len);
+  if (threadIdx.x == 0) {
+    accept_len[b] = static_cast<int32_t>(len);
+    next_token[b] = bonus;
+  }
+}
+
+// Block (b * n + node) computes the argmax of row (b, node) into argmax[b, node];
+// the last of row b's n blocks to finish walks row b (arrivals[b] counts them).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    verify_greedy_parallel_kernel(const T* __restrict__ logits, const int64_t* __restrict__ tokens,
+                                  const int32_t* __restrict__ parents, int64_t n, int64_t vocab,
+                                  int64_t* argmax, int32_t* arrivals, int32_t* __restrict__ accept_len,
+                                  int32_t* __restrict__ path, int64_t* __restrict__ next_token,
+                                  int32_t* __restrict__ error) {
+  __shared__ BlockScratch scratch;
+  __shared__ int32_t is_last;
+  const int64_t b = blockIdx.x / n, node = blockIdx.x % n;
+  const int64_t node_argmax = block_row_argmax(logits + (b * n + node) * vocab, vocab, scratch);
+  if (threadIdx.x == 0) argmax[b * n + node] = node_argmax;
+  if (!block_arrive_last(arrivals + b, n, &is_last)) return;  // uniform over the block
+
+  const int32_t* par = parents + b * n;
+  const int64_t* tok = tokens + b * n;
+  int32_t* path_b = path + b * n;
+  const long long* argmax_b = reinterpret_cast<const long long*>(argmax + b * n);
+  block_check_tree(par, tok, n, vocab, error);
+  int64_t len = 0;
+  const int64_t bonus = block_greedy_walk(
+      [&](int64_t i) { return static_cast<int64_t>(__ldcg(argmax_b + i)); }, par, tok, n, path_b, len, scratch);
   block_finish_path(path_b, n, len);
   if (threadIdx.x == 0) {
     accept_len[b] = static_cast<int32_t>(len);
@@ -58,18 +93,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
   at::Tensor next_token = at::empty({batch}, tokens.options());
   if (batch == 0) return {accept_len, path, next_token};
   JAKIRO_CHECK(batch <= kMaxGridX, op, "batch size ", batch, " is too large");
-  at::Tensor error = at::zeros({1}, parents.options());
+  const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const AcceptPath route = choose_accept_path(batch, n, sm_count, kGreedyParallelBlocksPerSm);
+  // flags[0]: the error flags; flags[1 + b]: the parallel path's arrival count of row b.
+  at::Tensor flags = at::zeros({route == AcceptPath::kParallel ? 1 + batch : 1}, parents.options());
+  int32_t* error = flags.mutable_data_ptr<int32_t>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    verify_greedy_kernel<scalar_t><<<static_cast<unsigned>(batch), kThreads, 0,
-                                     at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(),
-        parents.const_data_ptr<int32_t>(), n, vocab, accept_len.mutable_data_ptr<int32_t>(),
-        path.mutable_data_ptr<int32_t>(), next_token.mutable_data_ptr<int64_t>(),
-        error.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (route == AcceptPath::kParallel) {
+      at::Tensor argmax = at::empty({batch, n}, tokens.options());
+      verify_greedy_parallel_kernel<scalar_t><<<static_cast<unsigned>(batch * n), kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(),
+          parents.const_data_ptr<int32_t>(), n, vocab, argmax.mutable_data_ptr<int64_t>(), error + 1,
+          accept_len.mutable_data_ptr<int32_t>(), path.mutable_data_ptr<int32_t>(),
+          next_token.mutable_data_ptr<int64_t>(), error);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      verify_greedy_walk_kernel<scalar_t><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(),
+          parents.const_data_ptr<int32_t>(), n, vocab, accept_len.mutable_data_ptr<int32_t>(),
+          path.mutable_data_ptr<int32_t>(), next_token.mutable_data_ptr<int64_t>(), error);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (validate && !capturing && error.item<int32_t>() != 0) {
+  if (validate && !capturing && flags[0].item<int32_t>() != 0) {
     check_parents_values(parents.cpu(), op);
     check_token_values(tokens.cpu(), vocab, op);
     TORCH_CHECK(false, op, ": the CUDA kernel flagged an input error that the CPU checks did not find");

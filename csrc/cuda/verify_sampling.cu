@@ -1,12 +1,17 @@
-// CUDA kernel of verify_sampling (DESIGN.md 5.5); the arithmetic is defined in
-// include/jakiro/accept.h and mirrored by the CPU kernel. One block per batch
-// row walks its tree. At each visited node the block makes passes over the
-// logits row (never storing probabilities): max/argmax; the top-k and top-p
-// thresholds by a radix descent over the order key of s (four 8-bit rounds,
-// histograms in shared memory); the surviving mass Z. The children are then
-// tried in index order; when none is accepted, the next token is drawn by an
-// inverse CDF in token order (per-thread segment sums, a block scan, then one
-// thread walks the segment that holds the target).
+// CUDA kernels of verify_sampling (DESIGN.md 5.5); the arithmetic is defined in
+// include/jakiro/accept.h and mirrored by the CPU kernel. A node's statistics
+// take passes over its logits row (never storing probabilities): max/argmax;
+// the top-k and top-p thresholds by a radix descent over the order key of s
+// (four 8-bit rounds, histograms in shared memory); the surviving mass Z.
+// Two kernels, one launch either way (accept_path.h picks):
+//  - walk: one block per batch row walks its tree, computing the statistics of
+//    each node it visits;
+//  - parallel: one block per (row, node) computes that node's statistics into a
+//    scratch array; the last block of a row to finish walks the row with them.
+// Both call the same block_node_stats, so they make identical decisions. At
+// each node the walk tries the children in index order; when none is accepted,
+// the next token is drawn by an inverse CDF in token order (per-thread segment
+// sums, a block scan, then one thread walks the segment that holds the target).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
@@ -18,6 +23,7 @@
 #include <algorithm>
 
 #include "jakiro/accept_checks.h"
+#include "jakiro/accept_path.h"
 #include "jakiro/block_ops.cuh"
 
 namespace jakiro {
@@ -83,7 +89,11 @@ struct DigitCache {
 };
 
 // Smallest key k with measure(eligible keys > k) < limit (see accept.h).
-template <typename T, typename Measure, typename Weight>
+// kScaledLimit (top-p): the limit is `limit` times the eligible mass, which round
+// 0 sums on the way. Those are the same terms in the same order as
+// block_kept_mass's with threshold eligible_from (which adds only zeros
+// besides), so the sum is the same double; fusing it saves a pass.
+template <typename T, typename Measure, bool kScaledLimit = false, typename Weight>
 __device__ uint32_t block_descend(const NodeDist<T>& dist, int64_t vocab, uint32_t eligible_from,
                                   Measure limit, Measure* hist, Measure* above_shared,
                                   SamplingShared& sh, Weight weight) {
@@ -94,15 +104,21 @@ __device__ uint32_t block_descend(const NodeDist<T>& dist, int64_t vocab, uint32
     for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) hist[d] = Measure(0);
     __syncthreads();
     DigitCache<Measure> cache;
+    double local_mass = 0.0;  // kScaledLimit, round 0 only
     for_each_in_row(dist.row, vocab, [&](int64_t, float logit) {
       const float s = dist.s_of(logit);
       const uint32_t key = NodeDist<T>::key_of(s);
       if (key < eligible_from) return;
       if (round > 0 && (key >> (shift + kRadixBits)) != (prefix >> (shift + kRadixBits))) return;
-      cache.add(static_cast<int>((key >> shift) & (kRadixBuckets - 1)), weight(s), hist);
+      const Measure w = weight(s);
+      if (kScaledLimit && round == 0) local_mass += w;
+      cache.add(static_cast<int>((key >> shift) & (kRadixBuckets - 1)), w, hist);
     });
     cache.flush(hist);
     __syncthreads();
+    if (kScaledLimit && round == 0) {  // uniform branch: block_sum has barriers
+      limit = limit * block_sum(local_mass, sh.scratch);
+    }
     if (threadIdx.x == 0) {
       Measure above = *above_shared;
       const int digit = pick_radix_digit(hist, above, limit);
@@ -184,12 +200,63 @@ __device__ __forceinline__ bool bit_is_set(const uint32_t* bits, int64_t x) {
   return (bits[x / 32] >> (x % 32)) & 1u;
 }
 
+// What the walk needs of one node's target distribution (see NodeDist).
+struct NodeStats {
+  float max_z;
+  uint32_t threshold;
+  double z;
+  int64_t argmax;
+};
+
+// ld.global.cg loads of statistics written by other blocks of this launch.
+__device__ __forceinline__ NodeStats load_stats_cg(const NodeStats* p) {
+  NodeStats st;
+  st.max_z = __ldcg(&p->max_z);
+  st.threshold = __ldcg(&p->threshold);
+  st.z = __ldcg(&p->z);
+  st.argmax = static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(&p->argmax)));
+  return st;
+}
+
+// The statistics of one node's row, identical in every thread. With
+// sampling = false (temperature 0 or flagged settings) only the argmax is needed.
 template <typename T>
-__device__ int64_t block_sampling_walk(const T* logits_b, const float* q_b, const float* unif,
+__device__ NodeStats block_node_stats(const T* row, int64_t vocab, bool sampling, float temperature,
+                                      float top_p, int32_t top_k, SamplingShared& sh) {
+  NodeDist<T> dist;
+  dist.row = row;
+  dist.temperature = temperature;
+  NodeStats st;
+  st.argmax = block_row_argmax(row, vocab, sh.scratch, &dist.max_z);
+  st.max_z = dist.max_z;
+  st.threshold = 0;
+  st.z = 0.0;
+  if (!sampling) return st;
+  dist.threshold = 0;
+  if (top_k > 0 && top_k < vocab) {
+    dist.threshold = block_descend<T, int32_t>(dist, vocab, 0u, top_k, sh.hist_count, &sh.above_count, sh,
+                                               [](float) { return int32_t{1}; });
+  }
+  if (top_p < 1.0f) {
+    // limit = top_p * Z_k, with Z_k (the mass after top-k) summed by the descent's first round.
+    dist.threshold = block_descend<T, double, true>(dist, vocab, dist.threshold, static_cast<double>(top_p),
+                                                    sh.hist_mass, &sh.above_mass, sh,
+                                                    [](float s) { return static_cast<double>(expf(s)); });
+  }
+  dist.z = block_kept_mass(dist, vocab, sh.scratch);
+  st.threshold = dist.threshold;
+  st.z = dist.z;
+  return st;
+}
+
+// The sampling walk of one row; stats_of(node) gives a node's NodeStats
+// (computed on the spot, or read from precomputed statistics), identical in
+// every thread.
+template <typename T, typename StatsOf>
+__device__ int64_t block_sampling_walk(StatsOf&& stats_of, const T* logits_b, const float* q_b, const float* unif,
                                        const int32_t* par, const int64_t* tok, int64_t n, int64_t vocab,
-                                       float temperature, float top_p, int32_t top_k, int32_t* path,
-                                       int64_t& len, int32_t* children, uint32_t* rejected,
-                                       SamplingShared& sh) {
+                                       float temperature, int32_t* path, int64_t& len, int32_t* children,
+                                       uint32_t* rejected, SamplingShared& sh) {
   const bool point_drafts = q_b == nullptr;
   if (point_drafts) {
     for (int64_t w = threadIdx.x; w < (vocab + 31) / 32; w += blockDim.x) rejected[w] = 0;
@@ -198,23 +265,14 @@ __device__ int64_t block_sampling_walk(const T* logits_b, const float* q_b, cons
   int64_t node = 0;
   len = 0;
   while (true) {
+    const NodeStats st = stats_of(node);
     NodeDist<T> dist;
     dist.row = logits_b + node * vocab;
     dist.temperature = temperature;
-    const int64_t argmax = block_row_argmax(dist.row, vocab, sh.scratch, &dist.max_z);
-    dist.threshold = 0;
-    if (top_k > 0 && top_k < vocab) {
-      dist.threshold = block_descend<T, int32_t>(dist, vocab, 0u, top_k, sh.hist_count, &sh.above_count,
-                                                 sh, [](float) { return int32_t{1}; });
-    }
-    dist.z = block_kept_mass(dist, vocab, sh.scratch);
-    if (top_p < 1.0f) {
-      const double limit = static_cast<double>(top_p) * dist.z;
-      dist.threshold = block_descend<T, double>(dist, vocab, dist.threshold, limit, sh.hist_mass,
-                                                &sh.above_mass, sh,
-                                                [](float s) { return static_cast<double>(expf(s)); });
-      dist.z = block_kept_mass(dist, vocab, sh.scratch);
-    }
+    dist.max_z = st.max_z;
+    dist.threshold = st.threshold;
+    dist.z = st.z;
+    const int64_t argmax = st.argmax;
     const int32_t count = block_collect_children(par, n, node, children, sh.scratch);
 
     int64_t accepted = -1, token = -1;
@@ -288,42 +346,104 @@ __device__ int64_t block_sampling_walk(const T* logits_b, const float* q_b, cons
   }
 }
 
+// The kernels' arguments (one struct, so the two kernels cannot disagree).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    verify_sampling_kernel(const T* __restrict__ logits, const int64_t* __restrict__ tokens,
-                           const int32_t* __restrict__ parents, const float* __restrict__ uniforms,
-                           const float* __restrict__ temperature, const float* __restrict__ top_p,
-                           const int32_t* __restrict__ top_k, const float* __restrict__ draft_probs,
-                           int64_t n, int64_t vocab, int32_t* __restrict__ accept_len,
-                           int32_t* __restrict__ path, int64_t* __restrict__ next_token,
-                           int32_t* __restrict__ error) {
-  extern __shared__ uint32_t dynamic_smem[];
-  __shared__ SamplingShared sh;
-  int32_t* children = reinterpret_cast<int32_t*>(dynamic_smem);  // [n]
-  uint32_t* rejected = dynamic_smem + n;                          // [ceil(V / 32)], point drafts only
-  const int64_t b = blockIdx.x;
-  const int32_t* par = parents + b * n;
-  const int64_t* tok = tokens + b * n;
-  int32_t* path_b = path + b * n;
-  block_check_tree(par, tok, n, vocab, error);
-  const float temp = temperature[b], tp = top_p[b];
-  const int32_t tk = top_k[b];
+struct SamplingArgs {
+  const T* logits;
+  const int64_t* tokens;
+  const int32_t* parents;
+  const float* uniforms;
+  const float* temperature;
+  const float* top_p;
+  const int32_t* top_k;
+  const float* draft_probs;  // nullptr: point drafts
+  int64_t n, vocab;
+  int32_t* accept_len;
+  int32_t* path;
+  int64_t* next_token;
+  int32_t* error;
+  NodeStats* stats;    // parallel path: [B, N] scratch
+  int32_t* arrivals;   // parallel path: [B] zeroed counters
+};
+
+// Whether a row with these settings samples (temperature > 0, legal settings).
+__device__ __forceinline__ bool row_samples(float temp, float tp, int32_t tk) {
+  return isfinite(temp) && temp > 0.0f && tp > 0.0f && tp <= 1.0f && tk >= 0;
+}
+
+// Walks row b (all threads of the block); stats_of(node) gives a node's statistics.
+template <typename T, typename StatsOf>
+__device__ void block_verify_row(const SamplingArgs<T>& a, int64_t b, StatsOf&& stats_of, int32_t* children,
+                                 uint32_t* rejected, SamplingShared& sh) {
+  const int64_t n = a.n, vocab = a.vocab;
+  const int32_t* par = a.parents + b * n;
+  const int64_t* tok = a.tokens + b * n;
+  int32_t* path_b = a.path + b * n;
+  block_check_tree(par, tok, n, vocab, a.error);
+  const float temp = a.temperature[b], tp = a.top_p[b];
+  const int32_t tk = a.top_k[b];
   const bool settings_ok = isfinite(temp) && temp >= 0.0f && tp > 0.0f && tp <= 1.0f && tk >= 0;
-  if (threadIdx.x == 0 && !settings_ok) atomicOr(error, kBadSampling);
-  const T* logits_b = logits + b * n * vocab;
+  if (threadIdx.x == 0 && !settings_ok) atomicOr(a.error, kBadSampling);
+  const T* logits_b = a.logits + b * n * vocab;
   int64_t len = 0, token;
-  if (temp > 0.0f && settings_ok) {
-    token = block_sampling_walk(logits_b, draft_probs ? draft_probs + b * n * vocab : nullptr,
-                                uniforms + b * n * 2, par, tok, n, vocab, temp, tp, tk, path_b, len,
-                                children, rejected, sh);
+  if (row_samples(temp, tp, tk)) {
+    token = block_sampling_walk(stats_of, logits_b, a.draft_probs ? a.draft_probs + b * n * vocab : nullptr,
+                                a.uniforms + b * n * 2, par, tok, n, vocab, temp, path_b, len, children,
+                                rejected, sh);
   } else {  // temperature 0: greedy (also the memory-safe path for flagged settings)
-    token = block_greedy_walk(logits_b, par, tok, n, vocab, path_b, len, sh.scratch);
+    token = block_greedy_walk([&](int64_t node) { return stats_of(node).argmax; }, par, tok, n, path_b, len,
+                              sh.scratch);
   }
   block_finish_path(path_b, n, len);
   if (threadIdx.x == 0) {
-    accept_len[b] = static_cast<int32_t>(len);
-    next_token[b] = token;
+    a.accept_len[b] = static_cast<int32_t>(len);
+    a.next_token[b] = token;
   }
+}
+
+// Dynamic shared memory of both kernels: children [n], then the bitmap of
+// rejected tokens [ceil(V / 32)] (point drafts only).
+template <typename T>
+__device__ __forceinline__ uint32_t* rejected_bitmap(uint32_t* smem, const SamplingArgs<T>& a) {
+  return smem + a.n;
+}
+
+// Walk path: block b walks row b, computing each visited node's statistics.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) verify_sampling_walk_kernel(const SamplingArgs<T> a) {
+  extern __shared__ uint32_t dynamic_smem[];
+  __shared__ SamplingShared sh;
+  const int64_t b = blockIdx.x;
+  const float temp = a.temperature[b], tp = a.top_p[b];
+  const int32_t tk = a.top_k[b];
+  const bool sampling = row_samples(temp, tp, tk);
+  const T* logits_b = a.logits + b * a.n * a.vocab;
+  block_verify_row(
+      a, b,
+      [&](int64_t node) {
+        return block_node_stats(logits_b + node * a.vocab, a.vocab, sampling, temp, tp, tk, sh);
+      },
+      reinterpret_cast<int32_t*>(dynamic_smem), rejected_bitmap(dynamic_smem, a), sh);
+}
+
+// Parallel path: block (b * n + node) computes the statistics of row (b, node);
+// the last of row b's n blocks to finish walks row b with them.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) verify_sampling_parallel_kernel(const SamplingArgs<T> a) {
+  extern __shared__ uint32_t dynamic_smem[];
+  __shared__ SamplingShared sh;
+  __shared__ int32_t is_last;
+  const int64_t b = blockIdx.x / a.n, node = blockIdx.x % a.n;
+  const float temp = a.temperature[b], tp = a.top_p[b];
+  const int32_t tk = a.top_k[b];
+  const NodeStats st = block_node_stats(a.logits + (b * a.n + node) * a.vocab, a.vocab,
+                                        row_samples(temp, tp, tk), temp, tp, tk, sh);
+  if (threadIdx.x == 0) a.stats[b * a.n + node] = st;
+  if (!block_arrive_last(a.arrivals + b, a.n, &is_last)) return;  // uniform over the block
+  const NodeStats* stats_b = a.stats + b * a.n;
+  block_verify_row(
+      a, b, [&](int64_t i) { return load_stats_cg(stats_b + i); }, reinterpret_cast<int32_t*>(dynamic_smem),
+      rejected_bitmap(dynamic_smem, a), sh);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
@@ -346,25 +466,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   at::Tensor next_token = at::empty({batch}, tokens.options());
   if (batch == 0) return {accept_len, path, next_token};
   JAKIRO_CHECK(batch <= 2147483647, op, "batch size ", batch, " is too large");
-  at::Tensor error = at::zeros({1}, parents.options());
+  const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const AcceptPath route = choose_accept_path(batch, n, sm_count, kSamplingParallelBlocksPerSm);
+  const bool parallel = route == AcceptPath::kParallel;
+  // flags[0]: the error flags; flags[1 + b]: the parallel path's arrival count of row b.
+  at::Tensor flags = at::zeros({parallel ? 1 + batch : 1}, parents.options());
+  // The parallel path's NodeStats [B, N], as raw bytes (the allocator aligns to 512).
+  at::Tensor stats = at::empty({parallel ? batch * n * static_cast<int64_t>(sizeof(NodeStats)) : 0},
+                               parents.options().dtype(at::kByte));
   const size_t smem = sizeof(int32_t) * n + (draft_probs.defined() ? 0 : sizeof(uint32_t) * ((vocab + 31) / 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    const auto kernel = verify_sampling_kernel<scalar_t>;
+    SamplingArgs<scalar_t> args;
+    args.logits = logits.const_data_ptr<scalar_t>();
+    args.tokens = tokens.const_data_ptr<int64_t>();
+    args.parents = parents.const_data_ptr<int32_t>();
+    args.uniforms = uniforms.const_data_ptr<float>();
+    args.temperature = temperature.const_data_ptr<float>();
+    args.top_p = top_p.const_data_ptr<float>();
+    args.top_k = top_k.const_data_ptr<int32_t>();
+    args.draft_probs = draft_probs.defined() ? draft_probs.const_data_ptr<float>() : nullptr;
+    args.n = n;
+    args.vocab = vocab;
+    args.accept_len = accept_len.mutable_data_ptr<int32_t>();
+    args.path = path.mutable_data_ptr<int32_t>();
+    args.next_token = next_token.mutable_data_ptr<int64_t>();
+    args.error = flags.mutable_data_ptr<int32_t>();
+    args.stats = parallel ? reinterpret_cast<NodeStats*>(stats.mutable_data_ptr<uint8_t>()) : nullptr;
+    args.arrivals = parallel ? args.error + 1 : nullptr;
+    const auto kernel = parallel ? verify_sampling_parallel_kernel<scalar_t> : verify_sampling_walk_kernel<scalar_t>;
     if (smem > kDefaultDynamicSmem) {  // large trees and vocabularies need the opt-in
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     }
-    kernel<<<static_cast<unsigned>(batch), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(),
-        parents.const_data_ptr<int32_t>(), uniforms.const_data_ptr<float>(),
-        temperature.const_data_ptr<float>(), top_p.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
-        draft_probs.defined() ? draft_probs.const_data_ptr<float>() : nullptr, n, vocab,
-        accept_len.mutable_data_ptr<int32_t>(), path.mutable_data_ptr<int32_t>(),
-        next_token.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<int32_t>());
+    const int64_t blocks = parallel ? batch * n : batch;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (validate && !capturing && error.item<int32_t>() != 0) {
+  if (validate && !capturing && flags[0].item<int32_t>() != 0) {
     check_parents_values(parents.cpu(), op);
     check_token_values(tokens.cpu(), vocab, op);
     check_sampling_values(temperature.cpu(), top_p.cpu(), top_k.cpu(), op);

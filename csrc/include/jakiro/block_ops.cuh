@@ -173,20 +173,47 @@ __device__ __forceinline__ int64_t block_find_child(const int32_t* par, const in
 }
 
 // Greedy walk of one row (DESIGN.md 5.4): thread 0 writes path[1..accept_len];
-// the caller fills the rest. Returns the bonus token; sets `len`.
-template <typename T>
-__device__ int64_t block_greedy_walk(const T* logits_b, const int32_t* par, const int64_t* tok, int64_t n,
-                                     int64_t vocab, int32_t* path, int64_t& len, BlockScratch& s) {
+// the caller fills the rest. argmax_of(node) gives the argmax of a node's row
+// (computed on the spot, or read from precomputed statistics), identical in
+// every thread. Returns the bonus token; sets `len`.
+template <typename ArgmaxOf>
+__device__ int64_t block_greedy_walk(ArgmaxOf&& argmax_of, const int32_t* par, const int64_t* tok, int64_t n,
+                                     int32_t* path, int64_t& len, BlockScratch& s) {
   int64_t node = 0;
   len = 0;
   while (true) {
-    const int64_t t = block_row_argmax(logits_b + node * vocab, vocab, s);
+    const int64_t t = argmax_of(node);
     const int64_t child = block_find_child(par, tok, n, node, t, s);
     if (child < 0) return t;
     ++len;
     if (threadIdx.x == 0) path[len] = static_cast<int32_t>(child);
     node = child;
   }
+}
+
+// The greedy walk that computes the argmax of each visited row itself.
+template <typename T>
+__device__ int64_t block_greedy_walk(const T* logits_b, const int32_t* par, const int64_t* tok, int64_t n,
+                                     int64_t vocab, int32_t* path, int64_t& len, BlockScratch& s) {
+  return block_greedy_walk([&](int64_t node) { return block_row_argmax(logits_b + node * vocab, vocab, s); },
+                           par, tok, n, path, len, s);
+}
+
+// "Last block done": every block of a group calls this once after writing its
+// results to global memory; it returns true (in every thread) in exactly one
+// block, the last to arrive, which may then read all the group's results
+// (with ld.global.cg loads, past the non-coherent L1). `arrivals` must be 0
+// before the launch (the host zeroes it per call, so CUDA-graph replays work).
+__device__ __forceinline__ bool block_arrive_last(int32_t* arrivals, int64_t group_size, int32_t* flag_shared) {
+  __threadfence();  // this thread's results are visible device-wide before the arrival
+  __syncthreads();  // ... for every thread of the block
+  if (threadIdx.x == 0) {
+    const bool last = atomicAdd(arrivals, 1) == static_cast<int32_t>(group_size - 1);
+    if (last) __threadfence();  // order the reads of the others' results after the count
+    *flag_shared = last ? 1 : 0;
+  }
+  __syncthreads();
+  return *flag_shared != 0;
 }
 
 // Flags illegal parents or token ids of one row (memory-safe either way).

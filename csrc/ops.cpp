@@ -8,4 +8,11 @@ TORCH_LIBRARY(jakiro, m) {
   // validate=False skips the CUDA kernel's one host read of its error flag
   // (inputs are still never read out of bounds); CPU always validates.
   m.def("build_tree_mask(Tensor parents, bool validate=True) -> (Tensor tree_mask, Tensor depth)");
+  // Greedy tree acceptance with the argmax over V fused in. validate as above
+  // (CUDA reads an error flag back; CPU always validates).
+  m.def("verify_greedy(Tensor tokens, Tensor parents, Tensor logits, bool validate=True) -> (Tensor accept_len, Tensor path, Tensor next_token)");
+  // Exact tree rejection sampling with temperature/top-k/top-p applied in the kernel.
+  m.def("verify_sampling(Tensor tokens, Tensor parents, Tensor logits, Tensor uniforms, Tensor temperature, Tensor top_p, Tensor top_k, Tensor? draft_probs=None, bool validate=True) -> (Tensor accept_len, Tensor path, Tensor next_token)");
+  // Moves the accepted KV rows of every layer down to prefix_len + j, in place.
+  m.def("compact_kv(Tensor(a!) kv, Tensor prefix_len, Tensor path, Tensor accept_len, bool validate=True) -> ()");
 }

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_tree_mask", "tree_mask_words"]
+__all__ = ["build_tree_mask", "compact_kv", "tree_mask_words", "verify_greedy", "verify_sampling"]
+
+MAX_VOCAB = 262144  # csrc/include/jakiro/accept.h kMaxVocab
 
 
 def tree_mask_words(num_nodes):
@@ -47,3 +49,164 @@ def _build_tree_mask_fake(parents, validate=True):
     mask = parents.new_empty((batch, n, tree_mask_words(n)))
     depth = parents.new_empty((batch, n))
     return mask, depth
+
+
+def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
+                  validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy acceptance of a batch of draft trees (DESIGN.md §5.4), argmax fused in.
+
+    Walks each tree from the root: at node ``u`` let ``t = argmax(logits[b, u])``
+    (ties: the lowest index wins, as ``torch.argmax``; NaN counts as the maximum);
+    if a child ``c`` of ``u`` has ``tokens[b, c] == t`` (the lowest-index such child
+    wins) accept it and continue from ``c``, else stop. One kernel launch, no host
+    synchronisation when ``validate=False``.
+
+    Args:
+        tokens: int64 ``[B, N]``, the token of every node (node 0 = the root, not checked
+            against the logits); every id must be in ``[0, V)``.
+        parents: int32 ``[B, N]`` in the DESIGN.md §4 format, ``1 <= N <= 4096``.
+        logits: float32, float16 or bfloat16 ``[B, N, V]``, ``1 <= V <= 262144``;
+            ``logits[b, i]`` is the target's prediction after node ``i``. Any strides
+            (a non-contiguous tensor is copied).
+        validate: check parents and token ids. On CUDA this reads an error flag back
+            (one host synchronisation); pass ``False`` in a decoding loop whose trees are
+            legal by construction: the kernel never reads out of bounds, but illegal input
+            then gives unspecified outputs. The CPU kernel always validates.
+
+    Returns:
+        ``(accept_len, path, next_token)``: int32 ``[B]`` accepted draft tokens; int32
+        ``[B, N]`` accepted node indices root first (``path[b, 0] == 0``), ``-1`` after
+        ``path[b, accept_len[b]]``; int64 ``[B]`` the argmax at the last accepted node
+        (the correction or bonus token).
+
+    Raises:
+        ValueError: naming the argument, for a wrong dtype, rank, size or device, an
+        illegal parent or an out-of-range token id.
+    """
+    return torch.ops.jakiro.verify_greedy(tokens, parents, logits, validate)
+
+
+def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
+                    temperature: torch.Tensor | float = 1.0, top_p: torch.Tensor | float = 1.0,
+                    top_k: torch.Tensor | int = 0, draft_probs: torch.Tensor | None = None,
+                    uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    seed: int | None = None,
+                    validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact tree rejection sampling (DESIGN.md §5.5): the emitted tokens are distributed
+    exactly as plain sampling from the target with the same temperature/top-k/top-p.
+
+    The target distribution at node ``u`` is computed inside the kernel from
+    ``logits[b, u]`` (no ``[B, N, V]`` probability tensor is made), in this order and
+    arithmetic (``csrc/include/jakiro/accept.h``): ``s = (z - max z) / temperature`` (fp32),
+    ``w = exp(s)`` (fp32); top-k keeps ``x`` iff fewer than ``top_k`` tokens have a larger
+    ``s`` (ties at the k-th value are all kept, as Hugging Face's ``TopKLogitsWarper``);
+    then top-p keeps ``x`` iff the surviving tokens with a larger ``s`` hold less than
+    ``top_p`` of the surviving mass (ties at the boundary are all kept; otherwise the same
+    set as ``TopPLogitsWarper``); ``p = w / sum(w)`` over the survivors. Sums are float64.
+
+    Draft modes:
+        * ``draft_probs=None`` (deterministic drafts, e.g. EAGLE-2 top-k trees): at ``u``
+          the children are tried in index order, a token already tried is skipped; child
+          ``c`` with token ``x`` is accepted iff ``uniforms[b, c, 0] * (Z - R) < w(x)``
+          (``R`` = mass of the rejected tokens, which leave ``p``).
+        * ``draft_probs`` given (children of ``u`` drawn i.i.d. from
+          ``q = draft_probs[b, u]``): accept iff ``uniforms[b, c, 0] * q(x) < p_c(x)``
+          (probability ``min(1, p_c/q)``); on rejection ``p_c <- normalise(max(p_c - q, 0))``.
+        * If no child is accepted the next token is drawn from what is left of ``p`` with
+          ``uniforms[b, u, 1]`` (inverse CDF in token order: the first token whose running
+          weight exceeds ``u * total``). At a fully accepted leaf it is drawn from the full
+          filtered ``p`` at that leaf (not the unfiltered softmax, the authors' defect).
+
+    Kernels and ``jakiro.reference.verify_sampling`` make the same decisions for the same
+    uniforms, except when a uniform lies within about 1e-7 (relative) of a decision
+    boundary, where the order of float sums can tip it.
+
+    Args:
+        tokens, parents: as in :func:`verify_greedy`.
+        logits: float32/float16/bfloat16 ``[B, N, V]``, ``1 <= V <= 262144``; each visited
+            row must have a finite maximum (``-inf`` entries are fine: probability 0).
+        temperature: float32 ``[B]`` or a float, finite and ``>= 0``. ``0`` means greedy:
+            that row is decided exactly as :func:`verify_greedy` (uniforms, top-k, top-p
+            and draft_probs are ignored for it).
+        top_p: float32 ``[B]`` or a float in ``(0, 1]``; 1 disables top-p.
+        top_k: int32 ``[B]`` or an int ``>= 0``; 0 (or ``>= V``) disables top-k.
+        draft_probs: float32 ``[B, N, V]`` or None, see the draft modes. Rows are used as
+            given (they should sum to 1).
+        uniforms: float32 ``[B, N, 2]`` in ``[0, 1)``; drawn with ``torch.rand`` on the
+            logits' device from ``generator`` (or a fresh one seeded with ``seed``) when None.
+        validate: as in :func:`verify_greedy`; also checks temperature, top_p and top_k.
+
+    Returns:
+        ``(accept_len, path, next_token)`` as in :func:`verify_greedy`.
+
+    Raises:
+        ValueError: naming the argument, for a wrong dtype, rank, size or device, an illegal
+        parent, an out-of-range token id or sampling setting.
+    """
+    batch, n = parents.shape[0], parents.shape[1]
+    device = logits.device
+    temperature = _per_row(temperature, batch, torch.float32, device)
+    top_p = _per_row(top_p, batch, torch.float32, device)
+    top_k = _per_row(top_k, batch, torch.int32, device)
+    if uniforms is None:
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        uniforms = torch.rand((batch, n, 2), generator=generator, device=device, dtype=torch.float32)
+    return torch.ops.jakiro.verify_sampling(tokens, parents, logits, uniforms, temperature, top_p,
+                                            top_k, draft_probs, validate)
+
+
+def _per_row(value, batch, dtype, device):
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor,
+               validate: bool = True) -> None:
+    """Moves the accepted tree rows of a KV cache into place, in place (DESIGN.md §5.6).
+
+    For every layer, key/value, batch row ``b`` and head, and for ``j = 0 .. accept_len[b]``
+    in increasing order, cache row ``prefix_len[b] + path[b, j]`` is copied to
+    ``prefix_len[b] + j``. Rows after ``prefix_len[b] + accept_len[b]`` are untouched. All
+    layers in one launch; overlapping moves are handled (each (head, element) column is
+    moved by one thread in increasing ``j``, which is exactly the sequential definition).
+
+    Args:
+        kv: ``[L, 2, B, Hkv, S, D]`` of any dtype, contiguous in ``D`` (other strides free),
+            modified in place.
+        prefix_len: int32 ``[B]``, where each row's tree starts in the cache.
+        path: int32 ``[B, N]`` as returned by :func:`verify_greedy` / :func:`verify_sampling`.
+        accept_len: int32 ``[B]``, ``0 <= accept_len < N``.
+        validate: check that every move stays inside the cache. On CUDA this reads an error
+            flag back (one host synchronisation); with ``False`` illegal moves are skipped
+            silently (never out of bounds). The CPU kernel always validates.
+
+    Raises:
+        ValueError: naming the argument, for a wrong dtype, rank, size or device, or a move
+        outside ``[0, S)``.
+    """
+    torch.ops.jakiro.compact_kv(kv, prefix_len, path, accept_len, validate)
+
+
+def _verify_outputs_fake(tokens, parents, logits):
+    torch._check(parents.dim() == 2, lambda: f"parents must have shape [B, N], got {tuple(parents.shape)}")
+    batch, n = parents.shape
+    return (parents.new_empty((batch,)), parents.new_empty((batch, n)),
+            parents.new_empty((batch,), dtype=torch.int64))
+
+
+@torch.library.register_fake("jakiro::verify_greedy")
+def _verify_greedy_fake(tokens, parents, logits, validate=True):
+    return _verify_outputs_fake(tokens, parents, logits)
+
+
+@torch.library.register_fake("jakiro::verify_sampling")
+def _verify_sampling_fake(tokens, parents, logits, uniforms, temperature, top_p, top_k, draft_probs=None,
+                          validate=True):
+    return _verify_outputs_fake(tokens, parents, logits)
+
+
+@torch.library.register_fake("jakiro::compact_kv")
+def _compact_kv_fake(kv, prefix_len, path, accept_len, validate=True):
+    return None

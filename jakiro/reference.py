@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_tree_mask"]
+__all__ = ["build_tree_mask", "compact_kv", "filtered_distribution", "verify_greedy", "verify_sampling"]
 
 
 def build_tree_mask(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,3 +55,150 @@ def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
     bits = torch.arange(32, device=mask.device, dtype=torch.int32)
     dense = (mask.unsqueeze(-1) >> bits) & 1
     return dense.flatten(-2)[..., :n].bool()
+
+
+# ---------------------------------------------------------------------------
+# Tree acceptance (DESIGN.md §5.4-5.6). The walks are plain Python loops over
+# the batch and the tree: obvious rather than fast.
+
+
+def _children(parents_row: list[int], node: int) -> list[int]:
+    return [c for c in range(node + 1, len(parents_row)) if parents_row[c] == node]
+
+
+def _greedy_row(tokens_row, parents_row, argmax_row):
+    path, node = [0], 0
+    while True:
+        t = argmax_row[node]
+        match = [c for c in _children(parents_row, node) if tokens_row[c] == t]
+        if not match:
+            return path, t
+        node = match[0]
+        path.append(node)
+
+
+def _pack_outputs(rows, batch, n, device):
+    accept_len = torch.tensor([len(p) - 1 for p, _ in rows], dtype=torch.int32)
+    path = torch.full((batch, n), -1, dtype=torch.int32)
+    for b, (p, _) in enumerate(rows):
+        path[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+    next_token = torch.tensor([t for _, t in rows], dtype=torch.int64)
+    return accept_len.to(device), path.to(device), next_token.to(device)
+
+
+def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor):
+    """Reference of ``jakiro.ops.verify_greedy`` (no validation): torch.argmax, then a walk."""
+    batch, n = parents.shape
+    argmax = logits.float().argmax(-1).cpu().tolist()
+    tok, par = tokens.cpu().tolist(), parents.cpu().tolist()
+    rows = [_greedy_row(tok[b], par[b], argmax[b]) for b in range(batch)]
+    return _pack_outputs(rows, batch, n, logits.device)
+
+
+def filtered_distribution(logits_row: torch.Tensor, temperature: float, top_p: float, top_k: int):
+    """The target distribution of ``verify_sampling`` at one node, by sorting.
+
+    Returns ``(w, kept, z)``: float64 ``w = exp(s)`` (computed in fp32), the boolean
+    survivors of top-k then top-p, and ``z`` = the float64 sum of the survivors' ``w``.
+    ``p = where(kept, w / z, 0)``. Ties at either cut are kept (see ``ops.verify_sampling``).
+    """
+    z32 = logits_row.float().cpu()
+    vocab = z32.numel()
+    s = (z32 - z32.max()) / torch.tensor(temperature, dtype=torch.float32)
+    w = torch.exp(s).double()
+    kept = torch.ones(vocab, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        kth = torch.topk(s, top_k).values[-1]
+        kept = s >= kth  # fewer than top_k tokens have a larger s
+    if top_p < 1.0:
+        z_k = float(w[kept].sum())
+        order = torch.argsort(s, descending=True, stable=True)
+        w_sorted = torch.where(kept, w, torch.zeros_like(w))[order]
+        mass_before = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w_sorted, 0)[:-1]])
+        neg = -s[order]  # ascending
+        group_start = torch.searchsorted(neg, neg, side="left")  # first token of each tie group
+        mass_above = mass_before[group_start]  # survivors with a strictly larger s
+        keep_sorted = mass_above < float(torch.tensor(top_p, dtype=torch.float32)) * z_k
+        kept = kept & torch.zeros(vocab, dtype=torch.bool).scatter(0, order, keep_sorted)
+    z = float(w[kept].sum())
+    return w, kept, z
+
+
+def _draw(weights: torch.Tensor, target: float, fallback: int) -> int:
+    """First index whose running float64 weight exceeds target; else the last positive; else fallback."""
+    running = torch.cumsum(weights, 0)
+    over = torch.nonzero(running > target)
+    if over.numel():
+        return int(over[0])
+    positive = torch.nonzero(weights > 0)
+    return int(positive[-1]) if positive.numel() else fallback
+
+
+def _sampling_row(tok, par, logits_b, unif, temperature, top_p, top_k, draft_b):
+    path, node = [0], 0
+    while True:
+        row = logits_b[node]
+        w, kept, z = filtered_distribution(row, temperature, top_p, top_k)
+        fallback = int(row.float().argmax())
+        accepted = None
+        if draft_b is None:
+            rejected, rejected_mass = set(), 0.0
+            for c in _children(par, node):
+                x = tok[c]
+                if x in rejected:
+                    continue
+                px = float(w[x]) if bool(kept[x]) else 0.0
+                if float(unif[c][0]) * (z - rejected_mass) < px:
+                    accepted = c
+                    break
+                rejected_mass += px
+                rejected.add(x)
+            if accepted is None:
+                weights = torch.where(kept, w, torch.zeros_like(w))
+                if rejected:
+                    weights[list(rejected)] = 0.0
+                token = _draw(weights, float(unif[node][1]) * (z - rejected_mass), fallback)
+        else:
+            p = torch.where(kept, w / z, torch.zeros_like(w))
+            q = draft_b[node].double().cpu()
+            removed, residual_sum = 0.0, 1.0
+            for c in _children(par, node):
+                x = tok[c]
+                r = max(float(p[x]) - removed * float(q[x]), 0.0)
+                if float(unif[c][0]) * float(q[x]) * residual_sum < r:
+                    accepted = c
+                    break
+                removed += residual_sum
+                residual_sum = float(torch.clamp(p - removed * q, min=0.0).sum())
+            if accepted is None:
+                residual = torch.clamp(p - removed * q, min=0.0)
+                token = _draw(residual, float(unif[node][1]) * residual_sum, fallback)
+        if accepted is None:
+            return path, token
+        node = accepted
+        path.append(node)
+
+
+def verify_sampling(tokens, parents, logits, uniforms, temperature, top_p, top_k, draft_probs=None):
+    """Reference of ``jakiro.ops.verify_sampling`` (no validation; all settings are [B] tensors)."""
+    batch, n = parents.shape
+    tok, par = tokens.cpu().tolist(), parents.cpu().tolist()
+    temps, tps, tks = temperature.cpu().tolist(), top_p.cpu().tolist(), top_k.cpu().tolist()
+    unif = uniforms.cpu().tolist()
+    rows = []
+    for b in range(batch):
+        if temps[b] == 0.0:
+            rows.append(_greedy_row(tok[b], par[b], logits[b].float().argmax(-1).cpu().tolist()))
+            continue
+        draft_b = None if draft_probs is None else draft_probs[b]
+        rows.append(_sampling_row(tok[b], par[b], logits[b], unif[b], temps[b], tps[b], tks[b], draft_b))
+    return _pack_outputs(rows, batch, n, logits.device)
+
+
+def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor) -> None:
+    """Reference of ``jakiro.ops.compact_kv``: the sequential definition, one move at a time."""
+    for b in range(kv.shape[2]):
+        start = int(prefix_len[b])
+        for j in range(int(accept_len[b]) + 1):
+            src = int(path[b, j])
+            kv[:, :, b, :, start + j] = kv[:, :, b, :, start + src].clone()

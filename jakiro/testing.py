@@ -28,3 +28,55 @@ def make_parents(shape: str, batch: int, n: int, generator: torch.Generator | No
     parents = parents.clone().to(torch.int32)
     parents[:, 0] = -1
     return parents
+
+
+def _sibling_rank(parents: torch.Tensor) -> torch.Tensor:
+    """int64 [B, N]: how many earlier siblings each node has (0 for the first child and the root)."""
+    batch, n = parents.shape
+    same = parents.unsqueeze(2) == parents.unsqueeze(1)  # [B, i, j]: i and j share a parent
+    earlier = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    return (same & earlier).sum(-1)
+
+
+def make_verify_inputs(batch: int, n: int, vocab: int, *, shape: str = "random", match: float = 0.7,
+                       repeat: float = 0.15, dtype: torch.dtype = torch.float32, scale: float = 3.0,
+                       generator: torch.Generator | None = None):
+    """Random ``(tokens, parents, logits)`` for verify_greedy / verify_sampling.
+
+    A node's token is, with probability ``match``, the argmax of its parent's logits (so
+    greedy walks go deep and sampling accepts often); else a random id; with probability
+    ``repeat`` it copies its previous sibling's token (repeated sibling tokens).
+    """
+    parents = make_parents(shape, batch, n, generator)
+    logits = (torch.randn(batch, n, vocab, generator=generator) * scale).to(dtype)
+    parent_idx = parents.long().clamp(min=0)
+    favourite = logits.float().argmax(-1).gather(1, parent_idx)
+    random_ids = torch.randint(0, vocab, (batch, n), generator=generator)
+    tokens = torch.where(torch.rand(batch, n, generator=generator) < match, favourite, random_ids)
+    rank = _sibling_rank(parents)
+    copy = (torch.rand(batch, n, generator=generator) < repeat) & (rank > 0)
+    for b, i in copy.nonzero().tolist():
+        earlier = [j for j in range(i) if parents[b, j] == parents[b, i]]
+        tokens[b, i] = tokens[b, earlier[-1]]
+    tokens[:, 0] = random_ids[:, 0]
+    return tokens, parents, logits
+
+
+def make_kv_moves(batch: int, n: int, seq_len: int, *, shape: str = "random",
+                  generator: torch.Generator | None = None):
+    """Random ``(prefix_len, path, accept_len)`` of accepted root-to-node paths (path[j] >= j,
+    increasing), each fitting in a cache of ``seq_len`` rows."""
+    parents = make_parents(shape, batch, n, generator)
+    path = torch.full((batch, n), -1, dtype=torch.int32)
+    accept_len = torch.zeros(batch, dtype=torch.int32)
+    prefix_len = torch.zeros(batch, dtype=torch.int32)
+    for b in range(batch):
+        node = n - 1 if shape == "chain" else int(torch.randint(0, n, (1,), generator=generator))
+        chain = [node]
+        while chain[-1] != 0:
+            chain.append(int(parents[b, chain[-1]]))
+        chain.reverse()
+        path[b, : len(chain)] = torch.tensor(chain, dtype=torch.int32)
+        accept_len[b] = len(chain) - 1
+        prefix_len[b] = int(torch.randint(0, seq_len - n + 1, (1,), generator=generator))
+    return prefix_len, path, accept_len

@@ -15,4 +15,10 @@ TORCH_LIBRARY(jakiro, m) {
   m.def("verify_sampling(Tensor tokens, Tensor parents, Tensor logits, Tensor uniforms, Tensor temperature, Tensor top_p, Tensor top_k, Tensor? draft_probs=None, bool validate=True) -> (Tensor accept_len, Tensor path, Tensor next_token)");
   // Moves the accepted KV rows of every layer down to prefix_len + j, in place.
   m.def("compact_kv(Tensor(a!) kv, Tensor prefix_len, Tensor path, Tensor accept_len, bool validate=True) -> ()");
+  // Attention of a block of tree queries over a KV cache whose last tree_len
+  // keys are the tree (ancestor mask) and the rest the prefix; no mask means
+  // bottom-right causal. validate=False skips the CUDA host read of
+  // cache_seqlens (lengths are still clamped, never read out of bounds).
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? tree_mask, "
+        "int tree_len, float scale, bool validate=True) -> Tensor");
 }

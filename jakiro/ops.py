@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_tree_mask", "compact_kv", "tree_mask_words", "verify_greedy", "verify_sampling"]
+__all__ = ["build_tree_mask", "compact_kv", "tree_attention", "TREE_ATTENTION_HEAD_DIMS", "tree_mask_words", "verify_greedy", "verify_sampling"]
 
 MAX_VOCAB = 262144  # csrc/include/jakiro/accept.h kMaxVocab
+
+# Head sizes the tree_attention kernels are built for.
+TREE_ATTENTION_HEAD_DIMS = (64, 128)
 
 
 def tree_mask_words(num_nodes):
@@ -210,3 +213,63 @@ def _verify_sampling_fake(tokens, parents, logits, uniforms, temperature, top_p,
 @torch.library.register_fake("jakiro::compact_kv")
 def _compact_kv_fake(kv, prefix_len, path, accept_len, validate=True):
     return None
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                   tree_mask: torch.Tensor | None = None, tree_len: int = 0, scale: float | None = None,
+                   validate: bool = True) -> torch.Tensor:
+    """Attention of a block of tree queries over a KV cache (DESIGN.md §5.2).
+
+    Row ``b`` of the cache holds ``cache_seqlens[b]`` valid keys. The last ``tree_len`` of
+    them (positions ``cache_seqlens[b] - tree_len .. cache_seqlens[b] - 1``) are the tree;
+    bit ``j % 32`` of word ``j // 32`` of ``tree_mask[b, i]`` says whether query ``i`` sees
+    tree key ``j`` (the format of :func:`build_tree_mask`). The keys before the tree are the
+    committed prefix, visible to every query; keys at or after ``cache_seqlens[b]`` do not
+    exist. ``tree_mask=None`` is bottom-right causal: query ``i`` sees the keys
+    ``< cache_seqlens[b] - Nq + i + 1`` (prefill, chain decoding); ``tree_len`` is then
+    only checked against the lengths. A query that sees no key at all gets zeros.
+
+    The target's verify pass has ``Nq == tree_len == N`` and the tree's own mask; the draft's
+    tree expansion passes the frontier's rows of the mask (``Nq`` < ``tree_len``).
+
+    Args:
+        q: ``[B, Hq, Nq, D]``, float16, bfloat16 or float32; any strides.
+        k_cache, v_cache: ``[B, Hkv, S, D]`` of q's dtype and device; ``Hq % Hkv == 0``
+            (grouped-query attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``).
+            May be strided views of a larger preallocated cache as long as the last
+            dimension is contiguous (e.g. ``cache[:, :S].transpose(1, 2)`` of a
+            ``[B, S_max, Hkv, D]`` tensor).
+        cache_seqlens: int32 ``[B]`` with ``tree_len <= cache_seqlens[b] <= S``.
+        tree_mask: int32 ``[B, Nq, W]`` with ``32 * W >= tree_len``, or None (causal).
+        tree_len: number of tree keys at the end of every row, ``0 <= tree_len <= S``.
+        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
+        validate: on CUDA, read ``cache_seqlens`` back (one host synchronisation) and raise
+            on lengths outside ``[tree_len, S]``. Pass ``False`` inside a decoding loop:
+            the kernel clamps the lengths and never reads out of bounds, but invalid
+            lengths then give unspecified outputs. Skipped under CUDA-graph capture. The
+            CPU kernel always validates.
+
+    Returns:
+        ``[B, Hq, Nq, D]`` contiguous, of q's dtype. Scores, softmax and accumulation are fp32.
+
+    Limits: ``D`` in ``TREE_ATTENTION_HEAD_DIMS`` (64, 128).
+
+    Raises:
+        ValueError: naming the argument, for a wrong dtype, device, rank, size or stride, an
+        unsupported head size, ``Hq % Hkv != 0``, a mask too narrow for ``tree_len``, or (when
+        validating) a length outside ``[tree_len, S]``.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.jakiro.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, int(tree_len),
+                                           float(scale), validate)
+
+
+@torch.library.register_fake("jakiro::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len, scale, validate=True):
+    torch._check(q.dim() == 4, lambda: f"tree_attention: q must have shape [B, Hq, Nq, D], got {tuple(q.shape)}")
+    torch._check(k_cache.dim() == 4 and v_cache.dim() == 4,
+                 lambda: "tree_attention: k_cache and v_cache must have shape [B, Hkv, S, D]")
+    torch._check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+                 lambda: "tree_attention: k_cache and v_cache must have q's dtype")
+    torch._check(q.shape[1] % k_cache.shape[1] == 0,
+                 lambda: "tree_attention: Hq must be a multiple of Hkv")
+    return q.new_empty(q.shape)  # contiguous, like the kernels

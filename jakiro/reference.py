@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_tree_mask", "compact_kv", "filtered_distribution", "verify_greedy", "verify_sampling"]
+__all__ = ["build_tree_mask", "compact_kv", "filtered_distribution", "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling"]
 
 
 def build_tree_mask(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,3 +202,38 @@ def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, a
         for j in range(int(accept_len[b]) + 1):
             src = int(path[b, j])
             kv[:, :, b, :, start + j] = kv[:, :, b, :, start + src].clone()
+def tree_attention_visibility(cache_seqlens: torch.Tensor, tree_mask: torch.Tensor | None, tree_len: int,
+                              num_queries: int, cache_size: int) -> torch.Tensor:
+    """Dense boolean ``[B, Nq, S]``: whether query i of row b sees key j (DESIGN.md §5.2)."""
+    device = cache_seqlens.device
+    pos = torch.arange(cache_size, device=device).view(1, 1, -1)
+    lens = cache_seqlens.long().view(-1, 1, 1)
+    if tree_mask is None:
+        query = torch.arange(num_queries, device=device).view(1, -1, 1)
+        return pos < lens - num_queries + query + 1
+    tree_start = lens - tree_len
+    prefix = pos < tree_start
+    if tree_len == 0:
+        return (pos < lens).expand(-1, num_queries, -1)
+    in_tree = (pos >= tree_start) & (pos < lens)
+    bits = unpack_bits(tree_mask, tree_mask.shape[-1] * 32)  # [B, Nq, 32 W]
+    tree_index = (pos - tree_start).clamp(0, bits.shape[-1] - 1).expand(-1, num_queries, -1)
+    return prefix | (in_tree & torch.gather(bits, 2, tree_index))
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                   tree_mask: torch.Tensor | None, tree_len: int, scale: float) -> torch.Tensor:
+    """Reference of ``jakiro.ops.tree_attention`` (no validation): dense fp64 math.
+
+    Builds the full ``[B, Nq, S]`` visibility, repeats the KV heads for GQA, and runs
+    matmul-softmax-matmul in float64. Queries that see no key get zeros.
+    """
+    batch, hq, nq, _ = q.shape
+    group = hq // k_cache.shape[1]
+    visible = tree_attention_visibility(cache_seqlens, tree_mask, tree_len, nq, k_cache.shape[2])
+    k = k_cache.double().repeat_interleave(group, dim=1)
+    v = v_cache.double().repeat_interleave(group, dim=1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
+    return (probs @ v).to(q.dtype)

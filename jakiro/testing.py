@@ -80,3 +80,49 @@ def make_kv_moves(batch: int, n: int, seq_len: int, *, shape: str = "random",
         accept_len[b] = len(chain) - 1
         prefix_len[b] = int(torch.randint(0, seq_len - n + 1, (1,), generator=generator))
     return prefix_len, path, accept_len
+def make_tree_attention_inputs(*, batch: int, hq: int, hkv: int, nq: int, head_dim: int, prefix_lens,
+                               tree_len: int | None = None, tree_shape: str | None = "random",
+                               dtype: torch.dtype = torch.float32, device="cpu",
+                               generator: torch.Generator | None = None, spare_keys: int = 3,
+                               strided: bool = False) -> dict:
+    """Random arguments of ``tree_attention`` (as keyword arguments) plus the tree's parents.
+
+    Row b has ``prefix_lens[b]`` committed keys followed by ``tree_len`` tree keys (default
+    ``nq``: a verify pass), and the cache ``spare_keys`` more positions than the longest row
+    (garbage there must never be read). With a tree shape, the mask rows are those of the
+    last ``nq`` nodes of a ``tree_len``-node tree (``nq < tree_len``: the draft's frontier);
+    ``tree_shape=None`` gives no mask (causal). ``strided=True`` makes k/v views of a
+    ``[B, S_max, Hkv, D]`` cache. Values are drawn on the CPU, so a seed gives the same
+    inputs on every device.
+    """
+    tree_len = nq if tree_len is None else tree_len
+    prefix = torch.as_tensor(prefix_lens, dtype=torch.int32).expand(batch).clone()
+    seqlens = prefix + tree_len
+    cache_size = int(seqlens.max()) + spare_keys if batch else tree_len + spare_keys
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    device = torch.device(device)
+    q = randn(batch, hq, nq, head_dim).to(device)
+    if strided:
+        # views of a preallocated [B, S_max, Hkv, D] cache, made on the device (a copy
+        # would make them contiguous)
+        k_cache = randn(batch, cache_size + 5, hkv, head_dim).to(device)[:, :cache_size].transpose(1, 2)
+        v_cache = randn(batch, cache_size + 5, hkv, head_dim).to(device)[:, :cache_size].transpose(1, 2)
+    else:
+        k_cache = randn(batch, hkv, cache_size, head_dim).to(device)
+        v_cache = randn(batch, hkv, cache_size, head_dim).to(device)
+    parents = tree_mask = None
+    if tree_shape is not None:
+        parents = make_parents(tree_shape, batch, max(tree_len, 1), generator)[:, :tree_len]
+        from jakiro.reference import build_tree_mask  # the oracle, so inputs never depend on a kernel
+
+        mask = build_tree_mask(parents)[0] if tree_len else torch.zeros(batch, 0, 0, dtype=torch.int32)
+        tree_mask = mask[:, tree_len - nq:] if tree_len else torch.zeros(batch, nq, 0, dtype=torch.int32)
+        tree_mask = tree_mask.contiguous().to(device)
+    return {
+        "q": q, "k_cache": k_cache, "v_cache": v_cache,
+        "cache_seqlens": seqlens.to(device), "tree_mask": tree_mask, "tree_len": tree_len,
+        "scale": head_dim ** -0.5, "parents": parents,
+    }

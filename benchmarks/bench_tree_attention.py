@@ -1,0 +1,96 @@
+"""Benchmark of tree_attention against SDPA with a dense mask, SDPA causal, and the reference.
+
+Baselines, all timed in this process on the same inputs:
+- ``sdpa_dense_mask``: ``scaled_dot_product_attention`` with a dense boolean
+  ``[B, 1, Nq, S]`` mask (what EAGLE/Jakiro reference code does), GQA by
+  ``enable_gqa``; the mask is built once, outside the timing.
+- ``sdpa_causal``: the same keys and queries under a bottom-right causal mask
+  (``causal_lower_right``: the flash backend on CUDA), what a chain of the same
+  size costs: our speed of light.
+- ``reference``: ``jakiro.reference.tree_attention`` (dense fp64), small cases only.
+
+KV bandwidth counts the K and V bytes of the valid keys read once, as a fraction of
+the copy bandwidth measured in-process.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Report, finish, measure_copy_bandwidth, parser, time_fn  # noqa: E402
+from jakiro import ops, reference  # noqa: E402
+from jakiro.testing import make_tree_attention_inputs  # noqa: E402
+
+HQ, D, N = 32, 128, 60
+# (B, Hkv, prefix): the issue's grid on CUDA, smaller shapes on the CPU.
+CUDA_CASES = [(b, hkv, prefix) for hkv in (8, 32) for b in (1, 8, 32) for prefix in (512, 2048, 8192, 32768)
+              if b * hkv * prefix <= 32 * 8 * 32768]
+CUDA_QUICK = [(1, 8, 8192), (8, 8, 2048)]
+CPU_CASES = [(1, 8, 512), (1, 8, 2048), (4, 8, 512), (1, 32, 512)]
+CPU_QUICK = [(1, 8, 256)]
+REFERENCE_MAX_ELEMENTS = 1 << 26  # scores tensor B * Hq * Nq * S (fp64) that the reference may build
+
+
+def dense_mask(inputs) -> torch.Tensor:
+    seqlens, mask = inputs["cache_seqlens"], inputs["tree_mask"]
+    nq, cache_size = inputs["q"].shape[2], inputs["k_cache"].shape[2]
+    return reference.tree_attention_visibility(seqlens, mask, inputs["tree_len"], nq, cache_size).unsqueeze(1)
+
+
+def main(argv=None):
+    args = parser(__doc__).parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report = Report("tree_attention", device)
+    report.meta["copy_bandwidth_GBps"] = peak = measure_copy_bandwidth(device)
+    report.meta.update(dtype=str(dtype), hq=HQ, head_dim=D, tree_nodes=N)
+    if device.type == "cuda":
+        cases = CUDA_QUICK if args.quick else CUDA_CASES
+    else:
+        cases = CPU_QUICK if args.quick else CPU_CASES
+    iters = min(args.iters, 10) if args.quick else args.iters
+    warmup = min(args.warmup, 2) if args.quick else args.warmup
+    gen = torch.Generator().manual_seed(0)
+    for batch, hkv, prefix in cases:
+        # keys: prefix + N tree keys per row, no spare room so SDPA sees exactly the valid keys
+        inputs = make_tree_attention_inputs(batch=batch, hq=HQ, hkv=hkv, nq=N, head_dim=D, prefix_lens=prefix,
+                                            dtype=dtype, device=device, generator=gen, spare_keys=0)
+        q, k, v = inputs["q"], inputs["k_cache"], inputs["v_cache"]
+        mask = dense_mask(inputs)
+        causal = causal_lower_right(N, prefix + N)
+        kv_len = prefix + N
+        kv_bytes = 2 * batch * hkv * kv_len * D * k.element_size()
+        flops = 4 * batch * HQ * N * kv_len * D  # QK^T and PV, as dense
+        scale = inputs["scale"]
+        impls = {
+            "jakiro": lambda: ops.tree_attention(q, k, v, inputs["cache_seqlens"], inputs["tree_mask"],
+                                                 N, scale, validate=False),
+            "sdpa_dense_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                      enable_gqa=True),
+            # bottom-right causal of the same size (flash backend on CUDA): a chain as long as the tree
+            "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale,
+                                                                  enable_gqa=True),
+        }
+        if batch * HQ * N * kv_len <= REFERENCE_MAX_ELEMENTS:
+            impls["reference"] = lambda: reference.tree_attention(q, k, v, inputs["cache_seqlens"],
+                                                                  inputs["tree_mask"], N, scale)
+        case = f"B={batch} Hkv={hkv} prefix={prefix}"
+        base = {}
+        for impl, fn in impls.items():
+            t = time_fn(fn, device, warmup=warmup, iters=iters, cuda_graph=args.cuda_graph and impl == "jakiro")
+            gbps = kv_bytes / (t.median_us * 1e-6) / 1e9
+            report.add(case=case, impl=impl, timing=t, kv_GBps=gbps, kv_pct_of_copy=100 * gbps / peak,
+                       TFLOPs=flops / (t.median_us * 1e-6) / 1e12)
+            base[impl] = t.median_us
+        for row in report.rows:
+            if row["case"] == case:
+                row["speedup_vs_dense_mask"] = base["sdpa_dense_mask"] / row["median_us"]
+                row["speedup_vs_causal"] = base["sdpa_causal"] / row["median_us"]
+    finish(report, args)
+
+
+if __name__ == "__main__":
+    main()

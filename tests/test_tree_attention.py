@@ -1,0 +1,282 @@
+"""tree_attention: kernels vs the dense fp64 reference, a branch-as-chain oracle, SDPA, bad input."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from jakiro import ops, reference
+from jakiro.testing import make_tree_attention_inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Largest error allowed, relative to the largest output magnitude.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def call(inputs, **overrides):
+    args = {k: v for k, v in inputs.items() if k != "parents"}
+    args.update(overrides)
+    return ops.tree_attention(**args)
+
+
+def call_reference(inputs):
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items() if k != "parents"}
+    return reference.tree_attention(**cpu)
+
+
+def assert_close_scaled(out, expected, dtype):
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    out, expected = out.cpu().double(), expected.cpu().double()
+    assert torch.isfinite(out).all()
+    scale = expected.abs().max().clamp(min=1e-6)
+    err = ((out - expected).abs().max() / scale).item()
+    assert err <= TOLERANCE[dtype], f"max error {err:.3g} relative to output scale > {TOLERANCE[dtype]:g}"
+
+
+# Nq x prefix x GQA group, each case with its own head size; every dtype runs the grid.
+GRID = [
+    (nq, prefix, group, (64, 128)[index % 2])
+    for index, (nq, prefix, group) in enumerate(itertools.product([1, 7, 60, 128], [0, 1, 100], [1, 3, 8]))
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq, prefix, group, head_dim", GRID)
+def test_verify_matches_reference(device, nq, prefix, group, head_dim, dtype):
+    gen = torch.Generator().manual_seed(nq * 1000 + prefix * 10 + group)
+    # two rows with different lengths, both with an Nq-node random tree
+    inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=head_dim,
+                                        prefix_lens=[prefix, prefix + 5], dtype=dtype, device=device,
+                                        generator=gen)
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("nq, group, batch", [(60, 8, 2), (1, 1, 3), (128, 3, 1)])
+def test_long_prefix_matches_reference(device, nq, group, batch, dtype):
+    gen = torch.Generator().manual_seed(nq + group)
+    prefix = [4095, 3000, 17][:batch]
+    inputs = make_tree_attention_inputs(batch=batch, hq=2 * group, hkv=2, nq=nq, head_dim=128,
+                                        prefix_lens=prefix, dtype=dtype, device=device, generator=gen)
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+def chain_oracle(inputs):
+    """Each tree query's output is causal attention over its root->node path (plus the prefix)."""
+    q, k, v = inputs["q"].cpu().double(), inputs["k_cache"].cpu().double(), inputs["v_cache"].cpu().double()
+    parents, tree_len, scale = inputs["parents"], inputs["tree_len"], inputs["scale"]
+    batch, hq, nq, _ = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        prefix = int(inputs["cache_seqlens"][b]) - tree_len
+        for i in range(nq):
+            path, node = [], tree_len - nq + i
+            while node >= 0:
+                path.append(node)
+                node = int(parents[b, node])
+            keys = list(range(prefix)) + [prefix + node for node in reversed(path)]
+            kk = k[b, :, keys].repeat_interleave(group, 0)
+            vv = v[b, :, keys].repeat_interleave(group, 0)
+            # the node is the last token of its chain: it sees every key of the chain
+            out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i:i + 1], kk, vv, scale=scale)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["chain", "star", "binary", "random"])
+@pytest.mark.parametrize("nq, tree_len", [(40, 40), (9, 33), (1, 70)])
+def test_matches_branch_as_chain_oracle(device, shape, nq, tree_len, dtype):
+    # nq < tree_len: the draft's expansion, whose queries are the newest nodes
+    gen = torch.Generator().manual_seed(tree_len)
+    inputs = make_tree_attention_inputs(batch=2, hq=4, hkv=2, nq=nq, tree_len=tree_len, head_dim=64,
+                                        prefix_lens=[13, 50], tree_shape=shape, dtype=dtype, device=device,
+                                        generator=gen)
+    expected = chain_oracle(inputs)
+    assert_close_scaled(call(inputs), expected.to(dtype), dtype)
+    assert_close_scaled(call_reference(inputs), expected.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq, prefix, group", [(1, 30, 1), (7, 0, 3), (60, 100, 8), (128, 5, 1)])
+def test_causal_equals_sdpa_bottom_right(device, nq, prefix, group, dtype):
+    gen = torch.Generator().manual_seed(nq + prefix)
+    inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=128,
+                                        prefix_lens=[prefix, prefix + 9], tree_shape=None, dtype=dtype,
+                                        device=device, generator=gen)
+    out = call(inputs)
+    for b in range(2):
+        kv_len = int(inputs["cache_seqlens"][b])
+        q = inputs["q"][b:b + 1].cpu().double()
+        k = inputs["k_cache"][b:b + 1, :, :kv_len].cpu().double()
+        v = inputs["v_cache"][b:b + 1, :, :kv_len].cpu().double()
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, kv_len),
+                                                  scale=inputs["scale"], enable_gqa=True)
+        assert_close_scaled(out[b:b + 1], expected.to(dtype), dtype)
+    assert_close_scaled(out, call_reference(inputs), dtype)
+
+
+def test_queries_that_see_no_key_get_zeros(device):
+    # causal with more queries than keys: the first queries see nothing
+    inputs = make_tree_attention_inputs(batch=2, hq=2, hkv=1, nq=6, tree_len=0, head_dim=64, prefix_lens=[2, 0],
+                                        tree_shape=None, device=device)
+    out = call(inputs).cpu()
+    assert torch.equal(out[0, :, :4], torch.zeros_like(out[0, :, :4]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert out[0, :, 4:].abs().sum() > 0
+    assert_close_scaled(out, call_reference(inputs), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_cache_views(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    inputs = make_tree_attention_inputs(batch=3, hq=6, hkv=2, nq=20, head_dim=128, prefix_lens=[300, 7, 64],
+                                        dtype=dtype, device=device, generator=gen, strided=True)
+    assert not inputs["k_cache"].is_contiguous() and inputs["k_cache"].stride(-1) == 1
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+def test_keys_past_the_lengths_are_never_read(device):
+    gen = torch.Generator().manual_seed(6)
+    inputs = make_tree_attention_inputs(batch=2, hq=4, hkv=4, nq=10, head_dim=64, prefix_lens=[40, 3],
+                                        device=device, generator=gen, spare_keys=50)
+    clean = call(inputs)
+    for name in ("k_cache", "v_cache"):
+        poisoned = inputs[name].clone()
+        for b in range(2):
+            poisoned[b, :, int(inputs["cache_seqlens"][b]):] = float("nan")
+        inputs[name] = poisoned
+    assert torch.equal(call(inputs), clean)
+
+
+def test_q_heads_share_kv_heads_in_order(device):
+    # GQA: query head h reads KV head h // (Hq / Hkv); a reference with the heads
+    # spelled out one by one must agree.
+    gen = torch.Generator().manual_seed(8)
+    inputs = make_tree_attention_inputs(batch=1, hq=6, hkv=2, nq=5, head_dim=64, prefix_lens=[20],
+                                        device=device, generator=gen)
+    out = call(inputs).cpu()
+    for h in range(6):
+        single = dict(inputs, q=inputs["q"][:, h:h + 1], k_cache=inputs["k_cache"][:, h // 3:h // 3 + 1],
+                      v_cache=inputs["v_cache"][:, h // 3:h // 3 + 1])
+        assert_close_scaled(out[:, h:h + 1], call_reference(single), torch.float32)
+
+
+def test_mask_bits_past_tree_len_are_ignored(device):
+    gen = torch.Generator().manual_seed(9)
+    inputs = make_tree_attention_inputs(batch=2, hq=2, hkv=2, nq=5, tree_len=5, head_dim=64,
+                                        prefix_lens=[10, 20], device=device, generator=gen)
+    noisy = inputs["tree_mask"] | torch.tensor(-64, dtype=torch.int32, device=device)  # bits 6..31 set
+    torch.testing.assert_close(call(inputs, tree_mask=noisy), call(inputs), rtol=0, atol=0)
+
+
+def test_tree_len_zero_with_mask_sees_the_whole_prefix(device):
+    gen = torch.Generator().manual_seed(10)
+    inputs = make_tree_attention_inputs(batch=2, hq=2, hkv=1, nq=3, tree_len=0, head_dim=64, prefix_lens=[9, 33],
+                                        device=device, generator=gen)
+    assert inputs["tree_mask"].shape == (2, 3, 0)
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.float32)
+
+
+def test_empty_inputs(device):
+    for batch, nq in [(0, 4), (2, 0)]:
+        inputs = make_tree_attention_inputs(batch=batch, hq=2, hkv=1, nq=nq, tree_len=4, head_dim=64,
+                                            prefix_lens=[3] * batch, device=device)
+        assert call(inputs).shape == (batch, 2, nq, 64)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(device):
+    inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=2, nq=4, head_dim=128, prefix_lens=[8], device=device)
+    torch.testing.assert_close(call(inputs, scale=None), call(inputs, scale=128 ** -0.5))
+
+
+def base_inputs(device="cpu", **kw):
+    args = dict(batch=2, hq=4, hkv=2, nq=5, head_dim=64, prefix_lens=[40, 42], device=device)
+    args.update(kw)
+    return make_tree_attention_inputs(**args)
+
+
+BAD_INPUTS = [
+    (lambda i: dict(i, q=i["q"][:, :3]), "multiple of the number of KV heads"),
+    (lambda i: dict(i, cache_seqlens=i["cache_seqlens"] + torch.tensor([0, 4], dtype=torch.int32, device=i["q"].device)),
+     r"cache_seqlens\[1\] = 51 exceeds the cache size S = 50"),
+    (lambda i: dict(i, tree_len=6), None),  # valid: a wider tree fits lengths 45 and 47
+    (lambda i: dict(i, cache_seqlens=torch.tensor([9, 4], dtype=torch.int32, device=i["q"].device)),
+     r"cache_seqlens\[1\] = 4 is smaller than tree_len = 5"),
+    (lambda i: dict(i, tree_len=40), "tree_mask is too narrow"),
+    (lambda i: dict(i, k_cache=i["k_cache"].half()), "k_cache must be Float, got Half"),
+    (lambda i: dict(i, v_cache=i["v_cache"].double()), "v_cache must be Float"),
+    (lambda i: dict(i, q=i["q"].double(), k_cache=i["k_cache"].double(), v_cache=i["v_cache"].double()),
+     "q must be Half, BFloat16 or Float"),
+    (lambda i: dict(i, q=i["q"][..., :32], k_cache=i["k_cache"][..., :32], v_cache=i["v_cache"][..., :32]),
+     "head_dim .* must be 64 or 128, got 32"),
+    (lambda i: dict(i, cache_seqlens=i["cache_seqlens"].long()), "cache_seqlens must be Int"),
+    (lambda i: dict(i, q=i["q"][0]), r"q must have shape \[B, Hq, Nq, D\]"),
+    (lambda i: dict(i, k_cache=i["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+     "k_cache must be contiguous in its last dimension"),
+    (lambda i: dict(i, v_cache=i["v_cache"][:, :, :-1]), "v_cache must have the shape of k_cache"),
+    (lambda i: dict(i, tree_mask=i["tree_mask"][:, :4]), r"tree_mask must have shape \[B=2, Nq=5, W\]"),
+    (lambda i: dict(i, tree_mask=i["tree_mask"].long()), "tree_mask must be Int"),
+    (lambda i: dict(i, tree_len=-1), r"tree_len must be in \[0, S"),
+    (lambda i: dict(i, cache_seqlens=i["cache_seqlens"][:1]), r"cache_seqlens must have shape \[B=2\]"),
+    (lambda i: dict(i, scale=float("nan")), "scale must be finite"),
+]
+
+
+@pytest.mark.parametrize("make_bad, message", BAD_INPUTS)
+def test_bad_input_raises_clear_error(device, make_bad, message):
+    args = make_bad(base_inputs(device))
+    if message is None:
+        call(args)
+        return
+    with pytest.raises(ValueError, match=f"tree_attention: .*{message}"):
+        call(args)
+
+
+@pytest.mark.cuda
+def test_cuda_device_mismatch_is_a_clear_error():
+    inputs = base_inputs("cuda")
+    with pytest.raises(ValueError, match="tree_attention: q and cache_seqlens must be on the same device"):
+        call(inputs, cache_seqlens=inputs["cache_seqlens"].cpu())
+    with pytest.raises(ValueError, match="tree_attention: q and tree_mask must be on the same device"):
+        call(inputs, tree_mask=inputs["tree_mask"].cpu())
+
+
+@pytest.mark.cuda
+def test_cuda_without_validation_is_memory_safe():
+    inputs = base_inputs("cuda")
+    bad = torch.tensor([100000, -7], dtype=torch.int32, device="cuda")
+    call(inputs, cache_seqlens=bad, validate=False)
+    torch.cuda.synchronize()
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch, prefix", [(1, 20000), (64, 600)])
+def test_cuda_split_and_unsplit_paths(batch, prefix):
+    # one long row: many splits merged by log-sum-exp; many rows: a single split
+    gen = torch.Generator().manual_seed(batch)
+    inputs = make_tree_attention_inputs(batch=batch, hq=8, hkv=2, nq=16, head_dim=128, prefix_lens=prefix,
+                                        dtype=torch.bfloat16, device="cuda", generator=gen)
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
+
+
+def test_opcheck(device):
+    inputs = base_inputs(device)
+    args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["tree_mask"],
+            inputs["tree_len"], inputs["scale"], True)
+    torch.library.opcheck(torch.ops.jakiro.tree_attention.default, args)
+    causal = (*args[:4], None, 0, inputs["scale"], True)
+    torch.library.opcheck(torch.ops.jakiro.tree_attention.default, causal)
+
+
+def test_compiles_with_torch_compile():
+    inputs = base_inputs()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def attend(q, k, v, lens, mask):
+        return ops.tree_attention(q, k, v, lens, mask, tree_len=5) * 2
+
+    out = attend(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["tree_mask"])
+    torch.testing.assert_close(out, call(inputs) * 2)

@@ -21,4 +21,10 @@ TORCH_LIBRARY(jakiro, m) {
   // cache_seqlens (lengths are still clamped, never read out of bounds).
   m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? tree_mask, "
         "int tree_len, float scale, bool validate=True) -> Tensor");
+  // Every token through its routed SwiGLU experts, combined per routing head:
+  // out[r, t] = sum_e coeff[t, r, e] * expert_e(x[t]); zero-coefficient experts are skipped.
+  m.def("expert_mlp(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor coeff) -> Tensor");
+  // Rows of x pre-sorted by expert: out[p] = w[e] @ x[p] for offsets[e] <= p < offsets[e + 1].
+  // validate=False skips the CUDA kernel's one host read of the offsets (the kernel clamps them).
+  m.def("grouped_gemm(Tensor x, Tensor w, Tensor expert_offsets, bool validate=True) -> Tensor");
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_tree_mask", "compact_kv", "filtered_distribution", "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling"]
+__all__ = ["build_tree_mask", "compact_kv", "expert_mlp", "filtered_distribution", "grouped_gemm", "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling"]
 
 
 def build_tree_mask(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,3 +237,26 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
     return (probs @ v).to(q.dtype)
+def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """Reference of ``jakiro.ops.expert_mlp``: every expert on every token, dense.
+
+    Computed in fp32 (fp64 for float64 inputs) and rounded to x's dtype at the end;
+    differentiable, so its autograd is the oracle for the op's backward.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    intermediate = w_down.shape[2]
+    gate_up = torch.einsum("th,enh->etn", x.to(acc), w_gate_up.to(acc))          # [E, T, 2I]
+    h = torch.nn.functional.silu(gate_up[..., :intermediate]) * gate_up[..., intermediate:]
+    y = torch.einsum("eti,ehi->eth", h, w_down.to(acc))                          # [E, T, H]
+    return torch.einsum("tre,eth->rth", coeff.to(acc), y).to(x.dtype)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Reference of ``jakiro.ops.grouped_gemm`` (no validation): a loop of fp32 products."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    offsets = expert_offsets.tolist()
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=acc, device=x.device)
+    for e in range(w.shape[0]):
+        lo, hi = offsets[e], offsets[e + 1]
+        out[lo:hi] = x[lo:hi].to(acc) @ w[e].to(acc).T
+    return out.to(x.dtype)

@@ -1,0 +1,208 @@
+"""expert_mlp: kernels vs the reference, autograd, opcheck and bad input.
+
+Tolerances (documented in one place): the largest absolute error divided by the
+largest absolute reference value, with the reference computed in fp32 (fp64 for
+float64). fp32 1e-4 (reduction order only); fp16 5e-3 and bf16 3e-2: the output
+is rounded to the dtype (2^-11 / 2^-8 relative), and on CUDA the SwiGLU
+activations are rounded to it between the two products.
+On CUDA, T <= 64 runs the weight-streaming kernels and larger T the tile
+kernels, so the T grid below covers both.
+"""
+import pytest
+import torch
+
+from jakiro import ops, reference
+from jakiro.testing import COEFF_PATTERNS, make_coeff, make_expert_mlp_inputs
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+def check(device, tokens, hidden, inter, experts, heads, pattern, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, wgu, wd, coeff = make_expert_mlp_inputs(tokens, hidden, inter, experts, heads, pattern, dtype, device, gen)
+    out = ops.expert_mlp(x, wgu, wd, coeff)
+    assert out.device.type == device.type
+    ref = reference.expert_mlp(x.cpu(), wgu.cpu(), wd.cpu(), coeff.cpu())
+    assert out.shape == (heads, tokens, hidden) and out.dtype == dtype
+    scale = ref.double().abs().max().item()
+    err = (out.double().cpu() - ref.double()).abs().max().item()
+    assert err <= TOLERANCE[dtype] * max(scale, 1e-6), f"max error {err:.3g} vs max |ref| {scale:.3g}"
+    return out, ref
+
+
+@pytest.mark.parametrize("pattern", COEFF_PATTERNS)
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("experts", [1, 2, 4, 8])
+def test_routing_grid(device, experts, heads, pattern):
+    check(device, 60, 80, 64, experts, heads, pattern, torch.float32, seed=experts * 10 + heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden, inter", [(64, 80), (576, 64), (80, 1000)])
+@pytest.mark.parametrize("tokens", [1, 3, 60, 600])
+def test_sizes_and_dtypes(device, tokens, hidden, inter, dtype):
+    pattern = "top1" if tokens % 2 else "signed"
+    check(device, tokens, hidden, inter, 4, 2, pattern, dtype, seed=tokens + hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large(device, dtype):
+    check(device, 4097, 1000, 576, 4, 2, "top2", dtype)
+
+
+@pytest.mark.parametrize("tokens", [5, 65, 200])
+def test_misaligned_rows_use_the_scalar_path(device, tokens):
+    # H = 61, I = 37: no row is 16-byte aligned, so the kernels fall back to scalar loads.
+    check(device, tokens, 61, 37, 3, 2, "top2", torch.float16, seed=tokens)
+    check(device, tokens, 61, 37, 3, 2, "dense", torch.float32, seed=tokens)
+
+
+def test_all_zero_coefficients_give_exact_zeros(device):
+    x, wgu, wd, coeff = make_expert_mlp_inputs(70, 64, 64, 2, 2, device=device)
+    out = ops.expert_mlp(x, wgu, wd, torch.zeros_like(coeff))
+    assert torch.equal(out.cpu(), torch.zeros(2, 70, 64))
+
+
+def test_skipped_experts_are_not_run(device):
+    # An expert whose output is NaN must not leak into tokens that are not routed to it.
+    x, wgu, wd, _ = make_expert_mlp_inputs(80, 64, 32, 2, 2, device=device)
+    wd[1] = float("nan")
+    coeff = make_coeff("dense", 80, 2, 2).to(device)
+    coeff[:, :, 1] = 0
+    out = ops.expert_mlp(x, wgu, wd, coeff)
+    ref = reference.expert_mlp(x[:, :], wgu[:1], wd[:1], coeff[:, :, :1])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_inputs(device):
+    x, wgu, wd, coeff = make_expert_mlp_inputs(90, 64, 48, 3, 2, "top2", device=device)
+    wide = torch.randn(180, 64, device=device)[::2]
+    wide.copy_(x)
+    coeff_t = coeff.transpose(0, 1).contiguous().transpose(0, 1)
+    out = ops.expert_mlp(wide, wgu, wd, coeff_t)
+    torch.testing.assert_close(out, ops.expert_mlp(x, wgu, wd, coeff), rtol=0, atol=0)
+
+
+def test_half_coefficients(device):
+    x, wgu, wd, coeff = make_expert_mlp_inputs(20, 64, 64, 2, 2, dtype=torch.bfloat16, device=device)
+    out = ops.expert_mlp(x, wgu, wd, coeff.bfloat16())
+    ref = reference.expert_mlp(x, wgu, wd, coeff.bfloat16())
+    assert (out.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
+
+
+def test_empty_tokens(device):
+    x, wgu, wd, coeff = make_expert_mlp_inputs(0, 16, 8, 2, 2, device=device)
+    assert ops.expert_mlp(x, wgu, wd, coeff).shape == (2, 0, 16)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "zero_rows", "top1", "signed"])
+def test_gradcheck_float64(pattern):
+    gen = torch.Generator().manual_seed(1)
+    inputs = make_expert_mlp_inputs(5, 6, 4, 3, 2, pattern, torch.float64, "cpu", gen)
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(torch.ops.jakiro.expert_mlp, inputs)
+
+
+@pytest.mark.parametrize("pattern", ["top2", "signed"])
+def test_training_step_matches_reference_autograd(device, pattern):
+    gen = torch.Generator().manual_seed(2)
+    inputs = make_expert_mlp_inputs(70, 64, 80, 4, 2, pattern, torch.float32, device, gen)
+    mine = [t.clone().requires_grad_() for t in inputs]
+    theirs = [t.clone().requires_grad_() for t in inputs]
+    grad = torch.randn(2, 70, 64, generator=gen).to(device)
+    out = ops.expert_mlp(*mine)
+    (out * grad).sum().backward()
+    ref = reference.expert_mlp(*theirs)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(["x", "w_gate_up", "w_down", "coeff"], mine, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.cuda
+def test_bf16_training_step_on_cuda():
+    gen = torch.Generator().manual_seed(3)
+    inputs = make_expert_mlp_inputs(300, 128, 96, 2, 2, "dense", torch.bfloat16, "cuda", gen)
+    mine = [t.clone().requires_grad_() for t in inputs]
+    theirs = [t.float().clone().requires_grad_() for t in inputs]
+    ops.expert_mlp(*mine).float().sum().backward()
+    reference.expert_mlp(*theirs).sum().backward()
+    for a, b in zip(mine, theirs):
+        err = (a.grad.float() - b.grad).abs().max()
+        assert err <= 3e-2 * b.grad.abs().max(), err
+
+
+def test_opcheck(device):
+    inputs = make_expert_mlp_inputs(33, 64, 40, 3, 2, "top2", device=device)
+    torch.library.opcheck(torch.ops.jakiro.expert_mlp.default, inputs)
+
+
+def test_compiles_with_torch_compile():
+    inputs = make_expert_mlp_inputs(10, 32, 16, 2, 2, "signed")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def mlp(x, wgu, wd, coeff):
+        return torch.ops.jakiro.expert_mlp(x, wgu, wd, coeff) * 2
+
+    torch.testing.assert_close(mlp(*inputs), 2 * reference.expert_mlp(*inputs), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [10, 300])
+def test_cuda_graph_capture(tokens):
+    # No host synchronisation: the op must capture and replay, with new routing each time.
+    x, wgu, wd, coeff = make_expert_mlp_inputs(tokens, 128, 64, 4, 2, "top2", torch.bfloat16, "cuda")
+    ops.expert_mlp(x, wgu, wd, coeff)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.expert_mlp(x, wgu, wd, coeff)
+    coeff.copy_(make_coeff("top1", tokens, 2, 4).cuda())
+    graph.replay()
+    ref = reference.expert_mlp(x, wgu, wd, coeff)
+    assert (out.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
+
+
+def _inputs():
+    return make_expert_mlp_inputs(6, 16, 8, 2, 2)
+
+
+BAD_INPUTS = [
+    (lambda x, g, d, c: (x[0], g, d, c), r"x must have shape \[T, H\]"),
+    (lambda x, g, d, c: (x, g[0], d, c), r"w_gate_up must have shape \[E, 2I, H\]"),
+    (lambda x, g, d, c: (x, g, d[0], c), r"w_down must have shape \[E, H, I\]"),
+    (lambda x, g, d, c: (x, g, d, c[0]), r"coeff must have shape \[T, R, E\]"),
+    (lambda x, g, d, c: (x[:, :15], g, d, c), "must equal H = 15"),
+    (lambda x, g, d, c: (x, g[:, :15], d, c), "middle dimension must be 2I"),
+    (lambda x, g, d, c: (x, g, d[..., :7], c), "must equal I = 8"),
+    (lambda x, g, d, c: (x, g, d[:1], c), "w_down has 1 experts but w_gate_up has 2"),
+    (lambda x, g, d, c: (x, g, d[:, :15], c), r"must be \[E, H, I\] with H = 16"),
+    (lambda x, g, d, c: (x, g, d, c[:5]), "with T = 6"),
+    (lambda x, g, d, c: (x, g, d, c[..., :1]), "with E = 2"),
+    (lambda x, g, d, c: (x, g, d, c.repeat(1, 5, 1)), "R = 10 routing heads"),
+    (lambda x, g, d, c: (x.half(), g, d, c), "w_gate_up must be Half"),
+    (lambda x, g, d, c: (x, g, d.double(), c), "w_down must be Float"),
+    (lambda x, g, d, c: (x.half(), g.half(), d.half(), c.double()), "coeff must be float32 or x's dtype"),
+    (lambda x, g, d, c: (x.int(), g.int(), d.int(), c), "x must be float16, bfloat16, float32 or float64"),
+]
+
+
+@pytest.mark.parametrize("make_bad, message", BAD_INPUTS)
+def test_bad_input_raises_clear_error(device, make_bad, message):
+    args = [t.to(device) for t in make_bad(*_inputs())]
+    with pytest.raises(ValueError, match=f"expert_mlp: .*{message}"):
+        ops.expert_mlp(*args)
+
+
+@pytest.mark.cuda
+def test_mixed_devices_raise():
+    x, g, d, c = _inputs()
+    with pytest.raises(ValueError, match="expert_mlp: x and coeff must be on the same device"):
+        ops.expert_mlp(x.cuda(), g.cuda(), d.cuda(), c)
+
+
+@pytest.mark.cuda
+def test_float64_is_rejected_on_cuda():
+    x, g, d, c = [t.double().cuda() for t in _inputs()]
+    with pytest.raises(ValueError, match="expert_mlp: x must be float16, bfloat16 or float32 on CUDA"):
+        ops.expert_mlp(x, g, d, c)

@@ -51,7 +51,9 @@ def _attention_backend(config):
 
 
 def _text_config(model):
-    config = model.config
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"target: expected a Hugging Face causal LM, got {type(model).__name__} (no config)")
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -63,6 +65,7 @@ class TargetModel:
     def __init__(self, model: torch.nn.Module):
         config = _text_config(model)
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            # The adapter relies on how these families call ALL_ATTENTION_FUNCTIONS.
             raise ValueError(f"target: model_type {getattr(config, 'model_type', None)!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         self.model = model

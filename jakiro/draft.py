@@ -237,8 +237,9 @@ class JakiroDraft(nn.Module):
             hidden: ``[B, T, H]`` target features ``f_t`` (or the draft's own predictions).
             input_ids: int64 ``[B, T]`` the tokens ``x_{t+1}``.
             position_ids: int ``[B, T]`` the positions ``t``.
-            cache, step: where the keys go and what each query sees; None for both means a
-                plain causal pass over the T pairs (training, tests).
+            cache, step: where the keys go and what each query sees (``jakiro.ops.tree_attention``
+                over the cache: decoding). None for both: a plain causal pass over the T pairs
+                with ``scaled_dot_product_attention``, differentiable (training).
             return_contrastive: also return the contrastive feature (needs ``contrastive``).
             return_experts: also return every expert's own feature.
         """
@@ -252,10 +253,6 @@ class JakiroDraft(nn.Module):
         if (cache is None) != (step is None):
             raise ValueError("JakiroDraft: pass both cache and step, or neither")
         batch, length, _ = hidden.shape
-        if cache is None:
-            cache = self.new_cache(batch, length)
-            step = cache.step(length)
-
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         z = self.fc(torch.cat((embeds, hidden), dim=-1))
         attn = self._attention(z, position_ids, cache, step)
@@ -284,7 +281,12 @@ class JakiroDraft(nn.Module):
         cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = cache.attend(0, q, k, v, step)                                        # [B, Hq, T, D]
+        if cache is None:
+            group = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                 is_causal=True)
+        else:
+            out = cache.attend(0, q, k, v, step)                                    # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _routing(self, u: torch.Tensor, contrastive: bool, experts: bool) -> torch.Tensor:

@@ -179,8 +179,13 @@ class _Acceptor:
     def __call__(self, tokens, parents, logits):
         if self.greedy:
             return ops.verify_greedy(tokens, parents, logits, validate=False)
+        uniforms = None
+        if self.generator is not None:
+            # Drawn where the generator lives (a CPU generator also drives a CUDA run).
+            uniforms = torch.rand(tokens.shape + (2,), generator=self.generator,
+                                  device=self.generator.device).to(logits.device, non_blocking=True)
         return ops.verify_sampling(tokens, parents, logits, self.temperature, self.top_p, self.top_k,
-                                   generator=self.generator, validate=False)
+                                   uniforms=uniforms, validate=False)
 
     def next_token(self, root, logits):
         """The token after ``root`` [B] given its logits [B, V]: a one-node tree."""

@@ -193,7 +193,7 @@ def make_tiny_target(family: str = "llama", *, vocab: int = 256, hidden: int = 6
                      heads: int = 2, kv_heads: int = 1, head_dim: int = 64, intermediate: int = 128,
                      seed: int = 0, residual_scale: float = 1.0, max_positions: int = 1024):
     """A randomly initialised float32 causal LM of ``family`` (llama: GQA + untied head;
-    qwen2: qkv bias + tied embeddings; mistral: GQA, untied) in eval mode.
+    qwen2: qkv bias + tied embeddings; mistral: GQA, untied; qwen3: q/k norms, tied) in eval mode.
 
     ``residual_scale`` < 1 shrinks what attention and MLP add to the residual stream, so the
     next token depends mostly on the current one (a target a rigged draft can predict).
@@ -209,6 +209,8 @@ def make_tiny_target(family: str = "llama", *, vocab: int = 256, hidden: int = 6
     elif family == "mistral":
         config, cls = (transformers.MistralConfig(tie_word_embeddings=False, sliding_window=None, **common),
                        transformers.MistralForCausalLM)
+    elif family == "qwen3":  # q/k RMSNorm inside attention
+        config, cls = transformers.Qwen3Config(tie_word_embeddings=True, **common), transformers.Qwen3ForCausalLM
     else:
         raise ValueError(f"make_tiny_target: unknown family {family!r}")
     torch.manual_seed(seed)

@@ -42,6 +42,7 @@ GREEDY_CASES = [
     ("qwen2", "eagle2", {}, (2, 2, 3), 1),                       # tree shallower than the draft depth
     ("mistral", "jakiro", {"candidate_mode": "per_expert"}, (2, 5, 2), 1),
     ("llama", "jakiro", {}, (6, 2, 13), 1),
+    ("qwen3", "jakiro", {}, (3, 4, 16), 2),
 ]
 
 RIGGED_CASES = [
@@ -130,6 +131,24 @@ def test_streamer_receives_prompt_then_every_new_token():
     assert recorder.ended and recorder.chunks[0] == ids[0].tolist()
     streamed = [t for chunk in recorder.chunks[1:] for t in chunk]
     assert streamed == result.sequences[0, 5:].tolist()
+
+
+def test_result_reports_timings_and_acceptance():
+    target, draft = build("llama", "jakiro", "cpu", rigged=True, seed=75)
+    ids, mask, _ = make_prompts(2, 256, 3, 6, torch.Generator().manual_seed(750))
+    result = jakiro.SpeculativeGenerator(target, draft, depth=3, top_k=3, total_tokens=10).generate(
+        ids, mask, max_new_tokens=12)
+    phases = ("prefill", "draft", "verify", "accept", "other")
+    assert set(result.timings) == set(phases) | {"total"}
+    assert all(result.timings[p] >= 0 for p in phases)
+    assert sum(result.timings[p] for p in phases) <= result.timings["total"] * 1.01
+    live = result.accept_lengths >= 0
+    expected_tau = float((result.accept_lengths[live] + 1).double().mean())
+    assert result.mean_accepted_length == pytest.approx(expected_tau)
+    # Every row's tokens come from its cycles: 1 (prefill) + sum of (accepted + 1), capped by the budget.
+    committed = 1 + (result.accept_lengths.clamp(min=-1) + 1).sum(0)
+    assert torch.all(result.new_tokens == committed.clamp(max=12))
+    assert result.tokens_per_second() > 0
 
 
 # ---------------------------------------------------------------------------------------------

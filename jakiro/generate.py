@@ -82,7 +82,8 @@ class _Clock:
 class _Prompt:
     """A validated, left-padded batch of prompts."""
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device):
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device,
+                 vocab_size: int):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("generate: input_ids must be an int64 tensor [B, P]")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -106,6 +107,9 @@ class _Prompt:
             raise ValueError("generate: attention_mask must be left-padded (zeros, then ones, in every row)")
         if bool((lengths == 0).any()):
             raise ValueError("generate: a prompt is empty (attention_mask row with no ones)")
+        if bool((((self.ids < 0) | (self.ids >= vocab_size)) & mask).any()):
+            raise ValueError(f"generate: input_ids holds token ids outside [0, {vocab_size})")
+        self.model_ids = torch.where(mask, self.ids, 0)  # padding may hold any id; the model sees 0
         self.width = width
         self.lengths = lengths.to(torch.int32)
         self.pad = (width - lengths).to(torch.int64)
@@ -200,7 +204,7 @@ class _Acceptor:
 def _prefill(target: TargetModel, prompt: _Prompt, capacity: int):
     cache = target.new_cache(prompt.ids.shape[0], capacity)
     step = cache.step(prompt.width, pad=prompt.pad)
-    logits, hidden = target.forward(prompt.ids, prompt.positions, cache, step)
+    logits, hidden = target.forward(prompt.model_ids, prompt.positions, cache, step)
     cache.lengths += prompt.lengths
     return cache, logits, hidden
 
@@ -250,7 +254,7 @@ class SpeculativeGenerator:
         target, drafter = self.target, self.drafter
         device = target.device
         start = time.perf_counter()
-        prompt = _Prompt(input_ids, attention_mask, device)
+        prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size)
         if streamer is not None and prompt.ids.shape[0] != 1:
             raise ValueError("generate: a streamer needs a batch of one row")
         batch = prompt.ids.shape[0]
@@ -269,7 +273,7 @@ class SpeculativeGenerator:
         self._stream(streamer, root.unsqueeze(1), output.emit(root.unsqueeze(1), torch.ones_like(output.count)))
         clock.mark("prefill")
         draft_cache = drafter.new_cache(batch, capacity)
-        pair_tokens = torch.cat((prompt.ids[:, 1:], root.unsqueeze(1)), dim=1)
+        pair_tokens = torch.cat((prompt.model_ids[:, 1:], root.unsqueeze(1)), dim=1)
         context = drafter.advance(draft_cache, hidden, pair_tokens, prompt.lengths)
         clock.mark("draft")
 
@@ -339,7 +343,7 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
     target = target if isinstance(target, TargetModel) else TargetModel(target)
     device = target.device
     start = time.perf_counter()
-    prompt = _Prompt(input_ids, attention_mask, device)
+    prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size)
     if streamer is not None and prompt.ids.shape[0] != 1:
         raise ValueError("generate: a streamer needs a batch of one row")
     batch = prompt.ids.shape[0]

@@ -223,6 +223,12 @@ def test_bad_generation_arguments_raise_clear_errors():
         gen.generate(torch.zeros((2, 3), dtype=torch.int64), torch.tensor([[1, 1, 1], [0, 0, 0]]))
     with pytest.raises(ValueError, match="left-padded"):
         gen.generate(torch.zeros((1, 3), dtype=torch.int64), torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 256\)"):
+        gen.generate(torch.tensor([[5, 256]]))
+    with pytest.raises(ValueError, match="token ids outside"):
+        jakiro.vanilla_generate(target, torch.tensor([[-1, 5]]))
+    # Padding may hold any id: only real tokens are checked.
+    gen.generate(torch.tensor([[999, 5]]), torch.tensor([[0, 1]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="more than the cache holds"):
         gen.generate(torch.zeros((1, 60), dtype=torch.int64), max_new_tokens=8)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -74,7 +74,8 @@ class DraftConfig:
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.hidden_size
         if self.candidate_mode not in CANDIDATE_MODES:
-            raise ValueError(f"DraftConfig: candidate_mode must be one of {CANDIDATE_MODES}, got {self.candidate_mode!r}")
+            raise ValueError(f"DraftConfig: candidate_mode must be one of {CANDIDATE_MODES}, "
+                             f"got {self.candidate_mode!r}")
         if self.num_experts < 1:
             raise ValueError(f"DraftConfig: num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.experts_per_token <= self.num_experts:

@@ -4,6 +4,8 @@ Trees are in the DESIGN.md §4 format; expert inputs follow §5.3.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SHAPES = ("chain", "star", "binary", "random")
@@ -260,3 +262,40 @@ def make_prompts(batch: int, vocab: int, min_len: int, max_len: int, generator: 
         mask[b, width - length:] = 1
         rows.append(row)
     return ids, mask, rows
+
+
+def make_target_and_draft(family: str, draft_kind: str, device, *, rigged: bool = False, seed: int = 0,
+                          vocab: int = 256, **draft_overrides):
+    """A tiny target of ``family`` and a fresh draft for it, on ``device``.
+
+    draft_kind: "jakiro" (Jakiro draft; ``draft_overrides`` pick its mode) or "eagle2" (the
+    EAGLE-2 configuration). rigged: the draft predicts the target's greedy token most of the
+    time (see :func:`rig_draft`); otherwise it is random and mostly wrong.
+    """
+    from jakiro.draft import JakiroDraft
+    target = make_tiny_target(family, vocab=vocab, seed=seed, residual_scale=0.05 if rigged else 1.0).to(device)
+    torch.manual_seed(seed + 1)
+    draft = JakiroDraft.from_target(target, eagle2=draft_kind == "eagle2", **draft_overrides)
+    if rigged:
+        rig_draft(draft)
+    return target, draft
+
+
+def hf_greedy_continuation(target, row: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> torch.Tensor:
+    """The new tokens of ``target.generate(do_sample=False)`` for an unpadded ``[1, L]`` prompt (on the CPU)."""
+    row = row.to(target.device)
+    out = target.generate(row, attention_mask=torch.ones_like(row), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, row.shape[1]:].cpu()
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Runs the block with one intra-op CPU thread: for tiny matrices on a shared CPU,
+    threads cost far more than they save."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -9,9 +9,9 @@ from torch.nn import functional as F
 import jakiro
 from jakiro import reference
 from jakiro.draft import DraftConfig, JakiroDraft
-from jakiro.testing import make_prompts, make_tiny_target
+from jakiro.testing import make_prompts, make_tiny_target, single_thread
+from jakiro.testing import make_target_and_draft
 from jakiro.tree import TreeDrafter
-from tests.gen_helpers import build, single_thread
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def test_config_rejects_bad_settings(overrides, message):
 
 
 def test_embedding_and_head_are_the_targets_frozen_and_unsaved():
-    target, draft = build("llama", "jakiro", "cpu")
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu")
     assert draft.embed_tokens is target.get_input_embeddings()
     assert draft.lm_head is target.get_output_embeddings()
     assert not target.lm_head.weight.requires_grad
@@ -67,7 +67,7 @@ def test_embedding_and_head_are_the_targets_frozen_and_unsaved():
 
 
 def test_routing_heads_follow_the_jakiro_router():
-    target, draft = build("llama", "jakiro", "cpu", seed=3)
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", seed=3)
     u = torch.randn(7, 64)
     coeff = draft._routing(u, contrastive=True, experts=True)                 # [T, 1 + 1 + E, E]
     logits = draft.router(u)
@@ -118,7 +118,7 @@ def plain_draft_forward(draft, hidden, tokens, positions):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_forward_matches_plain_pytorch(device, family):
-    target, draft = build(family, "jakiro", device, seed=4)
+    target, draft = make_target_and_draft(family, "jakiro", device, seed=4)
     hidden, tokens, positions = random_pairs(draft, 2, 9, seed=5)
     cache = draft.new_cache(2, 12)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_forward_matches_plain_pytorch(device, family):
 
 def test_cached_chunks_equal_one_pass(device):
     # The cache path (ragged left-padded chunks, as in decoding) computes what one causal pass does.
-    target, draft = build("mistral", "jakiro", device, seed=6)
+    target, draft = make_target_and_draft("mistral", "jakiro", device, seed=6)
     hidden, tokens, positions = random_pairs(draft, 3, 10, seed=7)
     with torch.no_grad():
         full = draft(hidden, tokens, positions).mixture
@@ -151,7 +151,7 @@ def test_cached_chunks_equal_one_pass(device):
 
 
 def test_bad_forward_inputs_raise():
-    target, draft = build("llama", "eagle2", "cpu")
+    target, draft = make_target_and_draft("llama", "eagle2", "cpu")
     hidden, tokens, positions = random_pairs(draft, 1, 4, seed=8)
     with pytest.raises(ValueError, match="hidden must be"):
         draft(hidden[..., :10], tokens, positions)
@@ -165,7 +165,7 @@ def test_bad_forward_inputs_raise():
 # Save / load.
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
-    target, draft = build("qwen2", "jakiro", "cpu", seed=9, candidate_mode="per_expert")
+    target, draft = make_target_and_draft("qwen2", "jakiro", "cpu", seed=9, candidate_mode="per_expert")
     draft.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     loaded = JakiroDraft.from_pretrained(tmp_path, target=target)
@@ -174,13 +174,14 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     ids, mask, _ = make_prompts(2, 256, 3, 6, torch.Generator().manual_seed(10))
     runs = [jakiro.SpeculativeGenerator(target, d, depth=3, top_k=4, total_tokens=14).generate(
-        ids, mask, max_new_tokens=10, temperature=0.9, generator=torch.Generator().manual_seed(1)) for d in (draft, loaded)]
+        ids, mask, max_new_tokens=10, temperature=0.9, generator=torch.Generator().manual_seed(1))
+        for d in (draft, loaded)]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert torch.equal(runs[0].accept_lengths, runs[1].accept_lengths)
 
 
 def test_load_rejects_mismatched_targets(tmp_path):
-    target, draft = build("llama", "jakiro", "cpu")
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu")
     draft.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="hidden size 128 != 64"):
         JakiroDraft.from_pretrained(tmp_path, target=make_tiny_target("llama", hidden=128))
@@ -212,7 +213,7 @@ def draft_tree(draft, depth, top_k, total, batch=2, prompt=6, seed=11):
     ({"num_experts": 3, "experts_per_token": 1, "candidate_mode": "per_expert"}, (1, 4, 5)),
 ])
 def test_trees_are_well_formed(device, overrides, shape):
-    target, draft = build("llama", "jakiro", device, seed=12, **overrides)
+    target, draft = make_target_and_draft("llama", "jakiro", device, seed=12, **overrides)
     depth, top_k, total = shape
     drafter, _, _, tree = draft_tree(draft, depth, top_k, total)
     assert tree.tokens.shape == tree.parents.shape == (2, total)
@@ -252,7 +253,7 @@ def test_contrastive_last_level_comes_from_its_own_grandparent(device, depth, to
     """Every last-level node was proposed by the contrastive head at its grandparent's
     context, with score = parent's score + that log-probability. (The authors' code
     attaches the predictions by rank, under nodes of other branches.)"""
-    target, draft = build("llama", "jakiro", device, seed=13)
+    target, draft = make_target_and_draft("llama", "jakiro", device, seed=13)
     levels = depth + 1
     total = top_k + depth * top_k * top_k + 1                                  # keep every candidate
     drafter, hidden, tokens, tree = draft_tree(draft, depth, top_k, total)

@@ -6,8 +6,8 @@ from scipy import stats
 
 import jakiro
 from jakiro import reference
-from jakiro.testing import make_prompts, make_tiny_target
-from tests.gen_helpers import build, hf_greedy, single_thread
+from jakiro.testing import make_prompts, make_tiny_target, single_thread
+from jakiro.testing import hf_greedy_continuation, make_target_and_draft
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def _one_thread():
 def assert_rows_match_hf(target, result, ids, rows, max_new_tokens, eos_token_id=None):
     width = ids.shape[1]
     for b, row in enumerate(rows):
-        expected = hf_greedy(target, row, max_new_tokens, eos_token_id)
+        expected = hf_greedy_continuation(target, row, max_new_tokens, eos_token_id)
         count = int(result.new_tokens[b])
         got = result.sequences[b, width:width + count].cpu()
         assert torch.equal(got, expected), f"row {b}: {got.tolist()} != HF greedy {expected.tolist()}"
@@ -57,7 +57,7 @@ RIGGED_CASES = [
 @pytest.mark.parametrize("case", range(len(GREEDY_CASES)))
 def test_greedy_is_lossless_random_draft(device, case):
     family, kind, overrides, (depth, top_k, total), batch = GREEDY_CASES[case]
-    target, draft = build(family, kind, device, seed=case, **overrides)
+    target, draft = make_target_and_draft(family, kind, device, seed=case, **overrides)
     gen = jakiro.SpeculativeGenerator(target, draft, depth=depth, top_k=top_k, total_tokens=total)
     ids, mask, rows = make_prompts(batch, 256, 1, 9, torch.Generator().manual_seed(100 + case))
     result = gen.generate(ids.to(device), mask.to(device), max_new_tokens=14)
@@ -69,7 +69,7 @@ def test_greedy_is_lossless_random_draft(device, case):
 @pytest.mark.parametrize("case", range(len(RIGGED_CASES)))
 def test_greedy_is_lossless_rigged_draft(device, case):
     family, kind, overrides, (depth, top_k, total), batch = RIGGED_CASES[case]
-    target, draft = build(family, kind, device, rigged=True, seed=20 + case, **overrides)
+    target, draft = make_target_and_draft(family, kind, device, rigged=True, seed=20 + case, **overrides)
     gen = jakiro.SpeculativeGenerator(target, draft, depth=depth, top_k=top_k, total_tokens=total)
     ids, mask, rows = make_prompts(batch, 256, 2, 8, torch.Generator().manual_seed(200 + case))
     result = gen.generate(ids.to(device), mask.to(device), max_new_tokens=24)
@@ -80,10 +80,10 @@ def test_greedy_is_lossless_rigged_draft(device, case):
 
 
 def test_rows_stop_at_eos_at_different_times(device):
-    target, draft = build("llama", "jakiro", device, rigged=True, seed=40)
+    target, draft = make_target_and_draft("llama", "jakiro", device, rigged=True, seed=40)
     ids, mask, rows = make_prompts(4, 256, 2, 7, torch.Generator().manual_seed(400))
     # An EOS id that row 0 emits early: rows then stop at different cycles (or never).
-    eos = int(hf_greedy(target, rows[0], 6)[4])
+    eos = int(hf_greedy_continuation(target, rows[0], 6)[4])
     gen = jakiro.SpeculativeGenerator(target, draft, depth=4, top_k=3, total_tokens=16)
     result = gen.generate(ids.to(device), mask.to(device), max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
     assert int(result.new_tokens[0]) <= 5
@@ -93,7 +93,7 @@ def test_rows_stop_at_eos_at_different_times(device):
 
 
 def test_budget_is_never_exceeded(device):
-    target, draft = build("qwen2", "jakiro", device, rigged=True, seed=50)
+    target, draft = make_target_and_draft("qwen2", "jakiro", device, rigged=True, seed=50)
     gen = jakiro.SpeculativeGenerator(target, draft, depth=5, top_k=2, total_tokens=12)
     ids, mask, rows = make_prompts(3, 256, 1, 5, torch.Generator().manual_seed(500))
     for budget in (1, 2, 3, 7):
@@ -112,7 +112,7 @@ def test_vanilla_generate_matches_hf_greedy(device):
 
 
 def test_streamer_receives_prompt_then_every_new_token():
-    target, draft = build("llama", "jakiro", "cpu", rigged=True, seed=70)
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", rigged=True, seed=70)
 
     class Recorder:
         def __init__(self):
@@ -134,7 +134,7 @@ def test_streamer_receives_prompt_then_every_new_token():
 
 
 def test_result_reports_timings_and_acceptance():
-    target, draft = build("llama", "jakiro", "cpu", rigged=True, seed=75)
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", rigged=True, seed=75)
     ids, mask, _ = make_prompts(2, 256, 3, 6, torch.Generator().manual_seed(750))
     result = jakiro.SpeculativeGenerator(target, draft, depth=3, top_k=3, total_tokens=10).generate(
         ids, mask, max_new_tokens=12)
@@ -203,7 +203,7 @@ def test_sampling_matches_target_distribution(temperature, top_p):
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
-    target, draft = build("llama", "jakiro", "cpu", seed=90)
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", seed=90)
     gen = jakiro.SpeculativeGenerator(target, draft, depth=2, top_k=3, total_tokens=8)
     ids, mask, _ = make_prompts(3, 256, 2, 6, torch.Generator().manual_seed(900))
     runs = [gen.generate(ids, mask, max_new_tokens=8, temperature=0.8, top_k=20,
@@ -215,7 +215,7 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
 # Errors.
 
 def test_bad_generation_arguments_raise_clear_errors():
-    target, draft = build("llama", "jakiro", "cpu", seed=95)
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", seed=95)
     gen = jakiro.SpeculativeGenerator(target, draft, depth=2, top_k=3, total_tokens=8, max_cache_len=64)
     with pytest.raises(ValueError, match="input_ids is empty"):
         gen.generate(torch.zeros((1, 0), dtype=torch.int64))

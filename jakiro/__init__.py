@@ -8,6 +8,17 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 from jakiro import _C  # registers torch.ops.jakiro.*
 from jakiro import ops  # noqa: F401  (fake implementations for torch.compile)
 
+# The model-level API imports transformers: load it on first use, so op-only users don't pay.
+_LAZY = {"DraftConfig": "jakiro.draft", "JakiroDraft": "jakiro.draft", "GenerationResult": "jakiro.generate",
+         "SpeculativeGenerator": "jakiro.generate", "vanilla_generate": "jakiro.generate"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jakiro' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 
@@ -26,4 +37,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "ops", "__version__", "DraftConfig", "JakiroDraft", "GenerationResult",
+           "SpeculativeGenerator", "vanilla_generate"]

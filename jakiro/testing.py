@@ -4,6 +4,8 @@ Trees are in the DESIGN.md §4 format; expert inputs follow §5.3.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SHAPES = ("chain", "star", "binary", "random")
@@ -186,3 +188,116 @@ def make_expert_offsets(tokens: int, experts: int, empty: int = 0,
         else:
             offsets[e] = offsets[e + 1]  # the last segment becomes empty, segment e - 1 absorbs it
     return offsets.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny Hugging Face targets, drafts and prompts for the generation tests and benchmarks.
+
+def make_tiny_target(family: str = "llama", *, vocab: int = 256, hidden: int = 64, layers: int = 2,
+                     heads: int = 2, kv_heads: int = 1, head_dim: int = 64, intermediate: int = 128,
+                     seed: int = 0, residual_scale: float = 1.0, max_positions: int = 1024):
+    """A randomly initialised float32 causal LM of ``family`` (llama: GQA + untied head;
+    qwen2: qkv bias + tied embeddings; mistral: GQA, untied; qwen3: q/k norms, tied) in eval mode.
+
+    ``residual_scale`` < 1 shrinks what attention and MLP add to the residual stream, so the
+    next token depends mostly on the current one (a target a rigged draft can predict).
+    """
+    import transformers
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                  max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if family == "llama":
+        config, cls = transformers.LlamaConfig(tie_word_embeddings=False, **common), transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        config, cls = transformers.Qwen2Config(tie_word_embeddings=True, **common), transformers.Qwen2ForCausalLM
+    elif family == "mistral":
+        config, cls = (transformers.MistralConfig(tie_word_embeddings=False, sliding_window=None, **common),
+                       transformers.MistralForCausalLM)
+    elif family == "qwen3":  # q/k RMSNorm inside attention
+        config, cls = transformers.Qwen3Config(tie_word_embeddings=True, **common), transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(f"make_tiny_target: unknown family {family!r}")
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    if residual_scale != 1.0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(residual_scale)
+                layer.mlp.down_proj.weight.mul_(residual_scale)
+    return model
+
+
+def rig_draft(draft, sharpness: float = 80.0):
+    """Makes ``draft`` predict from the next token alone: ``out = c * embed(x_{t+1})`` with
+    ``c = sharpness / rms(embedding)`` (features ``sharpness`` times the target's RMS-normed scale).
+
+    Against a target made with a small ``residual_scale`` this draft proposes the target's
+    greedy token most of the time (long accepted paths, bonus tokens); ``sharpness`` makes its
+    distribution peaked, so trees grow deep along that guess. Returns ``draft``.
+    """
+    hidden = draft.config.hidden_size
+    with torch.no_grad():
+        scale = sharpness / float(draft.embed_tokens.weight.float().pow(2).mean().sqrt())
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :hidden].copy_(scale * torch.eye(hidden))
+        if draft.fc.bias is not None:
+            draft.fc.bias.zero_()
+        draft.o_proj.weight.zero_()
+        draft.w_down.zero_()
+    return draft
+
+
+def make_prompts(batch: int, vocab: int, min_len: int, max_len: int, generator: torch.Generator | None = None):
+    """Random prompts of lengths in ``[min_len, max_len]``, left-padded with 0.
+
+    Returns ``(input_ids int64 [B, P], attention_mask int64 [B, P], rows)`` where ``rows`` is the
+    list of unpadded ``[1, length]`` prompts.
+    """
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=generator)
+    width = int(lengths.max())
+    ids = torch.zeros((batch, width), dtype=torch.int64)
+    mask = torch.zeros((batch, width), dtype=torch.int64)
+    rows = []
+    for b, length in enumerate(lengths.tolist()):
+        row = torch.randint(0, vocab, (1, length), generator=generator)
+        ids[b, width - length:] = row[0]
+        mask[b, width - length:] = 1
+        rows.append(row)
+    return ids, mask, rows
+
+
+def make_target_and_draft(family: str, draft_kind: str, device, *, rigged: bool = False, seed: int = 0,
+                          vocab: int = 256, **draft_overrides):
+    """A tiny target of ``family`` and a fresh draft for it, on ``device``.
+
+    draft_kind: "jakiro" (Jakiro draft; ``draft_overrides`` pick its mode) or "eagle2" (the
+    EAGLE-2 configuration). rigged: the draft predicts the target's greedy token most of the
+    time (see :func:`rig_draft`); otherwise it is random and mostly wrong.
+    """
+    from jakiro.draft import JakiroDraft
+    target = make_tiny_target(family, vocab=vocab, seed=seed, residual_scale=0.05 if rigged else 1.0).to(device)
+    torch.manual_seed(seed + 1)
+    draft = JakiroDraft.from_target(target, eagle2=draft_kind == "eagle2", **draft_overrides)
+    if rigged:
+        rig_draft(draft)
+    return target, draft
+
+
+def hf_greedy_continuation(target, row: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> torch.Tensor:
+    """The new tokens of ``target.generate(do_sample=False)`` for an unpadded ``[1, L]`` prompt (on the CPU)."""
+    row = row.to(target.device)
+    out = target.generate(row, attention_mask=torch.ones_like(row), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, row.shape[1]:].cpu()
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Runs the block with one intra-op CPU thread: for tiny matrices on a shared CPU,
+    threads cost far more than they save."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

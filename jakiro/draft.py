@@ -1,0 +1,325 @@
+"""The Jakiro draft model (DESIGN.md §6; method: reference/jakiro-method.md §2).
+
+One decoder layer on top of the target: ``z = fc([embed(x_{t+1}); f_t])`` (no activation),
+``h = z + attention(z)`` (no input norm; RoPE; cache through ``jakiro.ops.tree_attention``),
+``u = rms_norm(h)``, ``out = h + MoE(u)`` (no final norm; the target's LM head reads ``out``).
+
+The MoE is ``num_experts`` SwiGLU experts run by ``jakiro.ops.expert_mlp`` under several
+routing heads at once:
+
+* the mixture head: router logits ``0..E-1``, top-``experts_per_token`` experts, softmax
+  over the selected ones -> the autoregressive feature ``f_{t+1}``;
+* the contrastive head (``contrastive=True``): router logits ``E..2E-1``, the two largest
+  ``a, b`` with ``(v_a, v_b) = softmax(g_a, g_b)`` -> ``v_a E_a(u) - v_b E_b(u)``, a feature
+  trained to predict one step further ahead (``f_{t+2}``); for E=2 this is the authors'
+  4-logit router;
+* one head per expert (``return_experts``): each expert's own feature, used by the
+  ``"per_expert"`` candidate mode.
+
+The embedding and LM head are the target's own modules (frozen, shared, never saved).
+The EAGLE-2 baseline is the configuration ``DraftConfig.eagle2(...)``: one dense expert at
+the target's intermediate size, no contrastive head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from jakiro import ops
+from jakiro.kv_cache import AttentionStep, KVCache
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CANDIDATE_MODES = ("mixture", "per_expert")
+
+
+def _rope_theta(hf_config) -> float:
+    theta = getattr(hf_config, "rope_theta", None)
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if theta is None:
+        theta = params.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"DraftConfig: rope_type {rope_type!r} of the target is not supported (only 'default')")
+    return float(theta)
+
+
+@dataclass
+class DraftConfig:
+    """Shape and behaviour of a :class:`JakiroDraft` (saved as config.json)."""
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    num_experts: int = 2
+    experts_per_token: int = 2
+    expert_intermediate_size: int | None = None   # None: hidden_size
+    contrastive: bool = True
+    candidate_mode: str = "mixture"
+    fc_bias: bool = True
+    attention_bias: bool = False
+    target_model_type: str | None = None
+
+    def __post_init__(self):
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.hidden_size
+        if self.candidate_mode not in CANDIDATE_MODES:
+            raise ValueError(f"DraftConfig: candidate_mode must be one of {CANDIDATE_MODES}, "
+                             f"got {self.candidate_mode!r}")
+        if self.num_experts < 1:
+            raise ValueError(f"DraftConfig: num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"DraftConfig: experts_per_token must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.experts_per_token}")
+        if self.contrastive and self.num_experts < 2:
+            raise ValueError("DraftConfig: contrastive=True needs num_experts >= 2 (the contrastive head is a "
+                             "signed difference of two experts)")
+        if self.candidate_mode == "per_expert" and self.num_experts < 2:
+            raise ValueError("DraftConfig: candidate_mode='per_expert' needs num_experts >= 2")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("DraftConfig: num_attention_heads must be a multiple of num_key_value_heads")
+        # Routing heads of one expert_mlp call: mixture + contrastive + one per expert.
+        if 1 + int(self.contrastive) + self.num_experts > 8 and self.candidate_mode == "per_expert":
+            raise ValueError("DraftConfig: per_expert mode supports at most 6 experts (expert_mlp runs <= 8 heads)")
+
+    @classmethod
+    def from_target(cls, hf_config, **overrides) -> "DraftConfig":
+        """The Jakiro defaults for a target with Hugging Face config ``hf_config``."""
+        hf_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        values = dict(
+            hidden_size=hf_config.hidden_size,
+            num_attention_heads=hf_config.num_attention_heads,
+            num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+            vocab_size=hf_config.vocab_size,
+            rms_norm_eps=getattr(hf_config, "rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(hf_config),
+            max_position_embeddings=getattr(hf_config, "max_position_embeddings", 4096),
+            target_model_type=getattr(hf_config, "model_type", None),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def eagle2(cls, hf_config, **overrides) -> "DraftConfig":
+        """The EAGLE-2 baseline: one dense SwiGLU MLP at the target's intermediate size."""
+        hf_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        values = dict(num_experts=1, experts_per_token=1, contrastive=False, candidate_mode="mixture",
+                      expert_intermediate_size=hf_config.intermediate_size)
+        values.update(overrides)
+        return cls.from_target(hf_config, **values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DraftOutput:
+    """Features of one draft forward, all ``[B, T, H]`` (``experts``: ``[E, B, T, H]``)."""
+    mixture: torch.Tensor
+    contrastive: torch.Tensor | None = None
+    experts: torch.Tensor | None = None
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class JakiroDraft(nn.Module):
+    """Jakiro draft head. Build it with :meth:`from_target` or :meth:`from_pretrained`."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.config = config
+        hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
+                                             config.num_key_value_heads, config.head_dim)
+        experts, inter = config.num_experts, config.expert_intermediate_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=config.fc_bias)
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.post_norm = nn.Parameter(torch.ones(hidden))
+        router_logits = experts * (2 if config.contrastive else 1)
+        self.router = nn.Linear(hidden, router_logits, bias=False) if experts > 1 else None
+        self.w_gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
+        self.w_down = nn.Parameter(torch.empty(experts, hidden, inter))
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._shared: dict[str, nn.Module] = {}  # the target's embedding and LM head, not submodules
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- construction
+    def reset_parameters(self):
+        std = 0.02
+        for linear in (self.fc, self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.router):
+            if linear is not None:
+                nn.init.normal_(linear.weight, std=std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+        nn.init.ones_(self.post_norm)
+        nn.init.normal_(self.w_gate_up, std=std)
+        nn.init.normal_(self.w_down, std=std)
+
+    def bind(self, target_model: nn.Module) -> "JakiroDraft":
+        """Shares ``target_model``'s embedding and LM head (frozen) and moves to its device/dtype."""
+        _check_compatible(self.config, target_model)
+        embed, head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
+        for module in (embed, head):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self._shared = {"embed_tokens": embed, "lm_head": head}
+        return self.to(device=head.weight.device, dtype=head.weight.dtype)
+
+    @classmethod
+    def from_target(cls, target_model: nn.Module, eagle2: bool = False, **config_overrides) -> "JakiroDraft":
+        """A freshly initialised draft for ``target_model`` (``eagle2=True``: the EAGLE-2 configuration)."""
+        make = DraftConfig.eagle2 if eagle2 else DraftConfig.from_target
+        return cls(make(target_model.config, **config_overrides)).bind(target_model)
+
+    def save_pretrained(self, directory: str | os.PathLike):
+        """Writes config.json and model.safetensors (the draft's own weights only)."""
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, target: nn.Module) -> "JakiroDraft":
+        """Loads a draft saved by :meth:`save_pretrained` and binds it to ``target``.
+
+        Raises ValueError when the files are missing or the target does not match the
+        draft (architecture, hidden size, vocabulary, head layout).
+        """
+        from safetensors.torch import load_file
+        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise ValueError(f"JakiroDraft.from_pretrained: {path} does not exist")
+        with open(config_path) as f:
+            config = DraftConfig(**json.load(f))
+        _check_compatible(config, target)
+        draft = cls(config)
+        draft.load_state_dict(load_file(weights_path), strict=True)
+        return draft.bind(target)
+
+    # ----------------------------------------------------------------- forward
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self._shared["embed_tokens"]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._shared["lm_head"]
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(1, batch, self.config.num_key_value_heads, self.config.head_dim, capacity,
+                       self.fc.weight.dtype, self.fc.weight.device)
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                cache: KVCache | None = None, step: AttentionStep | None = None, *,
+                return_contrastive: bool = False, return_experts: bool = False) -> DraftOutput:
+        """One draft pass over pairs ``(f_t, x_{t+1})``.
+
+        Args:
+            hidden: ``[B, T, H]`` target features ``f_t`` (or the draft's own predictions).
+            input_ids: int64 ``[B, T]`` the tokens ``x_{t+1}``.
+            position_ids: int ``[B, T]`` the positions ``t``.
+            cache, step: where the keys go and what each query sees (``jakiro.ops.tree_attention``
+                over the cache: decoding). None for both: a plain causal pass over the T pairs
+                with ``scaled_dot_product_attention``, differentiable (training).
+            return_contrastive: also return the contrastive feature (needs ``contrastive``).
+            return_experts: also return every expert's own feature.
+        """
+        config = self.config
+        if hidden.dim() != 3 or hidden.shape[-1] != config.hidden_size:
+            raise ValueError(f"JakiroDraft: hidden must be [B, T, {config.hidden_size}], got {tuple(hidden.shape)}")
+        if input_ids.shape != hidden.shape[:2] or position_ids.shape != hidden.shape[:2]:
+            raise ValueError("JakiroDraft: input_ids and position_ids must be [B, T] like hidden")
+        if return_contrastive and not config.contrastive:
+            raise ValueError("JakiroDraft: return_contrastive needs a draft built with contrastive=True")
+        if (cache is None) != (step is None):
+            raise ValueError("JakiroDraft: pass both cache and step, or neither")
+        batch, length, _ = hidden.shape
+        embeds = self.embed_tokens(input_ids).to(hidden.dtype)
+        z = self.fc(torch.cat((embeds, hidden), dim=-1))
+        attn = self._attention(z, position_ids, cache, step)
+        h = z + attn
+        u = F.rms_norm(h, (config.hidden_size,), self.post_norm, config.rms_norm_eps)
+        flat = u.reshape(batch * length, -1)
+        coeff = self._routing(flat, return_contrastive, return_experts)
+        moe = ops.expert_mlp(flat, self.w_gate_up, self.w_down, coeff)       # [R, B*T, H]
+        features = h.unsqueeze(0) + moe.view(-1, batch, length, config.hidden_size)
+        head = 1
+        contrastive = experts = None
+        if return_contrastive:
+            contrastive, head = features[head], head + 1
+        if return_experts:
+            experts = features[head:head + config.num_experts]
+        return DraftOutput(features[0], contrastive, experts)
+
+    def _attention(self, z, position_ids, cache, step):
+        config = self.config
+        batch, length, _ = z.shape
+        q = self.q_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
+        k = self.k_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
+        v = self.v_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
+        angles = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq        # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)                   # [B, 1, T, D]
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is None:
+            group = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                 is_causal=True)
+        else:
+            out = cache.attend(0, q, k, v, step)                                    # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _routing(self, u: torch.Tensor, contrastive: bool, experts: bool) -> torch.Tensor:
+        """Coefficients ``[T, R, E]`` of the routing heads (mixture, [contrastive], [each expert])."""
+        num = self.config.num_experts
+        tokens = u.shape[0]
+        heads = []
+        if num == 1:
+            heads.append(u.new_ones((tokens, 1), dtype=torch.float32))
+        else:
+            logits = self.router(u).float()
+            top = logits[:, :num].topk(self.config.experts_per_token, dim=-1)
+            mix = torch.zeros((tokens, num), dtype=torch.float32, device=u.device)
+            heads.append(mix.scatter(1, top.indices, torch.softmax(top.values, dim=-1)))
+            if contrastive:
+                pair = logits[:, num:2 * num].topk(2, dim=-1)
+                signed = torch.softmax(pair.values, dim=-1) * torch.tensor([1.0, -1.0], device=u.device)
+                heads.append(torch.zeros_like(mix).scatter(1, pair.indices, signed))
+        if experts:
+            heads.extend(torch.eye(num, device=u.device).expand(tokens, num, num).unbind(1))
+        return torch.stack(heads, dim=1).contiguous()
+
+
+def _check_compatible(config: DraftConfig, target_model: nn.Module):
+    hf = target_model.config
+    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    problems = []
+    if config.target_model_type is not None and hf.model_type != config.target_model_type:
+        problems.append(f"architecture {hf.model_type!r} != {config.target_model_type!r}")
+    if hf.hidden_size != config.hidden_size:
+        problems.append(f"hidden size {hf.hidden_size} != {config.hidden_size}")
+    if hf.vocab_size != config.vocab_size:
+        problems.append(f"vocabulary {hf.vocab_size} != {config.vocab_size}")
+    if problems:
+        raise ValueError("JakiroDraft: the target does not match this draft: " + "; ".join(problems))

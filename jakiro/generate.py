@@ -1,0 +1,378 @@
+"""Speculative (Jakiro / EAGLE-2) and vanilla generation over the jakiro cache stack.
+
+A cycle of :class:`SpeculativeGenerator` (DESIGN.md §7), for every row of the batch at once:
+
+1. *draft*: the draft grows a tree under the row's last token (``TreeDrafter.expand``);
+2. *verify*: the target scores every tree node in one pass (tree attention over its cache);
+3. *accept*: ``verify_greedy`` / ``verify_sampling`` pick the accepted path and the next
+   token, ``compact_kv`` moves the accepted rows into place, the new tokens are emitted,
+   and the draft commits the accepted pairs (``TreeDrafter.advance``; counted as draft time).
+
+The only host read inside a cycle is the ``all rows done?`` flag at its start. Rows that are
+done keep riding along (their caches no longer advance) until every row is done.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from jakiro import ops
+from jakiro.draft import JakiroDraft
+from jakiro.target import TargetModel
+from jakiro.tree import TreeDrafter
+
+PHASES = ("prefill", "draft", "verify", "accept", "other")
+
+
+@dataclass
+class GenerationResult:
+    """What a generation call produced.
+
+    sequences: int64 ``[B, P + T]``: the given ``input_ids`` followed by each row's new tokens,
+        padded with ``pad_token_id`` after the row stopped (T = the longest row's count).
+    new_tokens: int64 ``[B]`` new tokens per row (``<= max_new_tokens``; EOS included).
+    cycles: target forward passes after the prefill (verify passes, or decode steps).
+    accept_lengths: int32 ``[cycles, B]`` accepted draft tokens per cycle and row, -1 once the
+        row was done (vanilla: all 0).
+    timings: seconds per phase: ``prefill`` (the prompt pass and the first token), then per
+        cycle ``draft`` (tree growth and the draft's pass over the committed pairs, the first one
+        included), ``verify`` (the target's tree pass), ``accept`` (acceptance, KV compaction,
+        emission), ``other`` (the stopping check); and ``total`` (the whole call, input checks
+        included). Exact on CUDA only with ``profile=True``.
+    """
+    sequences: torch.Tensor
+    new_tokens: torch.Tensor
+    cycles: int
+    accept_lengths: torch.Tensor
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens committed per verify pass (accepted draft tokens + 1), over active rows."""
+        active = self.accept_lengths >= 0
+        if not bool(active.any()):
+            return 0.0
+        return float((self.accept_lengths[active] + 1).double().mean())
+
+    def tokens_per_second(self) -> float:
+        return float(self.new_tokens.sum()) / max(self.timings.get("total", 0.0), 1e-12)
+
+
+class _Clock:
+    """Accumulates wall time per phase; with ``sync`` it waits for the device at each mark."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.last = self._now()
+
+    def _now(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def mark(self, phase: str):
+        now = self._now()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+class _Prompt:
+    """A validated, left-padded batch of prompts."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device,
+                 vocab_size: int):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("generate: input_ids must be an int64 tensor [B, P]")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate: input_ids is empty (shape {tuple(input_ids.shape)}); every row needs "
+                             f"at least one token")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"generate: input_ids must be an integer tensor, got {input_ids.dtype}")
+        self.ids = input_ids.to(device=device, dtype=torch.int64)
+        batch, width = self.ids.shape
+        if attention_mask is None:
+            mask = torch.ones_like(self.ids, dtype=torch.bool)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"generate: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(device=device).bool()
+        lengths = mask.sum(1)
+        # Left padding: every row's ones are its last `length` entries. (One host read, before decoding.)
+        expected = torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+        if not bool((mask == expected).all()):
+            raise ValueError("generate: attention_mask must be left-padded (zeros, then ones, in every row)")
+        if bool((lengths == 0).any()):
+            raise ValueError("generate: a prompt is empty (attention_mask row with no ones)")
+        if bool((((self.ids < 0) | (self.ids >= vocab_size)) & mask).any()):
+            raise ValueError(f"generate: input_ids holds token ids outside [0, {vocab_size})")
+        self.model_ids = torch.where(mask, self.ids, 0)  # padding may hold any id; the model sees 0
+        self.width = width
+        self.lengths = lengths.to(torch.int32)
+        self.pad = (width - lengths).to(torch.int64)
+        self.positions = (torch.arange(width, device=device).unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)
+
+
+class _Output:
+    """Emitted tokens per row, with the budget and EOS rules applied on device."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos_token_id, pad_token_id: int, device):
+        self.max_new = max_new_tokens
+        self.pad_token_id = pad_token_id
+        self.tokens = torch.full((batch, max_new_tokens + 1), pad_token_id, dtype=torch.int64, device=device)
+        self.count = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        if eos_token_id is None:
+            self.eos = None
+        else:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            self.eos = torch.tensor(ids, dtype=torch.int64, device=device)
+        self._rows = torch.arange(batch, device=device).unsqueeze(1)
+
+    def emit(self, new: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        """Appends the first ``num[b]`` of ``new[b]`` to each live row; returns how many were kept."""
+        index = torch.arange(new.shape[1], device=new.device).unsqueeze(0)
+        keep = (index < num.unsqueeze(1)) & ~self.done.unsqueeze(1)
+        keep &= (self.count.unsqueeze(1) + index) < self.max_new
+        hit_eos = torch.zeros_like(self.done)
+        if self.eos is not None:
+            is_eos = torch.isin(new, self.eos) & keep
+            first = torch.where(is_eos.any(1), is_eos.int().argmax(1), new.shape[1])
+            keep &= index <= first.unsqueeze(1)
+            hit_eos = (is_eos & keep).any(1)
+        slot = torch.where(keep, self.count.unsqueeze(1) + index, self.max_new)  # column max_new: scratch
+        self.tokens[self._rows.expand_as(slot), slot] = torch.where(keep, new, self.pad_token_id)
+        kept = keep.sum(1)
+        self.count += kept
+        self.done |= hit_eos | (self.count >= self.max_new)
+        return kept
+
+    def sequences(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        longest = int(self.count.max())
+        return torch.cat((prompt_ids, self.tokens[:, :longest]), dim=1)
+
+
+def _check_sampling(temperature, top_p, top_k, max_new_tokens):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0.0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
+
+
+def _pad_id(model, eos_token_id, pad_token_id):
+    if pad_token_id is not None:
+        return pad_token_id
+    config_pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if config_pad is not None:
+        return config_pad if isinstance(config_pad, int) else config_pad[0]
+    if eos_token_id is not None:
+        return eos_token_id if isinstance(eos_token_id, int) else list(eos_token_id)[0]
+    return 0
+
+
+class _Acceptor:
+    """Greedy or exact-sampling acceptance with fixed sampling settings."""
+
+    def __init__(self, temperature, top_p, top_k, generator):
+        self.greedy = temperature == 0.0
+        self.temperature, self.top_p, self.top_k, self.generator = temperature, top_p, top_k, generator
+
+    def __call__(self, tokens, parents, logits):
+        if self.greedy:
+            return ops.verify_greedy(tokens, parents, logits, validate=False)
+        uniforms = None
+        if self.generator is not None:
+            # Drawn where the generator lives (a CPU generator also drives a CUDA run).
+            uniforms = torch.rand(tokens.shape + (2,), generator=self.generator,
+                                  device=self.generator.device).to(logits.device, non_blocking=True)
+        return ops.verify_sampling(tokens, parents, logits, self.temperature, self.top_p, self.top_k,
+                                   uniforms=uniforms, validate=False)
+
+    def next_token(self, root, logits):
+        """The token after ``root`` [B] given its logits [B, V]: a one-node tree."""
+        parents = torch.full((root.shape[0], 1), -1, dtype=torch.int32, device=root.device)
+        return self(root.unsqueeze(1), parents, logits.unsqueeze(1))[2]
+
+
+def _prefill(target: TargetModel, prompt: _Prompt, capacity: int):
+    cache = target.new_cache(prompt.ids.shape[0], capacity)
+    step = cache.step(prompt.width, pad=prompt.pad)
+    logits, hidden = target.forward(prompt.model_ids, prompt.positions, cache, step)
+    cache.lengths += prompt.lengths
+    return cache, logits, hidden
+
+
+def _check_capacity(target: TargetModel, needed: int, max_cache_len: int | None):
+    limit = target.config.max_position_embeddings if max_cache_len is None else max_cache_len
+    if needed > limit:
+        raise ValueError(f"generate: the prompt plus max_new_tokens and the draft tree need {needed} cache "
+                         f"positions, more than the cache holds ({limit})")
+
+
+class SpeculativeGenerator:
+    """Lossless speculative generation of ``target`` with ``draft``.
+
+    Args:
+        target: a Hugging Face causal LM (Llama, Qwen2, Mistral families).
+        draft: a :class:`~jakiro.draft.JakiroDraft` bound to ``target``.
+        depth, top_k, total_tokens: tree shape (see :class:`~jakiro.tree.TreeDrafter`).
+        max_cache_len: cache positions per row (default: the target's max_position_embeddings).
+    """
+
+    def __init__(self, target, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60,
+                 max_cache_len: int | None = None):
+        self.target = target if isinstance(target, TargetModel) else TargetModel(target)
+        if draft.config.vocab_size != self.target.vocab_size or draft.config.hidden_size != self.target.hidden_size:
+            raise ValueError("SpeculativeGenerator: the draft was not built for this target "
+                             "(hidden size or vocabulary differ)")
+        self.draft = draft
+        self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens)
+        self.max_cache_len = max_cache_len
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_token_id=None, generator: torch.Generator | None = None, streamer=None,
+                 pad_token_id: int | None = None, profile: bool = False) -> GenerationResult:
+        """Generates up to ``max_new_tokens`` per row; see :class:`GenerationResult`.
+
+        ``temperature == 0`` is greedy (token-for-token the target's greedy output); otherwise
+        tokens are distributed exactly as sampling from the target with ``temperature``,
+        ``top_p`` and ``top_k`` (random numbers from ``generator``). ``input_ids`` ``[B, P]``
+        must be left-padded when ``attention_mask`` has zeros. ``streamer`` (B=1 only)
+        receives the prompt, then the new tokens of every cycle (a host read per cycle).
+        ``profile=True`` synchronises the device at phase boundaries so the timings are exact.
+        """
+        _check_sampling(temperature, top_p, top_k, max_new_tokens)
+        target, drafter = self.target, self.drafter
+        device = target.device
+        start = time.perf_counter()
+        prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size)
+        if streamer is not None and prompt.ids.shape[0] != 1:
+            raise ValueError("generate: a streamer needs a batch of one row")
+        batch = prompt.ids.shape[0]
+        nodes = drafter.total_tokens
+        capacity = prompt.width + max_new_tokens + drafter.max_new_pairs + nodes
+        _check_capacity(target, capacity, self.max_cache_len)
+        accept = _Acceptor(temperature, top_p, top_k, generator)
+        output = _Output(batch, max_new_tokens, eos_token_id, _pad_id(target.model, eos_token_id, pad_token_id),
+                         device)
+        if streamer is not None:
+            streamer.put(prompt.ids[0].cpu())
+
+        clock = _Clock(device, profile)
+        cache, logits, hidden = _prefill(target, prompt, capacity)
+        root = accept.next_token(prompt.ids[:, -1], logits[:, -1])
+        self._stream(streamer, root.unsqueeze(1), output.emit(root.unsqueeze(1), torch.ones_like(output.count)))
+        clock.mark("prefill")
+        draft_cache = drafter.new_cache(batch, capacity)
+        pair_tokens = torch.cat((prompt.model_ids[:, 1:], root.unsqueeze(1)), dim=1)
+        context = drafter.advance(draft_cache, hidden, pair_tokens, prompt.lengths)
+        clock.mark("draft")
+
+        width = drafter.max_new_pairs
+        columns = torch.arange(width, device=device).unsqueeze(0)
+        accepted_log = []
+        while True:
+            if bool(output.done.all()):                       # the cycle's one host read
+                break
+            clock.mark("other")
+            tree = drafter.expand(draft_cache, context, root)
+            clock.mark("draft")
+            tree_mask, depth = ops.build_tree_mask(tree.parents, validate=False)
+            positions = cache.lengths.to(torch.int64).unsqueeze(1) + depth
+            step = cache.step(nodes, tree_mask=tree_mask, tree_len=nodes)
+            logits, hidden = target.forward(tree.tokens, positions, cache, step)
+            clock.mark("verify")
+            accept_len, path, next_token = accept(tree.tokens, tree.parents, logits)
+            live = ~output.done
+            accept_len = torch.where(live, accept_len, 0)
+            ops.compact_kv(cache.kv, cache.lengths, path, accept_len, validate=False)
+            # Committed this cycle: root, the accepted nodes; emitted: the accepted tokens, next_token.
+            path = torch.nn.functional.pad(path, (0, max(0, width - nodes)), value=-1)[:, :width]
+            path = path.to(torch.int64).clamp(min=0)
+            committed = torch.where(live, accept_len + 1, 0)
+            new = tree.tokens.gather(1, path).roll(-1, dims=1)
+            new = new.scatter(1, accept_len.to(torch.int64).unsqueeze(1), next_token.unsqueeze(1))
+            kept = output.emit(new, committed)
+            self._stream(streamer, new, kept)
+            cache.lengths += committed.to(torch.int32)
+            accepted_log.append(torch.where(live, accept_len, -1))
+            root = next_token
+            clock.mark("accept")
+            # The draft's new pairs (f of each committed node, the token after it), right-aligned.
+            source = (columns - (width - committed).unsqueeze(1)).clamp(min=0)
+            pair_hidden = hidden.gather(1, path.gather(1, source).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            context = drafter.advance(draft_cache, pair_hidden, new.gather(1, source), committed)
+            clock.mark("draft")
+
+        if streamer is not None:
+            streamer.end()
+        timings = dict(clock.totals, total=time.perf_counter() - start)
+        accept_lengths = (torch.stack(accepted_log) if accepted_log
+                          else torch.zeros((0, batch), dtype=torch.int32, device=device))
+        return GenerationResult(output.sequences(prompt.ids), output.count.clone(), len(accepted_log),
+                                accept_lengths.to(torch.int32), timings)
+
+    @staticmethod
+    def _stream(streamer, new, kept):
+        if streamer is not None:
+            count = int(kept[0])
+            if count:
+                streamer.put(new[0, :count].cpu())
+
+
+@torch.no_grad()
+def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     eos_token_id=None, generator: torch.Generator | None = None, streamer=None,
+                     pad_token_id: int | None = None, max_cache_len: int | None = None,
+                     profile: bool = False) -> GenerationResult:
+    """Plain autoregressive decoding on the same cache, attention and acceptance stack as
+    :class:`SpeculativeGenerator` (the honest baseline). Arguments and result as there;
+    each step is one target pass over one token (timed as ``verify``; choosing the token as
+    ``accept``)."""
+    _check_sampling(temperature, top_p, top_k, max_new_tokens)
+    target = target if isinstance(target, TargetModel) else TargetModel(target)
+    device = target.device
+    start = time.perf_counter()
+    prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size)
+    if streamer is not None and prompt.ids.shape[0] != 1:
+        raise ValueError("generate: a streamer needs a batch of one row")
+    batch = prompt.ids.shape[0]
+    capacity = prompt.width + max_new_tokens + 1
+    _check_capacity(target, capacity, max_cache_len)
+    accept = _Acceptor(temperature, top_p, top_k, generator)
+    output = _Output(batch, max_new_tokens, eos_token_id, _pad_id(target.model, eos_token_id, pad_token_id), device)
+    if streamer is not None:
+        streamer.put(prompt.ids[0].cpu())
+    clock = _Clock(device, profile)
+    cache, logits, _ = _prefill(target, prompt, capacity)
+    token = accept.next_token(prompt.ids[:, -1], logits[:, -1])
+    one = torch.ones_like(output.count)
+    SpeculativeGenerator._stream(streamer, token.unsqueeze(1), output.emit(token.unsqueeze(1), one))
+    clock.mark("prefill")
+    steps = 0
+    while not bool(output.done.all()):
+        clock.mark("other")
+        live = ~output.done
+        step = cache.step(1)
+        logits, _ = target.forward(token.unsqueeze(1), cache.lengths.to(torch.int64).unsqueeze(1), cache, step)
+        cache.lengths += live.to(torch.int32)
+        clock.mark("verify")
+        token = accept.next_token(token, logits[:, 0])
+        SpeculativeGenerator._stream(streamer, token.unsqueeze(1), output.emit(token.unsqueeze(1), one))
+        steps += 1
+        clock.mark("accept")
+    if streamer is not None:
+        streamer.end()
+    timings = dict(clock.totals, total=time.perf_counter() - start)
+    accept_lengths = torch.zeros((steps, batch), dtype=torch.int32, device=device)
+    return GenerationResult(output.sequences(prompt.ids), output.count.clone(), steps, accept_lengths, timings)

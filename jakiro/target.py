@@ -1,0 +1,112 @@
+"""Adapter that runs an unmodified Hugging Face causal LM over a jakiro KV cache.
+
+jakiro registers the attention backend ``"jakiro"`` with ``transformers.AttentionInterface``.
+While :meth:`TargetModel.forward` runs, the model's ``config._attn_implementation`` is
+switched to it, and the backend reads the cache and the :class:`~jakiro.kv_cache.AttentionStep`
+from the attention kwargs; everything else about the model (weights, RoPE, norms, biases)
+is the model's own code. Outside that call the model is untouched, so
+``target.generate(...)`` keeps working as before.
+
+The model is called with ``use_cache=False`` and no ``attention_mask``: the cache and the
+tree mask live in the step, and positions come in as ``position_ids``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import transformers
+
+from jakiro.kv_cache import AttentionStep, KVCache
+
+BACKEND_NAME = "jakiro"
+
+# Model families whose decoder layers call ALL_ATTENTION_FUNCTIONS with (module, q, k, v, ...)
+# and whose rotary embedding takes position_ids: the ones this adapter is tested with.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+
+
+def _jakiro_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered backend: ``query`` ``[B, Hq, Nq, D]``, ``key``/``value`` ``[B, Hkv, Nq, D]``
+    (rotated, new tokens only). Returns ``([B, Nq, Hq, D], None)`` as transformers expects."""
+    cache = kwargs.get("jakiro_cache")
+    step = kwargs.get("jakiro_step")
+    if cache is None or step is None:
+        raise RuntimeError("the 'jakiro' attention backend only runs inside jakiro.target.TargetModel.forward")
+    out = cache.attend(module.layer_idx, query, key, value, step, scaling)
+    return out.transpose(1, 2), None
+
+
+transformers.AttentionInterface.register(BACKEND_NAME, _jakiro_attention)
+
+
+@contextlib.contextmanager
+def _attention_backend(config):
+    previous = config._attn_implementation
+    config._attn_implementation = BACKEND_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"target: expected a Hugging Face causal LM, got {type(model).__name__} (no config)")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class TargetModel:
+    """A Hugging Face causal LM seen as: a KV cache factory + a forward pass that returns
+    logits and final-norm hidden states for a block of tokens (prefill, chain or tree).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        config = _text_config(model)
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            # The adapter relies on how these families call ALL_ATTENTION_FUNCTIONS.
+            raise ValueError(f"target: model_type {getattr(config, 'model_type', None)!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        self.model = model
+        self.config = config
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.num_layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.sliding_window = getattr(config, "sliding_window", None) if getattr(
+            config, "use_sliding_window", True) else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """A zeroed cache for ``batch`` rows of up to ``capacity`` tokens each."""
+        if self.sliding_window is not None and capacity > self.sliding_window:
+            raise ValueError(f"target: sequences of up to {capacity} tokens exceed the model's sliding window "
+                             f"({self.sliding_window}); sliding-window attention is not supported")
+        return KVCache(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                step: AttentionStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs ``input_ids`` ``[B, Nq]`` at ``position_ids`` ``[B, Nq]`` through the model,
+        writing their KV into ``cache`` as ``step`` says.
+
+        Returns ``(logits [B, Nq, V], hidden [B, Nq, H])``; ``hidden`` is the last layer's
+        output after the final norm (what the LM head reads, the draft's input feature).
+        Does not change ``cache.lengths``.
+        """
+        with _attention_backend(self.model.config):
+            out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               jakiro_cache=cache, jakiro_step=step)
+        hidden = out.last_hidden_state
+        return self.lm_head(hidden), hidden

@@ -1,0 +1,234 @@
+"""Draft-tree expansion: EAGLE-2 dynamic trees with Jakiro's contrastive last level.
+
+:class:`TreeDrafter` owns the draft's side of a decoding cycle, all on device (no host
+reads):
+
+* :meth:`TreeDrafter.advance` feeds the newly committed ``(f_t, x_{t+1})`` pairs of every
+  row to the draft (its KV cache grows by exactly those pairs) and returns the draft's
+  features at each row's last committed position (the context of the next tree);
+* :meth:`TreeDrafter.expand` grows the tree: ``levels = depth + 1`` levels of candidates,
+  ``top_k`` children per expanded node, the ``top_k`` best candidates of a level (by
+  cumulative log-probability) expanded further, and finally the best
+  ``total_tokens - 1`` candidates overall kept, in the DESIGN.md §4 format.
+
+With ``contrastive=True`` the last level costs no draft pass: the pass over level
+``levels - 2`` also returns the contrastive feature, which predicts two tokens ahead, and
+its top-k are attached under the level ``levels - 1`` nodes *of the context that produced
+them* (each node's own parent row). The authors' code attached them by rank instead,
+under unrelated nodes (reference/jakiro-method.md §3.2).
+
+Tree-node keys live in the draft cache after the committed pairs: level ``l`` (1-based)
+takes slots ``(l - 1) * top_k .. l * top_k - 1`` past ``lengths`` and is overwritten by the
+next cycle's committed pairs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from jakiro import ops
+from jakiro.draft import DraftOutput, JakiroDraft
+from jakiro.kv_cache import KVCache
+
+
+@dataclass
+class DraftTree:
+    """A batch of draft trees (DESIGN.md §4) with their cumulative draft log-probabilities.
+
+    tokens: int64 ``[B, N]`` (node 0 = the root); parents: int32 ``[B, N]``;
+    scores: float32 ``[B, N]`` (root 0); level: int64 ``[B, N]`` depth of every node.
+    """
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    scores: torch.Tensor
+    level: torch.Tensor
+
+
+def _slot_bits(slots: int, words: int, device) -> torch.Tensor:
+    """int32 ``[slots, words]``: row s has only bit ``s % 32`` of word ``s // 32`` set."""
+    table = torch.zeros((slots, words), dtype=torch.int32)
+    for s in range(slots):
+        bit = s % 32
+        table[s, s // 32] = (1 << bit) if bit < 31 else -(1 << 31)
+    return table.to(device)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for x ``[B, R, ...]`` and index ``[B, J]``."""
+    shape = index.shape + x.shape[2:]
+    flat = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(shape)
+    return x.gather(1, flat)
+
+
+def _sort_desc(scores: torch.Tensor) -> torch.Tensor:
+    # Stable: among equal scores the lower index (an ancestor before its descendants) wins.
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices
+
+
+class TreeDrafter:
+    """Builds draft trees with ``draft`` (see the module docstring).
+
+    Args:
+        draft: the draft model.
+        depth: draft depth as in EAGLE-2 / Jakiro: the tree has ``depth + 1`` levels.
+        top_k: children per expanded node and nodes expanded per level.
+        total_tokens: nodes per tree including the root (``N``).
+    """
+
+    def __init__(self, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60):
+        vocab = draft.config.vocab_size
+        if depth < 1:
+            raise ValueError(f"TreeDrafter: depth must be >= 1, got {depth}")
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"TreeDrafter: top_k must be in [1, vocab_size={vocab}], got {top_k}")
+        if draft.config.candidate_mode == "per_expert" and top_k < draft.config.num_experts:
+            raise ValueError(f"TreeDrafter: per_expert mode needs top_k >= num_experts "
+                             f"({draft.config.num_experts}), got {top_k}")
+        self.draft = draft
+        self.depth, self.top_k = depth, top_k
+        self.levels = depth + 1
+        candidates = top_k + (self.levels - 1) * top_k * top_k
+        if not 2 <= total_tokens <= candidates + 1:
+            raise ValueError(f"TreeDrafter: total_tokens must be in [2, {candidates + 1}] for depth={depth}, "
+                             f"top_k={top_k}, got {total_tokens}")
+        self.total_tokens = total_tokens
+        self.slots = self.levels * top_k
+        self.words = ops.tree_mask_words(self.slots)
+        self.contrastive = draft.config.contrastive
+        self.per_expert = draft.config.candidate_mode == "per_expert"
+        self._bits = None
+
+    @property
+    def max_new_pairs(self) -> int:
+        """Most pairs one cycle commits: the root plus a full root-to-leaf path."""
+        return self.levels + 1
+
+    def new_cache(self, batch: int, committed_capacity: int) -> KVCache:
+        """A draft cache for ``committed_capacity`` committed pairs plus the tree's slots."""
+        return self.draft.new_cache(batch, committed_capacity + self.slots)
+
+    # ------------------------------------------------------------------ context pass
+    @torch.no_grad()
+    def advance(self, cache: KVCache, hidden: torch.Tensor, tokens: torch.Tensor, count: torch.Tensor) -> DraftOutput:
+        """Commits pairs and returns the features at each row's last committed pair.
+
+        hidden ``[B, W, H]`` and tokens ``[B, W]`` are right-aligned: row b's ``count[b]``
+        pairs are its last ones (the rest is padding, dropped). Returns a
+        :class:`DraftOutput` whose tensors are ``[B, 1, H]`` (experts ``[E, B, 1, H]``).
+        """
+        width = tokens.shape[1]
+        pad = width - count.to(torch.int64)
+        positions = (cache.lengths.to(torch.int64).unsqueeze(1) + torch.arange(width, device=tokens.device)
+                     - pad.unsqueeze(1)).clamp(min=0)
+        step = cache.step(width, pad=pad)
+        out = self.draft(hidden, tokens, positions, cache, step,
+                         return_contrastive=self.contrastive and self.levels == 2,
+                         return_experts=self.per_expert)
+        cache.lengths += count.to(torch.int32)
+        last = slice(width - 1, width)
+        return DraftOutput(out.mixture[:, last],
+                           None if out.contrastive is None else out.contrastive[:, last],
+                           None if out.experts is None else out.experts[:, :, last])
+
+    # ------------------------------------------------------------------ tree growth
+    def _propose(self, out: DraftOutput, contrastive: bool = False):
+        """Top-k children of every row of ``out`` ``[B, R, H]``.
+
+        Returns ``(logp [B, R, k], tokens [B, R, k], child_hidden [B, R, k, H])``: the feature a
+        child is expanded with is the one that proposed it.
+        """
+        k, head = self.top_k, self.draft.lm_head
+        if contrastive or not self.per_expert:
+            feature = out.contrastive if contrastive else out.mixture
+            top = F.log_softmax(head(feature).float(), dim=-1).topk(k, dim=-1)
+            return top.values, top.indices, feature.unsqueeze(2).expand(-1, -1, k, -1)
+        experts = out.experts.shape[0]
+        values, tokens, hiddens = [], [], []
+        for e in range(experts):
+            share = k // experts + (1 if e < k % experts else 0)
+            top = F.log_softmax(head(out.experts[e]).float(), dim=-1).topk(share, dim=-1)
+            values.append(top.values)
+            tokens.append(top.indices)
+            hiddens.append(out.experts[e].unsqueeze(2).expand(-1, -1, share, -1))
+        values, tokens = torch.cat(values, dim=-1), torch.cat(tokens, dim=-1)
+        # Two experts proposing the same token: keep the first, the copy can never be accepted.
+        same = tokens.unsqueeze(-1) == tokens.unsqueeze(-2)                       # [B, R, k, k]
+        earlier = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril(-1)
+        repeated = (same & earlier).any(-1)
+        values = values.masked_fill(repeated, float("-inf"))
+        return values, tokens, torch.cat(hiddens, dim=2)
+
+    @torch.no_grad()
+    def expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
+        """Grows one tree per row from ``context`` (see :meth:`advance`) under ``root`` int64 ``[B]``."""
+        k, batch, device = self.top_k, root.shape[0], root.device
+        if self._bits is None or self._bits.device != device:
+            self._bits = _slot_bits(self.slots, self.words, device)
+        base = cache.lengths.to(torch.int64).unsqueeze(1)                        # position of level 1
+
+        # Level 1: the root's children, all of them expanded.
+        logp, tokens, child_hidden = self._propose(context)                      # [B, 1, k]
+        scores = logp[:, 0]
+        cand_tokens, cand_scores = [tokens[:, 0]], [scores]
+        cand_parent = [torch.zeros((batch, k), dtype=torch.int64, device=device)]
+        select = _sort_desc(scores)
+        front_ids = 1 + select                                                    # global ids (root = 0)
+        front_tokens = tokens[:, 0].gather(1, select)
+        front_scores = scores.gather(1, select)
+        front_hidden = _gather_rows(child_hidden[:, 0], select)
+        front_mask = self._bits[:k].unsqueeze(0).expand(batch, -1, -1)            # [B, k, W]
+        parent_row = torch.zeros((batch, k), dtype=torch.int64, device=device)   # row in `previous`
+        previous = context
+        next_id = 1 + k
+
+        for level in range(1, self.levels):                                      # builds level + 1
+            if self.contrastive and level == self.levels - 1:
+                # CEPD: the pass over level-1 nodes predicted two steps ahead; each node of
+                # this level takes the predictions of its own parent's context.
+                logp, tokens, _ = self._propose(previous, contrastive=True)
+                logp, tokens = _gather_rows(logp, parent_row), _gather_rows(tokens, parent_row)
+                child_hidden = None
+            else:
+                step = cache.step(k, offset=(level - 1) * k, tree_mask=front_mask.contiguous(),
+                                  tree_len=level * k)
+                out = self.draft(front_hidden, front_tokens, (base + level - 1).expand(batch, k), cache, step,
+                                 return_contrastive=self.contrastive and level == self.levels - 2,
+                                 return_experts=self.per_expert)
+                logp, tokens, child_hidden = self._propose(out)                 # [B, k, k]
+                previous = out
+            cumulative = (front_scores.unsqueeze(-1) + logp).flatten(1)           # [B, k*k]
+            cand_tokens.append(tokens.flatten(1))
+            cand_scores.append(cumulative)
+            cand_parent.append(front_ids.repeat_interleave(k, dim=1))
+            if level < self.levels - 1:
+                select = _sort_desc(cumulative)[:, :k]
+                parent_row = select // k
+                front_ids = next_id + select
+                front_tokens = tokens.flatten(1).gather(1, select)
+                front_scores = cumulative.gather(1, select)
+                front_hidden = _gather_rows(child_hidden.flatten(1, 2), select)
+                front_mask = _gather_rows(front_mask, parent_row) | self._bits[level * k:(level + 1) * k]
+            next_id += k * k
+
+        return self._rerank(root, torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parent, 1))
+
+    def _rerank(self, root, tokens, scores, parent_ids) -> DraftTree:
+        """Keeps the best ``total_tokens - 1`` candidates, in id order (parents first)."""
+        keep = self.total_tokens - 1
+        chosen = _sort_desc(scores)[:, :keep].sort(dim=1).values                 # candidate indices
+        parent_id = parent_ids.gather(1, chosen)                                   # global id, root = 0
+        # Candidate index c has global id c + 1; its node index in the tree is 1 + rank in `chosen`.
+        parent_node = torch.searchsorted(chosen, (parent_id - 1).clamp(min=0)) + 1
+        parent_node = torch.where(parent_id == 0, torch.zeros_like(parent_node), parent_node)
+        batch = root.shape[0]
+        minus_one = torch.full((batch, 1), -1, dtype=torch.int64, device=root.device)
+        parents = torch.cat((minus_one, parent_node), dim=1).to(torch.int32)
+        node_tokens = torch.cat((root.unsqueeze(1), tokens.gather(1, chosen)), dim=1)
+        node_scores = torch.cat((scores.new_zeros((batch, 1)), scores.gather(1, chosen)), dim=1)
+        level = torch.zeros_like(node_tokens)
+        # Level of a candidate from its index: level 1 is [0, k), level l>1 is a k*k block.
+        k = self.top_k
+        level[:, 1:] = torch.where(chosen < k, 1, 2 + (chosen - k) // (k * k))
+        return DraftTree(node_tokens, parents, node_scores, level)

@@ -8,8 +8,9 @@
 // the tensor cores. Here one block of 8 warps covers up to 16 * 8 * RG packed
 // rows (RG row groups of 16 per warp: 128 or 256 rows), so the K/V tiles are
 // read from global memory once per (batch row, KV head) whenever G * Nq <= 256.
-// K and V tiles of kStagedKeys keys are double-buffered with cp.async: tile
-// t + 1 streams in while tile t is multiplied. Fragments come from shared memory
+// K and V tiles of kStagedKeys keys stream in through a ring of kStagedStages
+// shared-memory stages with cp.async: tiles t + 1 and t + 2 are in flight while
+// tile t is multiplied. Fragments come from shared memory
 // through ldmatrix (V with .trans, so V needs no transposing copy).
 //
 // The keys of a block are split over gridDim.z by the real length on the
@@ -27,7 +28,7 @@ namespace {
 constexpr int kStagedWarps = 8;
 constexpr int kStagedThreads = 32 * kStagedWarps;
 constexpr int kStagedKeys = 32;  // keys per pipeline stage
-constexpr int kStagedStages = 2;
+constexpr int kStagedStages = 3;  // tiles in the cp.async ring
 
 // Packed query rows one block covers with RG row groups of 16 per warp.
 template <int RG>
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
 
   const scalar_t* k_head = p.k + b * p.k_strides[0] + hkv * p.k_strides[1];
   const scalar_t* v_head = p.v + b * p.v_strides[0] + hkv * p.v_strides[1];
-  // Issues the copies of tile `tile` (relative to begin) into stage tile % 2.
+  // Issues the copies of tile `tile` (relative to begin) into its stage of the ring.
   // Keys at or past `end` are zero-filled: 0 * garbage could be NaN in P V.
   auto load_tile = [&](int64_t tile) {
     uint16_t* s_k = s_kv + (tile % kStagedStages) * 2 * kTileHalves;
@@ -179,12 +180,17 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
   // ldmatrix lane roles: which 8x8 matrix (lane / 8) and which row of it (lane % 8).
   const int mat = lane / 8, mat_row = lane % 8;
 
-  if (num_tiles > 0) load_tile(0);
-  cp_async_commit();
+  // One commit group per tile (empty past the last), so that after tile + S - 1
+  // is committed, "at most S - 1 groups pending" means tile has landed.
+  for (int64_t tile = 0; tile < kStagedStages - 1; ++tile) {
+    if (tile < num_tiles) load_tile(tile);
+    cp_async_commit();
+  }
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
-    if (tile + 1 < num_tiles) load_tile(tile + 1);  // its stage was released by the barrier ending tile - 1
-    cp_async_commit();                              // (possibly empty) so that wait<1> always means "tile"
-    cp_async_wait<1>();
+    // its stage last held tile - 1, released by the barrier ending that iteration
+    if (tile + kStagedStages - 1 < num_tiles) load_tile(tile + kStagedStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStagedStages - 1>();
     __syncthreads();  // every thread's copies of this tile are visible
 
     const uint16_t* s_k = s_kv + (tile % kStagedStages) * 2 * kTileHalves;
@@ -277,7 +283,7 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
         }
       }
     }
-    __syncthreads();  // every warp is done with this stage before tile + 2 is copied into it
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
   cp_async_wait<0>();  // no copy may outlive the block (only empty groups remain here)
 

@@ -256,14 +256,22 @@ namespace {
 
 // How many splits of the keys: enough blocks to fill the GPU twice over, but
 // never fewer than kMinKeysPerSplit keys per split. Decided from the cache size
-// S (reading the lengths would synchronise). For the scalar and mma_v1
-// kernels a split covers fixed keys and splits past a row's length exit at
-// once; the staged kernel shares each block's real length out among the
-// splits, so none idles and a split may be shorter (kMinKeysPerStagedSplit).
-int choose_splits(int64_t base_blocks, int64_t cache_size, int num_sms, bool staged) {
-  const int64_t min_keys = staged ? kMinKeysPerStagedSplit : kMinKeysPerSplit;
-  const int64_t by_length = std::max<int64_t>(1, cache_size / min_keys);
+// S (reading the lengths would synchronise); a split covers fixed keys and
+// splits past a row's length exit at once. (Scalar and mma_v1 kernels.)
+int choose_splits(int64_t base_blocks, int64_t cache_size, int num_sms) {
+  const int64_t by_length = std::max<int64_t>(1, cache_size / kMinKeysPerSplit);
   const int64_t by_occupancy = std::max<int64_t>(1, (2 * num_sms + base_blocks - 1) / base_blocks);
+  return static_cast<int>(std::min<int64_t>({by_length, by_occupancy, kMaxSplits}));
+}
+
+// Splits of the staged kernel, which shares each block's real length out
+// among them (none idles): at most one wave of blocks (`blocks_per_sm`
+// resident per SM), since a second, partial wave costs more than it spreads and
+// every split adds fp32 partial outputs (rows x D x 4 bytes, written and read
+// again by the merge); and kMinKeysPerStagedSplit keys per split of a full cache.
+int choose_staged_splits(int64_t base_blocks, int64_t cache_size, int blocks_per_sm, int num_sms) {
+  const int64_t by_length = std::max<int64_t>(1, cache_size / kMinKeysPerStagedSplit);
+  const int64_t by_occupancy = std::max<int64_t>(1, int64_t{blocks_per_sm} * num_sms / base_blocks);
   return static_cast<int>(std::min<int64_t>({by_length, by_occupancy, kMaxSplits}));
 }
 
@@ -403,12 +411,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // tiles straddle a split boundary without need.
   constexpr int64_t kSplitQuantum = std::max(kKeys, kMmaKeys);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms, kernel_kind == Kernel::kMma);
   if (kernel_kind == Kernel::kMma) {
     // The staged kernel divides each block's real key count by num_splits on
     // the device (keys_per_split unused): the count alone is decided here.
+    const int blocks_per_sm = staged_row_groups(nq * group) == 1 ? 2 : 1;  // its __launch_bounds__
+    p.num_splits = choose_staged_splits(batch * hkv * row_tiles, cache_size, blocks_per_sm, num_sms);
     p.keys_per_split = 0;
   } else {
+    p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms);
     const int64_t per_split = (cache_size + p.num_splits - 1) / p.num_splits;
     p.keys_per_split = std::max<int64_t>(kSplitQuantum, (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum);
     p.num_splits = static_cast<int>(std::max<int64_t>(1, (cache_size + p.keys_per_split - 1) / p.keys_per_split));

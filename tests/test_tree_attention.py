@@ -304,8 +304,8 @@ def test_cuda_split_and_unsplit_paths(batch, prefix, spare, kernel, monkeypatch)
 @pytest.mark.parametrize("nq, group, head_dim, causal", [(60, 4, 128, False), (60, 4, 64, True), (33, 7, 128, False),
                                                          (61, 5, 128, True), (16, 1, 64, False)])
 def test_cuda_tensor_core_row_blocks(nq, group, head_dim, causal, kernel, monkeypatch):
-    # packed rows G * Nq of 240, 231 and 305 (one 256-row block, two) and 16 (one
-    # 128-row block): every row layout of the staged kernel, with splits of a long prefix
+    # packed rows G * Nq: 240 and 231 (one 256-row block), 305 (two 256-row blocks)
+    # and 16 (one 128-row block): every row layout of the staged kernel, split prefixes
     monkeypatch.setenv(KERNEL_ENV, kernel)
     gen = torch.Generator().manual_seed(nq * group)
     inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=head_dim,
@@ -334,7 +334,8 @@ def test_cuda_kernel_choice_is_explicit(monkeypatch):
     with pytest.raises(ValueError, match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16"):
         call(base_inputs("cuda"))
     monkeypatch.setenv(KERNEL_ENV, "fastest")
-    with pytest.raises(ValueError, match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1"):
+    with pytest.raises(ValueError,
+                       match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1"):
         call(inputs)
 
 

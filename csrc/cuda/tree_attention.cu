@@ -420,7 +420,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   } else {
     p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms);
     const int64_t per_split = (cache_size + p.num_splits - 1) / p.num_splits;
-    p.keys_per_split = std::max<int64_t>(kSplitQuantum, (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum);
+    const int64_t rounded = (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum;
+    p.keys_per_split = std::max<int64_t>(kSplitQuantum, rounded);
     p.num_splits = static_cast<int>(std::max<int64_t>(1, (cache_size + p.keys_per_split - 1) / p.keys_per_split));
   }
 

@@ -131,26 +131,18 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
   const int64_t num_tiles = end > begin ? (end - begin + kStagedKeys - 1) / kStagedKeys : 0;
 
   // Row group rg of this warp holds local rows (warp + kStagedWarps * rg) * 16 + [0, 16);
-  // the thread's two rows in it are group and group + 8. Groups wholly past the
-  // real rows are skipped (the condition is uniform over the warp).
+  // the thread's two rows in it are group and group + 8 (local_row). Groups
+  // wholly past the real rows are skipped (the condition is uniform over the
+  // warp). The rows' key ranges stay in shared memory: registers are scarce.
+  auto local_row = [&](int rg, int h) { return (warp + kStagedWarps * rg) * 16 + group + 8 * h; };
   bool active[RG];
-  int local_row[RG][2];
-  int64_t dense_end[RG][2], visible_end[RG][2];
-  const uint32_t* mask_row[RG][2];
   float row_max[RG][2], row_sum[RG][2];  // row_sum: this thread's keys only
   float o[RG][D / 8][4];
 #pragma unroll
   for (int rg = 0; rg < RG; ++rg) {
-    const int first = (warp + kStagedWarps * rg) * 16;
-    active[rg] = row0 + first < packed_rows;
+    active[rg] = row0 + (warp + kStagedWarps * rg) * 16 < packed_rows;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      local_row[rg][h] = first + group + 8 * h;
-      dense_end[rg][h] = s_dense_end[local_row[rg][h]];
-      visible_end[rg][h] = s_visible_end[local_row[rg][h]];
-      const int64_t row = row0 + local_row[rg][h];
-      mask_row[rg][h] =
-          p.has_mask && row < packed_rows ? p.mask + (b * p.nq + row / p.group) * p.mask_words : nullptr;
       row_max[rg][h] = -INFINITY;
       row_sum[rg][h] = 0.f;
     }
@@ -229,9 +221,11 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
           const int64_t key = key0 + nt * 8 + 2 * tig + (e % 2);
           float score = s[nt][e] * p.scale_log2;
           if (!all_visible) {
-            bool visible = key < end && key < visible_end[rg][h];
-            if (visible && key >= dense_end[rg][h]) {
-              visible = mask_row[rg][h] != nullptr && tree_key_visible(mask_row[rg][h], tree_start, key);
+            const int r = local_row(rg, h);
+            bool visible = key < end && key < s_visible_end[r];
+            if (visible && key >= s_dense_end[r]) {  // a tree key of a real row (padding rows see none)
+              const int64_t i = (row0 + r) / p.group;
+              visible = p.has_mask && tree_key_visible(p.mask + (b * p.nq + i) * p.mask_words, tree_start, key);
             }
             if (!visible) score = -INFINITY;
           }
@@ -294,7 +288,7 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float sum = quad_sum(row_sum[rg][h]);
-      const int64_t row = row0 + local_row[rg][h];
+      const int64_t row = row0 + local_row(rg, h);
       if (row >= packed_rows) continue;
       const int64_t i = row / p.group, head = hkv * p.group + row % p.group;
       const int64_t out_row = (b * p.hq + head) * p.nq + i;

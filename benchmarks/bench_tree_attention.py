@@ -8,7 +8,11 @@ Baselines, all timed in this process on the same inputs:
   (``causal_lower_right``: the flash backend on CUDA), what a chain of the same
   size costs: our speed of light.
 - ``reference``: ``jakiro.reference.tree_attention`` (dense fp64), small cases only.
-- on CUDA, ``jakiro_scalar``: the op with its scalar (non-tensor-core) kernel forced.
+- on CUDA, ``jakiro_mma_v1``: the op with its first tensor-core kernel (64 query rows
+  per block, no copy pipeline), so the staged default (``jakiro``) shows against it;
+  ``jakiro_scalar``: the op with its scalar (non-tensor-core) kernel forced. The
+  scalar kernel and the reference run at prefix <= 2048 only (the full grid stays
+  well under a minute).
 
 KV bandwidth counts the K and V bytes of the valid keys read once, as a fraction of
 the copy bandwidth measured in-process.
@@ -35,6 +39,9 @@ CUDA_QUICK = [(1, 8, 8192), (8, 8, 2048)]
 CPU_CASES = [(1, 8, 512), (1, 8, 2048), (4, 8, 512), (1, 32, 512)]
 CPU_QUICK = [(1, 8, 256)]
 REFERENCE_MAX_ELEMENTS = 1 << 26  # scores tensor B * Hq * Nq * S (fp64) that the reference may build
+SLOW_MAX_PREFIX = 2048  # longest prefix at which the scalar kernel and the reference are timed
+# JAKIRO_TREE_ATTENTION_KERNEL value of each timed variant of the op
+KERNEL_OF_IMPL = {"jakiro": "auto", "jakiro_mma_v1": "mma_v1", "jakiro_scalar": "scalar"}
 
 
 def dense_mask(inputs) -> torch.Tensor:
@@ -78,15 +85,17 @@ def main(argv=None):
                                                                   enable_gqa=True),
         }
         if device.type == "cuda":
-            # the same op with the scalar CUDA kernel forced (fp16/bf16 otherwise use tensor cores)
-            impls["jakiro_scalar"] = impls["jakiro"]
-        if batch * HQ * N * kv_len <= REFERENCE_MAX_ELEMENTS:
+            # the same op with the other CUDA kernels forced (picked by KERNEL_OF_IMPL below)
+            impls["jakiro_mma_v1"] = impls["jakiro"]
+            if prefix <= SLOW_MAX_PREFIX:
+                impls["jakiro_scalar"] = impls["jakiro"]
+        if prefix <= SLOW_MAX_PREFIX and batch * HQ * N * kv_len <= REFERENCE_MAX_ELEMENTS:
             impls["reference"] = lambda: reference.tree_attention(q, k, v, inputs["cache_seqlens"],
                                                                   inputs["tree_mask"], N, scale)
         case = f"B={batch} Hkv={hkv} prefix={prefix}"
         base = {}
         for impl, fn in impls.items():
-            os.environ[KERNEL_ENV] = "scalar" if impl == "jakiro_scalar" else "auto"
+            os.environ[KERNEL_ENV] = KERNEL_OF_IMPL.get(impl, "auto")
             t = time_fn(fn, device, warmup=warmup, iters=iters,
                         cuda_graph=args.cuda_graph and impl.startswith("jakiro"))
             gbps = kv_bytes / (t.median_us * 1e-6) / 1e9

@@ -11,18 +11,21 @@ from jakiro.testing import make_tree_attention_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# On CUDA, fp16/bf16 inputs run the tensor-core kernel and fp32 the scalar one;
-# "cuda-scalar" forces the scalar kernel for every dtype, so both are tested.
+# On CUDA, fp16/bf16 inputs run the staged tensor-core kernel and fp32 the scalar
+# one; "cuda-scalar" forces the scalar kernel for every dtype and "cuda-mma_v1"
+# the first tensor-core kernel (for fp16/bf16; fp32 runs the scalar one), so
+# all three are tested.
 ATTENTION_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
-                     pytest.param("cuda-scalar", marks=pytest.mark.cuda)]
+                     pytest.param("cuda-scalar", marks=pytest.mark.cuda),
+                     pytest.param("cuda-mma_v1", marks=pytest.mark.cuda)]
 KERNEL_ENV = "JAKIRO_TREE_ATTENTION_KERNEL"
 
 
 @pytest.fixture(params=ATTENTION_DEVICES)
 def device(request, monkeypatch):
-    """Overrides conftest's fixture: also runs CUDA cases with the scalar kernel forced."""
-    if request.param == "cuda-scalar":
-        monkeypatch.setenv(KERNEL_ENV, "scalar")
+    """Overrides conftest's fixture: also runs CUDA cases with the other kernels forced."""
+    if request.param.startswith("cuda-"):
+        monkeypatch.setenv(KERNEL_ENV, request.param.removeprefix("cuda-"))
         return torch.device("cuda")
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     return torch.device(request.param)
@@ -284,14 +287,30 @@ def test_cuda_without_validation_is_memory_safe():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["auto", "scalar"])
-@pytest.mark.parametrize("batch, prefix", [(1, 20000), (64, 600)])
-def test_cuda_split_and_unsplit_paths(batch, prefix, kernel, monkeypatch):
-    # one long row: many splits merged by log-sum-exp; many rows: a single split
+@pytest.mark.parametrize("kernel", ["auto", "scalar", "mma_v1"])
+@pytest.mark.parametrize("batch, prefix, spare", [(1, 20000, 3), (64, 600, 3), (2, 5000, 30000)])
+def test_cuda_split_and_unsplit_paths(batch, prefix, spare, kernel, monkeypatch):
+    # one long row: many splits merged by log-sum-exp; many rows: a single split;
+    # a cache much larger than the rows: splits sized from S, shared by the real length
     monkeypatch.setenv(KERNEL_ENV, kernel)
     gen = torch.Generator().manual_seed(batch)
     inputs = make_tree_attention_inputs(batch=batch, hq=8, hkv=2, nq=16, head_dim=128, prefix_lens=prefix,
-                                        dtype=torch.bfloat16, device="cuda", generator=gen)
+                                        dtype=torch.bfloat16, device="cuda", generator=gen, spare_keys=spare)
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["mma", "mma_v1"])
+@pytest.mark.parametrize("nq, group, head_dim, causal", [(60, 4, 128, False), (60, 4, 64, True), (33, 7, 128, False),
+                                                         (61, 5, 128, True), (16, 1, 64, False)])
+def test_cuda_tensor_core_row_blocks(nq, group, head_dim, causal, kernel, monkeypatch):
+    # packed rows G * Nq: 240 and 231 (one 256-row block), 305 (two 256-row blocks)
+    # and 16 (one 128-row block): every row layout of the staged kernel, split prefixes
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    gen = torch.Generator().manual_seed(nq * group)
+    inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=head_dim,
+                                        prefix_lens=[2500, 333], dtype=torch.bfloat16, device="cuda",
+                                        generator=gen, tree_shape=None if causal else "random")
     assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
 
 
@@ -315,7 +334,8 @@ def test_cuda_kernel_choice_is_explicit(monkeypatch):
     with pytest.raises(ValueError, match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16"):
         call(base_inputs("cuda"))
     monkeypatch.setenv(KERNEL_ENV, "fastest")
-    with pytest.raises(ValueError, match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar or mma"):
+    with pytest.raises(ValueError,
+                       match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1"):
         call(inputs)
 
 

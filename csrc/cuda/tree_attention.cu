@@ -39,6 +39,7 @@ constexpr int kKeys = 32;                      // keys per tile: one per lane in
 constexpr int kRowsPerWarp = kRows / kWarps;   // softmax rows owned by one warp
 constexpr int kColGroups = kThreads / kRows;   // threads sharing one row in P·V
 constexpr int kMinKeysPerSplit = 256;          // below this a split is not worth its merge
+constexpr int kMinKeysPerStagedSplit = 128;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -247,26 +248,41 @@ __global__ void merge_splits_kernel(const float* __restrict__ partial_out, const
 }  // namespace
 }  // namespace jakiro
 
-#include "tree_attention_mma.cuh"  // the tensor-core kernel, built on Params above
+#include "tree_attention_mma.cuh"         // the first tensor-core kernel (mma_v1), built on Params above
+#include "tree_attention_mma_staged.cuh"  // the default tensor-core kernel, built on both
 
 namespace jakiro {
 namespace {
 
 // How many splits of the keys: enough blocks to fill the GPU twice over, but
 // never fewer than kMinKeysPerSplit keys per split. Decided from the cache size
-// S (reading the lengths would synchronise); splits past a row's length exit
-// at once.
+// S (reading the lengths would synchronise); a split covers fixed keys and
+// splits past a row's length exit at once. (Scalar and mma_v1 kernels.)
 int choose_splits(int64_t base_blocks, int64_t cache_size, int num_sms) {
   const int64_t by_length = std::max<int64_t>(1, cache_size / kMinKeysPerSplit);
   const int64_t by_occupancy = std::max<int64_t>(1, (2 * num_sms + base_blocks - 1) / base_blocks);
   return static_cast<int>(std::min<int64_t>({by_length, by_occupancy, kMaxSplits}));
 }
 
-// Which kernel runs: the tensor-core one for fp16/bf16 whenever its 16-byte
-// loads are legal (sm_80+, aligned pointers and strides), else the scalar
-// one. JAKIRO_TREE_ATTENTION_KERNEL=scalar forces the scalar kernel (tests run
-// both); =mma demands the tensor-core one and raises if it cannot run.
-enum class Kernel { kScalar, kMma };
+// Splits of the staged kernel, which shares each block's real length out
+// among them (none idles): at most one wave of blocks (`blocks_per_sm`
+// resident per SM), since a second, partial wave costs more than it spreads and
+// every split adds fp32 partial outputs (rows x D x 4 bytes, written and read
+// again by the merge); and kMinKeysPerStagedSplit keys per split of a full cache.
+int choose_staged_splits(int64_t base_blocks, int64_t cache_size, int blocks_per_sm, int num_sms) {
+  const int64_t by_length = std::max<int64_t>(1, cache_size / kMinKeysPerStagedSplit);
+  const int64_t by_occupancy = std::max<int64_t>(1, int64_t{blocks_per_sm} * num_sms / base_blocks);
+  return static_cast<int>(std::min<int64_t>({by_length, by_occupancy, kMaxSplits}));
+}
+
+// Which kernel runs: for fp16/bf16, whenever 16-byte loads are legal (sm_80+,
+// aligned pointers and strides), the staged tensor-core kernel, or the first
+// tensor-core kernel where the staged one's shared memory does not fit; else
+// the scalar one. JAKIRO_TREE_ATTENTION_KERNEL=scalar forces the scalar kernel;
+// =mma_v1 picks the first tensor-core kernel wherever tensor cores can run (and
+// the scalar one elsewhere), so tests and benchmarks can compare all three;
+// =mma demands the staged kernel and raises if it cannot run.
+enum class Kernel { kScalar, kMmaV1, kMma };
 
 bool aligned_16(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
@@ -276,18 +292,44 @@ bool aligned_16(const at::Tensor& t) {
   return true;
 }
 
-Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// Row groups of 16 per warp of the staged kernel: 2 (256 rows per block) when
+// one group (128 rows) would not cover the packed rows.
+int staged_row_groups(int64_t packed_rows) { return packed_rows > staged_rows<1>() ? 2 : 1; }
+
+size_t staged_shared_bytes_for(int64_t head_dim, int row_groups) {
+  if (head_dim == 64) return row_groups == 1 ? staged_shared_bytes<64, 1>() : staged_shared_bytes<64, 2>();
+  return row_groups == 1 ? staged_shared_bytes<128, 1>() : staged_shared_bytes<128, 2>();
+}
+
+Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t packed_rows) {
   const char* env = std::getenv("JAKIRO_TREE_ATTENTION_KERNEL");
   const std::string wanted = env ? env : "auto";
-  JAKIRO_CHECK(wanted == "auto" || wanted == "scalar" || wanted == "mma", kOp,
-               "JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar or mma, got ", wanted);
-  const bool mma_possible = q.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major >= 8 &&
-                            aligned_16(q) && aligned_16(k) && aligned_16(v);
+  JAKIRO_CHECK(wanted == "auto" || wanted == "scalar" || wanted == "mma" || wanted == "mma_v1", kOp,
+               "JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1, got ", wanted);
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const bool mma_possible = q.scalar_type() != at::kFloat && props->major >= 8 && aligned_16(q) && aligned_16(k) &&
+                            aligned_16(v);
+  // e.g. sm_86/sm_89 allow 99 KB per block: too little for 256 rows at D = 128
+  const bool staged_fits =
+      staged_shared_bytes_for(q.size(3), staged_row_groups(packed_rows)) <= props->sharedMemPerBlockOptin;
   if (wanted == "mma") {
     JAKIRO_CHECK(mma_possible, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16 inputs on sm_80+ with "
                  "16-byte aligned pointers and strides");
+    JAKIRO_CHECK(staged_fits, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs more shared memory per block than "
+                 "this GPU offers");
   }
-  return wanted != "scalar" && mma_possible ? Kernel::kMma : Kernel::kScalar;
+  if (wanted == "scalar" || !mma_possible) return Kernel::kScalar;
+  if (wanted == "mma_v1" || !staged_fits) return Kernel::kMmaV1;
+  return Kernel::kMma;
+}
+
+template <typename scalar_t, int D, int RG>
+void launch_staged(const Params<scalar_t>& p, const dim3& grid, cudaStream_t stream) {
+  constexpr size_t smem = staged_shared_bytes<D, RG>();
+  auto kernel = tree_attention_mma_staged_kernel<scalar_t, D, RG>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, kStagedThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int D>
@@ -297,6 +339,13 @@ void launch(const Params<scalar_t>& p, int64_t batch, int64_t row_tiles, Kernel 
                   static_cast<unsigned>(p.num_splits));
   if constexpr (!std::is_same_v<scalar_t, float>) {
     if (kernel_kind == Kernel::kMma) {
+      if (staged_row_groups(p.nq * p.group) == 1) {
+        launch_staged<scalar_t, D, 1>(p, grid, stream);
+      } else {
+        launch_staged<scalar_t, D, 2>(p, grid, stream);
+      }
+    }
+    if (kernel_kind == Kernel::kMmaV1) {
       constexpr size_t smem = mma_shared_bytes<D>();
       auto kernel = tree_attention_mma_kernel<scalar_t, D>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -326,8 +375,12 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
          const at::Tensor& mask, int64_t tree_len, double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), hq = q.size(1), nq = q.size(2), head_dim = q.size(3);
   const int64_t hkv = k.size(1), cache_size = k.size(2), group = hq / hkv;
-  const Kernel kernel_kind = choose_kernel(q, k, v);
-  const int64_t rows_per_block = kernel_kind == Kernel::kMma ? kMmaRows : kRows;
+  const Kernel kernel_kind = choose_kernel(q, k, v, nq * group);
+  int64_t rows_per_block = kRows;
+  if (kernel_kind == Kernel::kMmaV1) rows_per_block = kMmaRows;
+  if (kernel_kind == Kernel::kMma) {
+    rows_per_block = staged_row_groups(nq * group) == 1 ? staged_rows<1>() : staged_rows<2>();
+  }
   const int64_t row_tiles = (nq * group + rows_per_block - 1) / rows_per_block;
   JAKIRO_CHECK(row_tiles <= kMaxGridYZ, kOp, "too many query rows: Nq * Hq / Hkv = ", nq * group,
                " exceeds the CUDA kernel's limit of ", kMaxGridYZ * rows_per_block);
@@ -358,10 +411,19 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // tiles straddle a split boundary without need.
   constexpr int64_t kSplitQuantum = std::max(kKeys, kMmaKeys);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms);
-  const int64_t per_split = (cache_size + p.num_splits - 1) / p.num_splits;
-  p.keys_per_split = std::max<int64_t>(kSplitQuantum, (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum);
-  p.num_splits = static_cast<int>(std::max<int64_t>(1, (cache_size + p.keys_per_split - 1) / p.keys_per_split));
+  if (kernel_kind == Kernel::kMma) {
+    // The staged kernel divides each block's real key count by num_splits on
+    // the device (keys_per_split unused): the count alone is decided here.
+    const int blocks_per_sm = staged_row_groups(nq * group) == 1 ? 2 : 1;  // its __launch_bounds__
+    p.num_splits = choose_staged_splits(batch * hkv * row_tiles, cache_size, blocks_per_sm, num_sms);
+    p.keys_per_split = 0;
+  } else {
+    p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms);
+    const int64_t per_split = (cache_size + p.num_splits - 1) / p.num_splits;
+    const int64_t rounded = (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum;
+    p.keys_per_split = std::max<int64_t>(kSplitQuantum, rounded);
+    p.num_splits = static_cast<int>(std::max<int64_t>(1, (cache_size + p.keys_per_split - 1) / p.keys_per_split));
+  }
 
   at::Tensor partial_out, partial_lse;
   if (p.num_splits > 1) {

@@ -299,8 +299,16 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
         ``nn.Linear`` stack would do.
 
     Differentiable with respect to all four inputs (``torch.library.register_autograd``). The
-    backward runs every expert on every token as batched GEMMs: the gradient with respect to a
+    backward runs every expert on every token as GEMMs: the gradient with respect to a
     zero coefficient is the expert's output, which the forward did not compute.
+
+    CUDA implementations, chosen by the environment variable ``JAKIRO_EXPERT_MLP_KERNEL``
+    (read on every call): ``auto`` (default) streams each expert's weights once through
+    tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above
+    runs every expert on every token with cuBLAS (an expert's output still reaches only the
+    tokens routed to it; its gate and up products are rounded to x's dtype before SwiGLU);
+    ``v1`` the first kernels; ``cublas`` the cuBLAS path at every T. Any other value is a
+    ValueError.
 
     No host synchronisation on CUDA (CUDA-graph safe).
 
@@ -328,6 +336,12 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
 
     Returns:
         ``[T, N]`` in x's dtype, accumulated in fp32 (fp64 for float64).
+
+    CUDA implementations (``JAKIRO_EXPERT_MLP_KERNEL``, see ``expert_mlp``): with ``auto``,
+    ``T <= 64`` streams each expert's weights once through tensor cores, ``T <= 512`` runs a
+    tile kernel, and larger T one cuBLAS product per expert, which reads the offsets back to
+    the host (one synchronisation, even with ``validate=False``; under CUDA-graph capture the
+    tile kernel runs instead). ``cublas`` takes that path at every T, ``v1`` never.
 
     Raises:
         ValueError: naming the argument, for a wrong rank, size, dtype or device, or offsets that

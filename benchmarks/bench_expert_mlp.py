@@ -8,7 +8,10 @@ Routing is Jakiro's: E=2 experts, R=2 heads (a softmax head and a signed
 contrastive head), so every expert runs on every token. Reports GB/s of the
 weight + activation traffic and TFLOP/s, and % of the measured copy bandwidth.
 grouped_gemm is timed against a per-expert torch.mm loop and torch._grouped_mm.
+On CUDA "jakiro" is the default implementation (JAKIRO_EXPERT_MLP_KERNEL=auto)
+and "jakiro_v1" the first kernels, side by side.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +79,29 @@ def jakiro_op(x, w_gate_up, w_down, coeff):
     return ops.expert_mlp(x, w_gate_up, w_down, coeff)
 
 
+def with_kernel(kernel, fn):
+    """fn run with JAKIRO_EXPERT_MLP_KERNEL=kernel (read by the CUDA op on every call)."""
+    def call(*args, **kwargs):
+        previous = os.environ.get("JAKIRO_EXPERT_MLP_KERNEL")
+        os.environ["JAKIRO_EXPERT_MLP_KERNEL"] = kernel
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if previous is None:
+                del os.environ["JAKIRO_EXPERT_MLP_KERNEL"]
+            else:
+                os.environ["JAKIRO_EXPERT_MLP_KERNEL"] = previous
+    return call
+
+
+def jakiro_impls(fn, device):
+    """The op's implementations to time: the default, plus the first kernels on CUDA."""
+    impls = {"jakiro": with_kernel("auto", fn)}
+    if device.type == "cuda":
+        impls["jakiro_v1"] = with_kernel("v1", fn)
+    return impls
+
+
 def gemm_loop(x, w, offsets):
     """A per-expert loop of torch.mm; the offsets are read on the host (one synchronisation)."""
     out = x.new_empty(x.shape[0], w.shape[1])
@@ -93,8 +119,8 @@ def bench_grouped_gemm(args, device, dtype, peak, warmup, iters, gen):
         x = torch.randn(tokens, k, generator=gen).to(device, dtype)
         w = (torch.randn(experts, n, k, generator=gen) / k**0.5).to(device, dtype)
         offsets = make_expert_offsets(tokens, experts, generator=gen).to(device)
-        impls = {"jakiro": lambda: ops.grouped_gemm(x, w, offsets, validate=False),
-                 "mm_loop": lambda: gemm_loop(x, w, offsets)}
+        impls = jakiro_impls(lambda: ops.grouped_gemm(x, w, offsets, validate=False), device)
+        impls["mm_loop"] = lambda: gemm_loop(x, w, offsets)
         if hasattr(torch, "_grouped_mm"):
             ends = offsets[1:].contiguous()
             impls["torch._grouped_mm"] = lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
@@ -103,7 +129,7 @@ def bench_grouped_gemm(args, device, dtype, peak, warmup, iters, gen):
         rows = []
         for impl, fn in impls.items():
             try:
-                t = time_fn(fn, device, warmup=warmup, iters=iters, cuda_graph=args.cuda_graph and impl == "jakiro")
+                t = time_fn(fn, device, warmup=warmup, iters=iters, cuda_graph=args.cuda_graph and impl.startswith("jakiro"))
             except (RuntimeError, NotImplementedError) as exc:
                 print(f"skipping {impl} on {case}: {str(exc).splitlines()[0]}", file=sys.stderr)
                 continue
@@ -132,7 +158,7 @@ def main(argv=None):
     report.meta["dtype"] = str(dtype)
     report.meta["copy_bandwidth_GBps"] = peak = measure_copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
-    impls = {"jakiro": jakiro_op, "authors_block": authors_block, "mm_loop": mm_loop}
+    impls = {**jakiro_impls(jakiro_op, device), "authors_block": authors_block, "mm_loop": mm_loop}
     if hasattr(torch, "_grouped_mm"):
         impls["torch._grouped_mm"] = grouped_mm
     for name, hidden, inter, tokens, training in QUICK_CASES if args.quick else CASES:
@@ -152,7 +178,7 @@ def main(argv=None):
             call = training_step(fn, inputs, grad) if training else (lambda fn=fn: fn(*inputs))
             try:
                 t = time_fn(call, device, warmup=warmup, iters=iters,
-                            cuda_graph=args.cuda_graph and impl == "jakiro" and not training)
+                            cuda_graph=args.cuda_graph and impl.startswith("jakiro") and not training)
             except (RuntimeError, NotImplementedError) as exc:  # e.g. _grouped_mm on an unsupported device
                 print(f"skipping {impl} on {case}: {str(exc).splitlines()[0]}", file=sys.stderr)
                 continue

@@ -308,8 +308,16 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
         ``nn.Linear`` stack would do.
 
     Differentiable with respect to all four inputs (``torch.library.register_autograd``). The
-    backward runs every expert on every token as batched GEMMs: the gradient with respect to a
+    backward runs every expert on every token as GEMMs: the gradient with respect to a
     zero coefficient is the expert's output, which the forward did not compute.
+
+    CUDA implementations, chosen by the environment variable ``JAKIRO_EXPERT_MLP_KERNEL``
+    (read on every call): ``auto`` (default) streams each expert's weights once through
+    tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above
+    runs every expert on every token with cuBLAS (an expert's output still reaches only the
+    tokens routed to it; its gate and up products are rounded to x's dtype before SwiGLU);
+    ``v1`` the first kernels; ``cublas`` the cuBLAS path at every T. Any other value is a
+    ValueError.
 
     No host synchronisation on CUDA (CUDA-graph safe).
 
@@ -338,6 +346,12 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
     Returns:
         ``[T, N]`` in x's dtype, accumulated in fp32 (fp64 for float64).
 
+    CUDA implementations (``JAKIRO_EXPERT_MLP_KERNEL``, see ``expert_mlp``): with ``auto``,
+    ``T <= 64`` streams each expert's weights once through tensor cores, ``T <= 512`` runs a
+    tile kernel, and larger T one cuBLAS product per expert, which reads the offsets back to
+    the host (one synchronisation, even with ``validate=False``; under CUDA-graph capture the
+    tile kernel runs instead). ``cublas`` takes that path at every T, ``v1`` never.
+
     Raises:
         ValueError: naming the argument, for a wrong rank, size, dtype or device, or offsets that
             do not start at 0, decrease, or do not end at T.
@@ -364,14 +378,18 @@ def _expert_mlp_setup_context(ctx, inputs, output):
 
 
 def _expert_mlp_backward(ctx, grad_out):
-    # Every expert on every token, as batched (equal-group) GEMMs: tokens an expert skipped
-    # have a zero output gradient, so they add nothing to dx or the weight gradients, and
-    # their coefficient gradient needs the expert's output anyway.
+    # Every expert on every token, as large GEMMs: x is shared by the experts, so their
+    # gate/up products are ONE mm against the stacked [E * 2I, H] rows, and so are the
+    # gradients of x and w_gate_up; the down products are batched. Tokens an expert
+    # skipped have a zero output gradient, so they add nothing to dx or the weight
+    # gradients, and their coefficient gradient needs the expert's output anyway.
     x, w_gate_up, w_down, coeff = ctx.saved_tensors
     need_x, need_w_gate_up, need_w_down, need_coeff = ctx.needs_input_grad
-    experts, intermediate = w_down.shape[0], w_down.shape[2]
-    xs = x.unsqueeze(0).expand(experts, -1, -1)                       # [E, T, H]
-    gate, up = torch.bmm(xs, w_gate_up.transpose(1, 2)).split(intermediate, dim=-1)
+    experts, hidden, intermediate = w_down.shape
+    tokens = x.shape[0]
+    w_stacked = w_gate_up.reshape(experts * 2 * intermediate, hidden)
+    gate_up = (x @ w_stacked.T).view(tokens, experts, 2 * intermediate).transpose(0, 1)  # [E, T, 2I]
+    gate, up = gate_up.split(intermediate, dim=-1)
     sig = torch.sigmoid(gate)
     act = gate * sig                                                  # silu(gate)
     h = act * up                                                      # [E, T, I]
@@ -388,11 +406,12 @@ def _expert_mlp_backward(ctx, grad_out):
         grad_h = torch.bmm(grad_y, w_down)                            # [E, T, I]
         grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))        # silu'(g) = s (1 + g (1 - s))
         grad_up = grad_h * act
-        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)        # [E, T, 2I]
+        # [T, E * 2I], the layout of gate_up before the transpose.
+        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1).transpose(0, 1).reshape(tokens, -1)
         if need_w_gate_up:
-            grad_w_gate_up = torch.bmm(grad_gate_up.transpose(1, 2), xs)  # [E, 2I, H]
+            grad_w_gate_up = (grad_gate_up.T @ x).view(experts, 2 * intermediate, hidden)
         if need_x:
-            grad_x = torch.bmm(grad_gate_up, w_gate_up).sum(0)        # [T, H]
+            grad_x = grad_gate_up @ w_stacked                         # [T, H]
     return grad_x, grad_w_gate_up, grad_w_down, grad_coeff
 
 

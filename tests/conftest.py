@@ -27,3 +27,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+# The CUDA implementations of expert_mlp / grouped_gemm (JAKIRO_EXPERT_MLP_KERNEL,
+# csrc/include/jakiro/grouped_kernel_choice.h); tests taking this fixture run once per value.
+GROUPED_KERNELS = ["auto", "v1", "cublas"]
+
+
+@pytest.fixture(params=GROUPED_KERNELS)
+def grouped_kernel(request, monkeypatch):
+    monkeypatch.setenv("JAKIRO_EXPERT_MLP_KERNEL", request.param)
+    return request.param

@@ -5,9 +5,11 @@ largest absolute reference value, with the reference computed in fp32 (fp64 for
 float64). fp32 1e-4 (reduction order only); fp16 5e-3 and bf16 3e-2: the output
 is rounded to the dtype (2^-11 / 2^-8 relative), and on CUDA the SwiGLU
 activations are rounded to it between the two products.
-On CUDA, T <= 64 runs the weight-streaming kernels (8-position tiles for
-T <= 8, 32-position tiles above) and larger T the tile kernels; the T grid
-below covers all three, with and without 16-byte loads.
+On CUDA, JAKIRO_EXPERT_MLP_KERNEL picks the implementation (auto: tensor-core
+weight streaming for T <= 64, cuBLAS above; v1: SIMT weight streaming with 8-
+or 32-position tiles, WMMA tile kernel above; cublas: cuBLAS at every T). The
+tests taking the grouped_kernel fixture run every one of them, with T around
+each switch point and each tile size, with and without 16-byte loads.
 """
 import pytest
 import torch
@@ -89,6 +91,45 @@ def test_all_zero_coefficients_give_exact_zeros(device):
     x, wgu, wd, coeff = make_expert_mlp_inputs(70, 64, 64, 2, 2, device=device)
     out = ops.expert_mlp(x, wgu, wd, torch.zeros_like(coeff))
     assert torch.equal(out.cpu(), torch.zeros(2, 70, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden, inter", [(64, 80), (576, 40), (136, 1000), (61, 37)])
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 16, 17, 33, 64, 65, 300])
+def test_every_cuda_kernel(grouped_kernel, tokens, hidden, inter, dtype):
+    # H and I not multiples of the 32/16-row blocks or of the 128-wide k stages; 61 and 37
+    # forbid 16-byte loads (the scalar fallbacks).
+    pattern = ["top2", "signed", "zero_rows"][tokens % 3]
+    check(torch.device("cuda"), tokens, hidden, inter, 3, 2, pattern, dtype, seed=tokens + hidden)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("experts", [1, 2, 8])
+def test_every_cuda_kernel_routing(grouped_kernel, experts):
+    for tokens in (5, 60, 130):
+        check(torch.device("cuda"), tokens, 64, 48, experts, 2, "top1", torch.bfloat16, seed=experts)
+
+
+@pytest.mark.cuda
+def test_unknown_kernel_name_raises(monkeypatch):
+    monkeypatch.setenv("JAKIRO_EXPERT_MLP_KERNEL", "fastest")
+    x, wgu, wd, coeff = make_expert_mlp_inputs(4, 16, 8, 2, 2, device="cuda")
+    with pytest.raises(ValueError, match="expert_mlp: environment variable JAKIRO_EXPERT_MLP_KERNEL"):
+        ops.expert_mlp(x, wgu, wd, coeff)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [10, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skipped_experts_are_not_run_by_any_cuda_kernel(grouped_kernel, tokens, dtype):
+    x, wgu, wd, _ = make_expert_mlp_inputs(tokens, 64, 32, 2, 2, dtype=dtype, device="cuda")
+    wd[1] = float("nan")
+    coeff = make_coeff("dense", tokens, 2, 2).cuda()
+    coeff[:, :, 1] = 0
+    out = ops.expert_mlp(x, wgu, wd, coeff)
+    ref = reference.expert_mlp(x, wgu[:1], wd[:1], coeff[:, :, :1])
+    assert (out.float() - ref.float()).abs().max() <= TOLERANCE[dtype] * ref.float().abs().max()
 
 
 def test_skipped_experts_are_not_run(device):
@@ -191,7 +232,7 @@ def test_backward_compiles_with_torch_compile():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [10, 300])
-def test_cuda_graph_capture(tokens):
+def test_cuda_graph_capture(grouped_kernel, tokens):
     # No host synchronisation: the op must capture and replay, with new routing each time.
     x, wgu, wd, coeff = make_expert_mlp_inputs(tokens, 128, 64, 4, 2, "top2", torch.bfloat16, "cuda")
     ops.expert_mlp(x, wgu, wd, coeff)

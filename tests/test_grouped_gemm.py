@@ -1,9 +1,11 @@
 """grouped_gemm: kernels vs the reference, empty experts, offsets validation.
 
 Tolerance: largest absolute error over largest absolute reference value (fp32
-reference); fp32 1e-4, fp16 5e-3, bf16 3e-2 (output rounding). On CUDA, T <= 64
-runs the weight-streaming kernel (8-position tiles for T <= 8) and larger T the
-tile kernel.
+reference); fp32 1e-4, fp16 5e-3, bf16 3e-2 (output rounding). On CUDA,
+JAKIRO_EXPERT_MLP_KERNEL picks the implementation (auto: tensor-core weight
+streaming for T <= 64, the tile kernel up to 512, cuBLAS above; v1: SIMT
+weight streaming, then the tile kernel; cublas: cuBLAS at every T); tests
+taking the grouped_kernel fixture run every one.
 """
 import pytest
 import torch
@@ -44,6 +46,21 @@ def test_matches_reference(device, tokens, experts, empty):
 @pytest.mark.parametrize("tokens", [5, 40, 200])
 def test_sizes_and_dtypes(device, tokens, k, n, dtype):
     check(device, tokens, k, n, 4, dtype, empty=1, seed=k + n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k, n", [(64, 80), (576, 1000), (1000, 64), (61, 37), (136, 40)])
+@pytest.mark.parametrize("tokens", [1, 5, 9, 17, 40, 64, 65, 200, 600])
+def test_every_cuda_kernel(grouped_kernel, tokens, k, n, dtype):
+    check(torch.device("cuda"), tokens, k, n, 4, dtype, empty=1, seed=k + n + tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("experts", [1, 3, 64])
+def test_every_cuda_kernel_many_experts(grouped_kernel, experts):
+    for tokens in (1, 50, 700):
+        check(torch.device("cuda"), tokens, 128, 96, experts, torch.bfloat16, empty=experts // 3, seed=experts)
 
 
 def test_large(device):
@@ -94,8 +111,8 @@ def test_bad_input_raises_clear_error(device, make_bad, message):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tokens", [10, 300])
-def test_cuda_without_validation_is_memory_safe(tokens):
+@pytest.mark.parametrize("tokens", [10, 300, 700])
+def test_cuda_without_validation_is_memory_safe(grouped_kernel, tokens):
     x, w, _ = make_inputs(tokens, 64, 32, 3, device="cuda")
     for bad in ([5, -100, 2**30, 7], [0, 2**31 - 1, -(2**31), tokens]):
         ops.grouped_gemm(x, w, torch.tensor(bad, dtype=torch.int32, device="cuda"), validate=False)

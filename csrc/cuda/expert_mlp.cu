@@ -1,15 +1,31 @@
-// CUDA kernels of expert_mlp, in three steps on the device (no host reads):
+// CUDA kernels of expert_mlp. JAKIRO_EXPERT_MLP_KERNEL (grouped_kernel_choice.h)
+// picks the implementation; none reads anything back to the host.
+//
+// Many tokens (T > 64, or "cublas"): every expert on every token with cuBLAS
+// (x against all experts' gate/up rows in ONE mm, SwiGLU, a strided bmm for
+// the down products) and combine_kernel, which adds only routed experts. With
+// Jakiro's few experts (E = 2, mostly both routed) little work is wasted, and
+// the routing stays on the device (graph capturable). Many experts with top-k
+// routing would want a routed (gathered) cuBLAS path instead.
+//
+// Few tokens (T <= 64), in three steps on the device:
 //   1. route_kernel: per expert, the list of tokens with a non-zero coefficient
 //      in any head (positions e*T .. e*T + count_e), and each token's position.
 //   2. gate/up product with the SwiGLU epilogue: h[pos] = silu(g) * u.
-//   3. down product. Few tokens: the weight-streaming kernel adds
-//      coeff[t, r, e] * y straight into an fp32 accumulator per head (the
-//      combine fused into the product). Many tokens: the tensor-core tile
-//      kernel writes y per position and combine_kernel sums the heads.
+//   3. down product: the weight-streaming kernel adds coeff[t, r, e] * y
+//      straight into an fp32 accumulator per head (the combine fused into
+//      the product).
+// The weight-streaming kernel is mma_stream_kernel (tensor cores, every
+// expert's weights read once for all its tokens) for fp16/bf16 on sm_80+, and
+// stream_kernel otherwise. "v1" selects the first implementation: stream_kernel
+// for T <= 64 and the WMMA tile kernel plus combine_kernel above.
 // Each expert's weights are read once per pass for all of its tokens; tokens
 // routed elsewhere cost nothing.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -18,7 +34,9 @@
 
 #include "jakiro/checks.h"
 #include "jakiro/cuda_dispatch.cuh"
+#include "jakiro/grouped_kernel_choice.h"
 #include "jakiro/grouped_kernels.cuh"
+#include "jakiro/grouped_mma_stream.cuh"
 #include "jakiro/moe.h"
 
 namespace jakiro {
@@ -81,7 +99,8 @@ __global__ void __launch_bounds__(kRouteThreads)
   }
 }
 
-// out[r, t, n] = sum over routed experts e of coeff[t, r, e] * y[position_of[e*T + t], n].
+// out[r, t, n] = sum over routed experts e of coeff[t, r, e] * y[position_of[e*T + t], n];
+// with position_of null, y is dense ([E, T, n]) and position e*T + t is used when routed.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const T* __restrict__ y, const int32_t* __restrict__ position_of,
@@ -95,7 +114,10 @@ __global__ void __launch_bounds__(kCombineThreads)
 #pragma unroll
     for (int r = 0; r < kMaxRoutingHeads; ++r) sum[r] = 0.f;
     for (int e = 0; e < experts; ++e) {
-      const int32_t pos = position_of[e * tokens + t];
+      // Dense y holds every expert's output, but tokens an expert is not routed to
+      // must not see it (it may be inf or NaN): the same rule as route_kernel.
+      const int64_t pos = position_of ? position_of[e * tokens + t]
+                                      : (routed(coeff, t, heads, experts, e) ? e * tokens + t : -1);
       if (pos < 0) continue;
       const float v = grouped::to_float(y[pos * n + c]);
 #pragma unroll
@@ -110,6 +132,25 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 }
 
+// Every expert on every token with cuBLAS, then the per-head combine (see the top).
+at::Tensor expert_mlp_dense(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                            const at::Tensor& coeff, const ExpertMlpShape& s, at::Tensor& out) {
+  const int64_t E = s.experts, T = s.tokens, H = s.hidden, I = s.intermediate;
+  const at::Tensor gate_up = at::mm(x, w_gate_up.view({E * 2 * I, H}).t()).view({T, E, 2, I});
+  const at::Tensor h = at::silu(gate_up.select(2, 0)).mul_(gate_up.select(2, 1)).contiguous();  // [T, E, I]
+  const at::Tensor y = at::bmm(h.transpose(0, 1), w_down.transpose(1, 2)).contiguous();           // [E, T, H]
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_cuda_float(x.scalar_type(), "expert_mlp", "x", [&](auto tag) {
+    using T_ = decltype(tag);
+    const int64_t blocks = std::min<int64_t>((T * H + kCombineThreads - 1) / kCombineThreads, 8192);
+    combine_kernel<T_><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(
+        reinterpret_cast<const T_*>(y.const_data_ptr()), nullptr, coeff.const_data_ptr<float>(),
+        reinterpret_cast<T_*>(out.mutable_data_ptr()), T, static_cast<int>(s.heads), static_cast<int>(E), H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_in, const at::Tensor& w_down_in,
                            const at::Tensor& coeff_in) {
   constexpr const char* op = "expert_mlp";
@@ -120,8 +161,15 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
   const at::Tensor x = x_in.contiguous(), w_gate_up = w_gate_up_in.contiguous(), w_down = w_down_in.contiguous();
   const at::Tensor coeff = coeff_in.to(at::kFloat).contiguous();
 
+  const GroupedKernel kernel = grouped_kernel_choice(op);
+
   at::Tensor out = at::empty({s.heads, s.tokens, s.hidden}, x.options());
   if (s.tokens == 0) return out;
+  if (kernel == GroupedKernel::kCublas || (kernel == GroupedKernel::kAuto && s.tokens > kStreamMaxTokens)) {
+    return expert_mlp_dense(x, w_gate_up, w_down, coeff, s, out);
+  }
+  const bool use_mma = kernel == GroupedKernel::kAuto;  // v1 keeps stream_kernel (and the tile kernel)
+  const int device_major = at::cuda::getCurrentDeviceProperties()->major;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t positions = s.experts * s.tokens;
   const auto int_options = x.options().dtype(at::kInt);
@@ -157,7 +205,9 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
     up.k = static_cast<int32_t>(s.hidden);
     up.out = reinterpret_cast<T*>(h.mutable_data_ptr());
     const bool up_vec = grouped::can_vectorize<T>(s.hidden, {up.src, up.w});
-    if (small) {
+    if (small && use_mma && grouped::mma_stream_supported<T>(up_vec, s.experts, device_major)) {
+      grouped::launch_mma_stream<T, grouped::Epilogue::kSwiGLU>(up, s.tokens, stream);
+    } else if (small) {
       grouped::launch_stream<T, grouped::Epilogue::kSwiGLU>(up, up_vec, s.tokens, stream);
     } else {
       grouped::launch_tile<T, true>(up, up_vec, max_tiles, stream);
@@ -184,7 +234,11 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
       down.out_tokens = token_of.const_data_ptr<int32_t>();
       down.heads = static_cast<int32_t>(s.heads);
       down.tokens = s.tokens;
-      grouped::launch_stream<T, grouped::Epilogue::kCombine>(down, down_vec, s.tokens, stream);
+      if (use_mma && grouped::mma_stream_supported<T>(down_vec, s.experts, device_major)) {
+        grouped::launch_mma_stream<T, grouped::Epilogue::kCombine>(down, s.tokens, stream);
+      } else {
+        grouped::launch_stream<T, grouped::Epilogue::kCombine>(down, down_vec, s.tokens, stream);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!fp32) out.copy_(acc);
     } else {

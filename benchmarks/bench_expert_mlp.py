@@ -8,8 +8,8 @@ Routing is Jakiro's: E=2 experts, R=2 heads (a softmax head and a signed
 contrastive head), so every expert runs on every token. Reports GB/s of the
 weight + activation traffic and TFLOP/s, and % of the measured copy bandwidth.
 grouped_gemm is timed against a per-expert torch.mm loop and torch._grouped_mm.
-On CUDA "jakiro" is the default implementation (JAKIRO_EXPERT_MLP_KERNEL=auto)
-and "jakiro_v1" the first kernels, side by side.
+On CUDA "jakiro" is the default implementation (JAKIRO_EXPERT_MLP_KERNEL=v1) and
+"jakiro_auto" the opt-in tensor-core / cuBLAS paths, side by side.
 """
 import os
 import sys
@@ -95,10 +95,10 @@ def with_kernel(kernel, fn):
 
 
 def jakiro_impls(fn, device):
-    """The op's implementations to time: the default, plus the first kernels on CUDA."""
-    impls = {"jakiro": with_kernel("auto", fn)}
+    """The op's implementations to time: the default (v1), plus the opt-in kernels on CUDA."""
+    impls = {"jakiro": with_kernel("v1", fn)}
     if device.type == "cuda":
-        impls["jakiro_v1"] = with_kernel("v1", fn)
+        impls["jakiro_auto"] = with_kernel("auto", fn)
     return impls
 
 

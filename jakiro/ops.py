@@ -312,12 +312,13 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
     zero coefficient is the expert's output, which the forward did not compute.
 
     CUDA implementations, chosen by the environment variable ``JAKIRO_EXPERT_MLP_KERNEL``
-    (read on every call): ``auto`` (default) streams each expert's weights once through
-    tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above
-    runs every expert on every token with cuBLAS (an expert's output still reaches only the
-    tokens routed to it; its gate and up products are rounded to x's dtype before SwiGLU);
-    ``v1`` the first kernels; ``cublas`` the cuBLAS path at every T. Any other value is a
-    ValueError.
+    (read on every call): ``v1`` (the default) is the first kernels, verified on an H100:
+    SIMT weight streaming for ``T <= 64``, a WMMA tile kernel above. ``auto`` (opt-in: compiled
+    and covered by CUDA tests, not yet run on a GPU) streams each expert's weights once through
+    tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above runs
+    every expert on every token with cuBLAS (an expert's output still reaches only the tokens
+    routed to it; its gate and up products are rounded to x's dtype before SwiGLU); ``cublas``
+    the cuBLAS path at every T. Any other value is a ValueError.
 
     No host synchronisation on CUDA (CUDA-graph safe).
 
@@ -346,7 +347,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
     Returns:
         ``[T, N]`` in x's dtype, accumulated in fp32 (fp64 for float64).
 
-    CUDA implementations (``JAKIRO_EXPERT_MLP_KERNEL``, see ``expert_mlp``): with ``auto``,
+    CUDA implementations (``JAKIRO_EXPERT_MLP_KERNEL``, see ``expert_mlp``): ``v1`` (default)
+    streams the weights for ``T <= 64`` rows and runs a tile kernel above; with ``auto``,
     ``T <= 64`` streams each expert's weights once through tensor cores, ``T <= 512`` runs a
     tile kernel, and larger T one cuBLAS product per expert, which reads the offsets back to
     the host (one synchronisation, even with ``validate=False``; under CUDA-graph capture the

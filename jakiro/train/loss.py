@@ -1,0 +1,103 @@
+"""The Jakiro training loss (DESIGN.md §8; method: reference/jakiro-method.md §5.3).
+
+A training sequence of S tokens gives the draft S-1 positions: position ``t`` reads
+``(f_t, x_{t+1})`` and its mixture feature is compared with ``f_{t+1}``, its contrastive
+feature with ``f_{t+2}`` (one step further ahead, so the contrastive branch has one
+position less). Each comparison is a feature regression (SmoothL1, mean over H) plus a
+cross-entropy against the target's own next-token distribution ``p* = softmax(head(f))``
+through the frozen LM head in float32:
+
+    L = v_w * (v_mix + c * v_con) + p_w * (ce_mix + c * ce_con),   v_w=1, p_w=0.1, c=0.5
+
+The EAGLE-2 configuration (no contrastive head) uses ``v_w * v_mix + p_w * ce_mix``.
+Every term is averaged over the positions whose *predicted* feature belongs to an
+assistant token (``loss_mask`` of the token the compared feature sits on).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    feature: float = 1.0        # v_w
+    probability: float = 0.1    # p_w
+    contrastive: float = 0.5    # c
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor          # the scalar to minimise
+    metrics: dict               # per-branch losses and accuracies (python floats, detached)
+
+
+def _head_logits(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    bias = None if getattr(head, "bias", None) is None else head.bias.float()
+    return F.linear(features.float(), head.weight.float(), bias)
+
+
+def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, head: torch.nn.Module):
+    """Feature loss, CE loss, top-1 and top-3 accuracy of one branch.
+
+    ``pred`` and ``target`` are ``[B, T, H]``, ``mask`` is ``[B, T]`` (0/1). Returns
+    ``(smooth_l1, cross_entropy, top1, top3)``; the last two are detached fractions.
+    """
+    mask = mask.float()
+    count = mask.sum().clamp_min(1.0)   # an all-masked batch contributes zero, not NaN
+    regression = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
+    feature_loss = (regression * mask).sum() / count
+    with torch.no_grad():
+        target_logits = _head_logits(head, target)
+        target_probs = torch.softmax(target_logits, dim=-1)
+        target_token = target_logits.argmax(-1)
+    logits = _head_logits(head, pred)
+    cross_entropy = -(target_probs * torch.log_softmax(logits, dim=-1)).sum(-1)
+    ce_loss = (cross_entropy * mask).sum() / count
+    with torch.no_grad():
+        top3 = logits.topk(min(3, logits.shape[-1]), dim=-1).indices
+        top1_hit = (top3[..., 0] == target_token).float()
+        top3_hit = (top3 == target_token.unsqueeze(-1)).any(-1).float()
+        top1 = (top1_hit * mask).sum() / count
+        top3_acc = (top3_hit * mask).sum() / count
+    return feature_loss, ce_loss, top1, top3_acc
+
+
+def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, features: torch.Tensor,
+                loss_mask: torch.Tensor, head: torch.nn.Module,
+                weights: LossWeights = LossWeights()) -> LossOutput:
+    """The Jakiro loss (or the EAGLE loss when ``contrastive`` is None).
+
+    Args:
+        mixture: ``[B, S-1, H]`` the draft's mixture features at positions ``0..S-2``.
+        contrastive: ``[B, S-1, H]`` its contrastive features, or None (EAGLE-2 draft).
+        features: ``[B, S, H]`` the target's features ``f_0..f_{S-1}``.
+        loss_mask: ``[B, S]`` 1 on the tokens whose features are trained on (assistant tokens,
+            0 on padding).
+        head: the target's LM head (frozen; read in float32).
+    """
+    batch, length, hidden = features.shape
+    if mixture.shape != (batch, length - 1, hidden):
+        raise ValueError(f"jakiro_loss: mixture must be [B, S-1, H] = {(batch, length - 1, hidden)}, "
+                         f"got {tuple(mixture.shape)}")
+    if contrastive is not None and contrastive.shape != mixture.shape:
+        raise ValueError(f"jakiro_loss: contrastive must be shaped like mixture, got {tuple(contrastive.shape)}")
+    if loss_mask.shape != (batch, length):
+        raise ValueError(f"jakiro_loss: loss_mask must be [B, S] = {(batch, length)}, got {tuple(loss_mask.shape)}")
+    next_features, next_mask = features[:, 1:], loss_mask[:, 1:]          # f_{t+1} for position t
+    v_mix, ce_mix, top1_mix, top3_mix = branch_terms(mixture, next_features, next_mask, head)
+    loss = weights.feature * v_mix + weights.probability * ce_mix
+    metrics = {"loss_feature_mixture": v_mix, "loss_ce_mixture": ce_mix,
+               "top1_mixture": top1_mix, "top3_mixture": top3_mix}
+    if contrastive is not None:
+        # Position t of the contrastive branch predicts f_{t+2}: drop its last position.
+        v_con, ce_con, top1_con, top3_con = branch_terms(contrastive[:, :-1], next_features[:, 1:],
+                                                         next_mask[:, 1:], head)
+        loss = loss + weights.contrastive * (weights.feature * v_con + weights.probability * ce_con)
+        metrics.update(loss_feature_contrastive=v_con, loss_ce_contrastive=ce_con,
+                       top1_contrastive=top1_con, top3_contrastive=top3_con)
+    metrics = {name: float(value.detach()) for name, value in metrics.items()}
+    metrics["loss"] = float(loss.detach())
+    return LossOutput(loss, metrics)

@@ -301,3 +301,32 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def make_feature_shards(target, directory, *, conversations: int = 16, length: int = 24, per_shard: int = 8,
+                        seed: int = 0, equal_masks: bool = False):
+    """Writes a datagen-format folder (``jakiro.train.data``) for ``target`` from random tokens:
+    one target forward per conversation, last-layer features after the final norm, and a loss
+    mask on a random "assistant" tail of each conversation (the same tail length everywhere
+    with ``equal_masks``, and then every conversation has ``length`` tokens). Returns the index.
+    """
+    from jakiro.train.data import FORMAT, write_index, write_shard
+    generator = torch.Generator().manual_seed(seed)
+    vocab = target.config.vocab_size
+    samples = []
+    for _ in range(conversations):
+        n = length if equal_masks else int(torch.randint(length // 2, length + 1, (1,), generator=generator))
+        ids = torch.randint(0, vocab, (n,), generator=generator)
+        with torch.no_grad():
+            hidden = target.get_decoder()(input_ids=ids[None]).last_hidden_state[0].float()  # after the final norm
+        start = n // 3 if equal_masks else int(torch.randint(1, n // 2, (1,), generator=generator))
+        mask = torch.zeros(n, dtype=torch.uint8)
+        mask[start:] = 1
+        samples.append({"input_ids": ids, "hidden_states": hidden, "loss_mask": mask})
+    import os
+    os.makedirs(directory, exist_ok=True)
+    shards = [write_shard(str(directory), number, samples[at:at + per_shard])
+              for number, at in enumerate(range(0, len(samples), per_shard))]
+    index = {"format": FORMAT, "version": 1, "hidden_size": target.config.hidden_size, "shards": shards}
+    write_index(str(directory), index)
+    return index

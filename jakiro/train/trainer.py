@@ -1,0 +1,219 @@
+"""Draft training loop (DESIGN.md §8): AdamW, warm-up + cosine, feature noise, value
+clipping, bf16 autocast on GPU, JSON-lines log, resumable checkpoints, torchrun DDP.
+
+Determinism is by construction, so that a resumed run equals an uninterrupted one and K
+processes equal one process with the same global batch:
+
+* the data order of epoch ``e`` is ``DistributedSampler(seed, epoch=e)``; a global step reads
+  ``batch_size`` items per rank, so rank ``r`` of K sees every K-th item of the same order;
+* the noise of a conversation depends only on (seed, epoch, its index), not on the rank,
+  the batch it lands in or its padding;
+* a checkpoint holds the weights, the optimizer, the scheduler, the step and the RNG states.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from jakiro.train.data import FeatureDataset, collate
+from jakiro.train.loss import LossWeights, jakiro_loss
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_NAME = "train_log.jsonl"
+FINAL_DIR = "draft"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 9e-5
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 1e-3
+    warmup_steps: int = 2000        # clamped to a tenth of the run when the run is short
+    steps: int | None = None        # total optimizer steps; None: epochs * steps per epoch
+    epochs: int = 20
+    batch_size: int = 4             # per process
+    grad_clip_value: float = 0.5    # clip_grad_value_, as the authors do
+    noise: float = 0.2              # uniform feature noise U(-noise/2, noise/2) on the inputs
+    seed: int = 0
+    checkpoint_every: int = 1000
+    max_len: int = 2048
+    bf16: bool | None = None        # None: autocast to bf16 on CUDA only
+    loss_weights: LossWeights = LossWeights()
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class Trainer:
+    """Trains ``draft`` (a :class:`jakiro.draft.JakiroDraft` bound to its target) on ``dataset``.
+
+    Writes ``out_dir/train_log.jsonl``, ``out_dir/checkpoints/step_N.pt`` and, at the end,
+    ``out_dir/draft`` (``save_pretrained``). Under torchrun (``torch.distributed`` initialised
+    before construction) the draft is wrapped in DDP and only rank 0 writes files.
+    """
+
+    def __init__(self, draft, dataset: FeatureDataset, out_dir: str, config: TrainConfig = TrainConfig(),
+                 progress: bool = True):
+        self.config, self.out_dir, self.dataset, self.progress = config, out_dir, dataset, progress
+        self.world, self.rank = _distributed()
+        self.device = draft.fc.weight.device
+        self.draft = draft.float()          # fp32 master weights; autocast handles bf16 compute
+        self.model = self.draft
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.draft, device_ids=ids)
+        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
+                                                           shuffle=True, seed=config.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"jakiro train: {len(dataset)} conversations are fewer than one global batch "
+                             f"({config.batch_size} x {self.world} processes)")
+        self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
+        warmup = max(1, min(config.warmup_steps, self.total_steps // 10))
+        params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _lr_factor(step, warmup, self.total_steps))
+        self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        self.step = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, step: int) -> str:
+        return os.path.join(self.out_dir, CHECKPOINT_DIR, f"step_{step:08d}.pt")
+
+    def save_checkpoint(self):
+        if self.rank != 0:
+            return
+        os.makedirs(os.path.join(self.out_dir, CHECKPOINT_DIR), exist_ok=True)
+        state = {"step": self.step, "draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        path = self.checkpoint_path(self.step)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def latest_checkpoint(self) -> str | None:
+        folder = os.path.join(self.out_dir, CHECKPOINT_DIR)
+        names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(".pt")) \
+            if os.path.isdir(folder) else []
+        return os.path.join(folder, names[-1]) if names else None
+
+    def load_checkpoint(self, path: str):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise ValueError(f"jakiro train: checkpoint {path} cannot be read: {error}") from None
+        self.draft.load_state_dict(state["draft"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # ------------------------------------------------------------------ training
+    def _noise(self, epoch: int, index: int, length: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        hidden = self.draft.config.hidden_size
+        return (torch.rand(length, hidden, generator=generator) - 0.5) * self.config.noise
+
+    def _batch(self, indices: list[int], epoch: int) -> dict:
+        items = [self.dataset[i] for i in indices]
+        batch = collate(items)
+        if self.config.noise > 0:
+            for row, item in enumerate(items):
+                n = item["input_ids"].numel()
+                batch["hidden_states"][row, :n] += self._noise(epoch, item["index"], n)
+            batch["clean_states"] = collate(items)["hidden_states"]
+        else:
+            batch["clean_states"] = batch["hidden_states"]
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def train_step(self, batch: dict) -> dict:
+        ids, noisy, clean, mask = batch["input_ids"], batch["hidden_states"], batch["clean_states"], batch["loss_mask"]
+        positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
+        contrastive = self.draft.config.contrastive
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(noisy[:, :-1], ids[:, 1:], positions, return_contrastive=contrastive)
+        # Targets are the clean features: the noise only perturbs what the draft reads.
+        result = jakiro_loss(out.mixture, out.contrastive, clean, mask, self.draft.lm_head, self.config.loss_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_value_(self.draft.parameters(), self.config.grad_clip_value)
+        self.optimizer.step()
+        self.scheduler.step()
+        return result.metrics
+
+    def _global_metrics(self, metrics: dict) -> dict:
+        if self.world == 1:
+            return metrics
+        names = sorted(metrics)
+        values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return {n: float(v) / self.world for n, v in zip(names, values)}
+
+    def train(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Runs to ``total_steps`` (or stops after step ``stop_after``: an interruption), writing a
+        checkpoint every ``checkpoint_every`` steps and at the end; returns the last metrics."""
+        from tqdm.auto import tqdm
+        if resume:
+            path = self.latest_checkpoint()
+            if path is None:
+                raise ValueError(f"jakiro train: --resume, but {os.path.join(self.out_dir, CHECKPOINT_DIR)} "
+                                 "holds no checkpoint")
+            self.load_checkpoint(path)
+        else:
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        if self.rank == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress or self.rank != 0,
+                   desc="jakiro train")
+        log = open(os.path.join(self.out_dir, LOG_NAME), "a") if self.rank == 0 else None
+        metrics, size = {}, self.config.batch_size
+        try:
+            self.model.train()
+            while self.step < end:
+                epoch, first = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch)
+                order = list(self.sampler)
+                for position in range(first, self.steps_per_epoch):
+                    metrics = self._global_metrics(self.train_step(self._batch(
+                        order[position * size:(position + 1) * size], epoch)))
+                    self.step += 1
+                    record = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **metrics}
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
+                                     if k.startswith(("loss_feature", "top1"))})
+                    if self.step % self.config.checkpoint_every == 0 or self.step == end:
+                        self.save_checkpoint()
+                    if self.step >= end:
+                        break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if self.step >= self.total_steps and self.rank == 0:
+            self.draft.save_pretrained(os.path.join(self.out_dir, FINAL_DIR))
+        return metrics

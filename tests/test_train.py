@@ -1,0 +1,108 @@
+"""The draft trainer: data shards, learning, exact resume, torchrun DDP."""
+import json
+import os
+
+import pytest
+import torch
+
+from jakiro.draft import JakiroDraft
+from jakiro.testing import make_feature_shards, make_tiny_target
+from jakiro.train.data import FeatureDataset, load_shard, read_index
+from jakiro.train.trainer import FINAL_DIR, LOG_NAME, TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64,
+                            seed=5, residual_scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, target):
+    folder = tmp_path_factory.mktemp("features")
+    make_feature_shards(target, folder, conversations=12, length=20, per_shard=5, seed=1)
+    return folder
+
+
+def _draft(target, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return JakiroDraft.from_target(target, **overrides)
+
+
+def _weights(draft):
+    return {k: v.detach().clone() for k, v in draft.state_dict().items()}
+
+
+def test_dataset_reads_every_conversation(data_dir):
+    index = read_index(str(data_dir))
+    assert [s["samples"] for s in index["shards"]] == [5, 5, 2]
+    dataset = FeatureDataset(str(data_dir))
+    assert len(dataset) == 12
+    item = dataset[3]
+    assert item["hidden_states"].shape == (item["input_ids"].numel(), 32) and item["index"] == 3
+    assert len(FeatureDataset(str(data_dir), max_len=6)[0]["input_ids"]) == 6
+
+
+def test_missing_or_corrupt_shard_is_named(data_dir, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    shard = broken / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="shard_00001.safetensors is corrupt"):
+        FeatureDataset(str(broken))
+    shard.unlink()
+    with pytest.raises(ValueError, match="shard .*shard_00001.safetensors is missing"):
+        FeatureDataset(str(broken))
+    with pytest.raises(ValueError, match="index.json does not exist"):
+        FeatureDataset(str(tmp_path / "nowhere"))
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not a valid index"):
+        read_index(str(tmp_path))
+
+
+@pytest.mark.parametrize("eagle2", [False, True], ids=["jakiro", "eagle2"])
+def test_training_lowers_the_loss_and_raises_top1(target, data_dir, tmp_path, eagle2):
+    draft = _draft(target, eagle2=eagle2)
+    config = TrainConfig(steps=200, batch_size=4, lr=3e-3, warmup_steps=20, checkpoint_every=100, noise=0.05)
+    Trainer(draft, FeatureDataset(str(data_dir)), str(tmp_path), config, progress=False).train()
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 201))
+    first = sum(r["loss"] for r in log[:10]) / 10
+    last = sum(r["loss"] for r in log[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    top1_first = sum(r["top1_mixture"] for r in log[:10]) / 10
+    top1_last = sum(r["top1_mixture"] for r in log[-10:]) / 10
+    assert top1_last > top1_first + 0.2, (top1_first, top1_last)
+    if not eagle2:
+        assert log[-1]["loss_feature_contrastive"] < log[0]["loss_feature_contrastive"]
+    # The final draft is saved and loads back with the same weights.
+    loaded = JakiroDraft.from_pretrained(tmp_path / FINAL_DIR, target)
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, draft.state_dict()[name], rtol=0, atol=0)
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(target, data_dir, tmp_path):
+    config = TrainConfig(steps=12, batch_size=4, lr=1e-3, warmup_steps=3, checkpoint_every=5, noise=0.2, seed=7)
+    dataset = FeatureDataset(str(data_dir))
+    straight = _draft(target)
+    Trainer(straight, dataset, str(tmp_path / "straight"), config, progress=False).train()
+
+    interrupted = _draft(target)
+    Trainer(interrupted, dataset, str(tmp_path / "resumed"), config, progress=False).train(stop_after=7)
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_00000005.pt", "step_00000007.pt"]
+    torch.manual_seed(123)   # the resumed run must not depend on the state of the new process
+    resumed = _draft(target, seed=99)
+    Trainer(resumed, dataset, str(tmp_path / "resumed"), config, progress=False).train(resume=True)
+    expected = _weights(straight)
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / LOG_NAME).read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_without_checkpoint_is_an_error(target, data_dir, tmp_path):
+    trainer = Trainer(_draft(target), FeatureDataset(str(data_dir)), str(tmp_path), TrainConfig(steps=2),
+                      progress=False)
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        trainer.train(resume=True)

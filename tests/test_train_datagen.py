@@ -1,0 +1,125 @@
+"""jakiro datagen: the assistant mask from two chat templates, the readers, shards, resume."""
+import json
+
+import pytest
+import torch
+
+from jakiro.testing import make_tiny_target
+from jakiro.train.data import FeatureDataset, read_index
+from jakiro.train.datagen import (encode_conversation, generate_features, read_conversations, read_jsonl,
+                                  read_sharegpt, target_features)
+
+# SmolLM2-Instruct's template (ChatML with a default system prompt).
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# A LLaMA-2-chat style template: BOS, [INST] blocks, answers closed by EOS.
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+WORDS = ("You are a helpful AI assistant named SmolLM trained by Hugging Face system user assistant "
+         "hello how is the weather it sunny today thanks and tomorrow rain INST").split()
+CONVERSATION = [{"role": "user", "content": "hello how is the weather"},
+                {"role": "assistant", "content": "it is sunny today"},
+                {"role": "user", "content": "thanks and tomorrow"},
+                {"role": "assistant", "content": "rain"}]
+
+
+def make_tokenizer(template):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(special + ["[", "]", "[/", ","] + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _masked_tokens(tokenizer, conversation):
+    ids, mask = encode_conversation(tokenizer, conversation)
+    tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert "<unk>" not in tokens
+    return [t for t, m in zip(tokens, mask.tolist()) if m]
+
+
+def test_mask_covers_exactly_the_assistant_tokens_smollm2():
+    tokenizer = make_tokenizer(SMOLLM2_TEMPLATE)
+    assert _masked_tokens(tokenizer, CONVERSATION) == ["it", "is", "sunny", "today", "<|im_end|>", "rain", "<|im_end|>"]
+    # The system prompt's "assistant" and the role headers are not assistant text.
+    ids, mask = encode_conversation(tokenizer, CONVERSATION)
+    assert mask.sum() == 7 and len(ids) > 20
+
+
+def test_mask_covers_exactly_the_assistant_tokens_llama2_style():
+    tokenizer = make_tokenizer(LLAMA2_TEMPLATE)
+    assert _masked_tokens(tokenizer, CONVERSATION) == ["it", "is", "sunny", "today", "</s>", "rain", "</s>"]
+    ids, _ = encode_conversation(tokenizer, CONVERSATION, max_len=5)
+    assert len(ids) == 5
+
+
+def test_template_that_is_not_prefix_stable_is_rejected():
+    tokenizer = make_tokenizer("{% for m in messages|reverse %}{{ m['content'] }} {% endfor %}")
+    with pytest.raises(ValueError, match="prefix by prefix"):
+        encode_conversation(tokenizer, CONVERSATION)
+
+
+def test_sharegpt_reader_parses_a_truncated_file_record_by_record(tmp_path):
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+               for i in range(4)]
+    records[1]["conversations"] = [{"from": "human", "value": "no answer"}]   # skipped: no assistant turn
+    text = json.dumps(records, indent=1)
+    path = tmp_path / "sharegpt.json"
+    path.write_text(text[: text.index('"a3"') + 2])   # cut inside the last record
+    conversations = list(read_sharegpt(str(path)))
+    assert [c[1]["content"] for c in conversations] == ["a0", "a2"]
+    assert conversations[0][0] == {"role": "user", "content": "q0"}
+    path.write_text(text)
+    assert len(list(read_sharegpt(str(path)))) == 3
+
+
+def test_readers_reject_wrong_formats_naming_the_file(tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    with pytest.raises(ValueError, match="data.jsonl is not a ShareGPT file"):
+        list(read_conversations(str(jsonl), "sharegpt"))
+    assert len(list(read_conversations(str(jsonl), "jsonl"))) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n[1, 2\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2 is not a JSON line"):
+        list(read_jsonl(str(bad)))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match="wrong.jsonl:1: a record needs"):
+        list(read_jsonl(str(wrong)))
+    with pytest.raises(ValueError, match="missing.json does not exist"):
+        read_conversations(str(tmp_path / "missing.json"), "sharegpt")
+    with pytest.raises(ValueError, match="format must be one of"):
+        read_conversations(str(jsonl), "csv")
+
+
+def test_generate_features_writes_shards_and_resumes(tmp_path):
+    tokenizer = make_tokenizer(SMOLLM2_TEMPLATE)
+    target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64)
+    conversations = [CONVERSATION, CONVERSATION[:2], CONVERSATION[2:], CONVERSATION] * 2
+    out = tmp_path / "features"
+    index = generate_features(target, tokenizer, conversations, str(out), per_shard=3, progress=False)
+    assert [s["samples"] for s in index["shards"]] == [3, 3, 2]
+    dataset = FeatureDataset(str(out))
+    ids, mask = encode_conversation(tokenizer, CONVERSATION)
+    assert torch.equal(dataset[0]["input_ids"], ids) and torch.equal(dataset[0]["loss_mask"], mask)
+    torch.testing.assert_close(dataset[0]["hidden_states"], target_features(target, ids).float())
+    # Resume: a deleted shard is regenerated, the others are left alone.
+    (out / "shard_00001.safetensors").unlink()
+    before = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    index = generate_features(target, tokenizer, conversations, str(out), per_shard=3, progress=False)
+    assert [s["file"] for s in read_index(str(out))["shards"]] == [
+        "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == before
+    assert len(FeatureDataset(str(out))) == 8

@@ -1,6 +1,8 @@
 """``jakiro`` command line (``python -m jakiro.cli``).
 
     jakiro generate --target PATH --draft PATH --prompt TEXT [--temperature T] [--max-new-tokens N]
+    jakiro datagen --target PATH --data FILE --format sharegpt|jsonl --out DIR [--max-len N] [--limit K]
+    jakiro train --target PATH --data DIR --out DIR [--steps N | --epochs E] [--resume]   (torchrun-ready)
 
 loads a Hugging Face causal LM and a Jakiro draft saved with ``JakiroDraft.save_pretrained``,
 applies the tokenizer's chat template when it has one, streams the generated text, and
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     gen.add_argument("--no-chat-template", action="store_true", help="use the prompt as is")
+    from jakiro.train.commands import add_datagen_parser, add_train_parser
+    add_datagen_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
@@ -85,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "generate":
         return generate_command(args)
+    from jakiro.train.commands import datagen_command, train_command
+    if args.command == "datagen":
+        return datagen_command(args)
+    if args.command == "train":
+        return train_command(args)
     return 2  # unreachable: argparse requires a command
 
 

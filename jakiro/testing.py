@@ -310,6 +310,8 @@ def make_feature_shards(target, directory, *, conversations: int = 16, length: i
     mask on a random "assistant" tail of each conversation (the same tail length everywhere
     with ``equal_masks``, and then every conversation has ``length`` tokens). Returns the index.
     """
+    import os
+
     from jakiro.train.data import FORMAT, write_index, write_shard
     generator = torch.Generator().manual_seed(seed)
     vocab = target.config.vocab_size
@@ -323,10 +325,40 @@ def make_feature_shards(target, directory, *, conversations: int = 16, length: i
         mask = torch.zeros(n, dtype=torch.uint8)
         mask[start:] = 1
         samples.append({"input_ids": ids, "hidden_states": hidden, "loss_mask": mask})
-    import os
     os.makedirs(directory, exist_ok=True)
     shards = [write_shard(str(directory), number, samples[at:at + per_shard])
               for number, at in enumerate(range(0, len(samples), per_shard))]
     index = {"format": FORMAT, "version": 1, "hidden_size": target.config.hidden_size, "shards": shards}
     write_index(str(directory), index)
     return index
+
+
+# SmolLM2-Instruct's template (ChatML with a default system prompt).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# A LLaMA-2-chat style template: BOS, [INST] blocks, answers closed by EOS.
+LLAMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+# The words of the chat tests (and of the SmolLM2 system prompt).
+CHAT_WORDS = ("You are a helpful AI assistant named SmolLM trained by Hugging Face system user assistant "
+              "hello how is the weather it sunny today thanks and tomorrow rain INST").split()
+
+
+def make_chat_tokenizer(template: str):
+    """A word-level fast tokenizer over ``CHAT_WORDS`` (+ ChatML and LLaMA-2 markers) with chat ``template``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(special + ["[", "]", "[/", ","] + sorted(set(CHAT_WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = template
+    return tokenizer

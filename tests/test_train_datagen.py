@@ -4,42 +4,16 @@ import json
 import pytest
 import torch
 
-from jakiro.testing import make_tiny_target
+from jakiro.testing import (LLAMA2_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer,
+                            make_tiny_target)
 from jakiro.train.data import FeatureDataset, read_index
 from jakiro.train.datagen import (encode_conversation, generate_features, read_conversations, read_jsonl,
                                   read_sharegpt, target_features)
 
-# SmolLM2-Instruct's template (ChatML with a default system prompt).
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-# A LLaMA-2-chat style template: BOS, [INST] blocks, answers closed by EOS.
-LLAMA2_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
-
-WORDS = ("You are a helpful AI assistant named SmolLM trained by Hugging Face system user assistant "
-         "hello how is the weather it sunny today thanks and tomorrow rain INST").split()
 CONVERSATION = [{"role": "user", "content": "hello how is the weather"},
                 {"role": "assistant", "content": "it is sunny today"},
                 {"role": "user", "content": "thanks and tomorrow"},
                 {"role": "assistant", "content": "rain"}]
-
-
-def make_tokenizer(template):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(special + ["[", "]", "[/", ","] + sorted(set(WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tokenizer.chat_template = template
-    return tokenizer
 
 
 def _masked_tokens(tokenizer, conversation):
@@ -50,7 +24,7 @@ def _masked_tokens(tokenizer, conversation):
 
 
 def test_mask_covers_exactly_the_assistant_tokens_smollm2():
-    tokenizer = make_tokenizer(SMOLLM2_TEMPLATE)
+    tokenizer = make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE)
     assert _masked_tokens(tokenizer, CONVERSATION) == ["it", "is", "sunny", "today", "<|im_end|>", "rain", "<|im_end|>"]
     # The system prompt's "assistant" and the role headers are not assistant text.
     ids, mask = encode_conversation(tokenizer, CONVERSATION)
@@ -58,14 +32,14 @@ def test_mask_covers_exactly_the_assistant_tokens_smollm2():
 
 
 def test_mask_covers_exactly_the_assistant_tokens_llama2_style():
-    tokenizer = make_tokenizer(LLAMA2_TEMPLATE)
+    tokenizer = make_chat_tokenizer(LLAMA2_CHAT_TEMPLATE)
     assert _masked_tokens(tokenizer, CONVERSATION) == ["it", "is", "sunny", "today", "</s>", "rain", "</s>"]
     ids, _ = encode_conversation(tokenizer, CONVERSATION, max_len=5)
     assert len(ids) == 5
 
 
 def test_template_that_is_not_prefix_stable_is_rejected():
-    tokenizer = make_tokenizer("{% for m in messages|reverse %}{{ m['content'] }} {% endfor %}")
+    tokenizer = make_chat_tokenizer("{% for m in messages|reverse %}{{ m['content'] }} {% endfor %}")
     with pytest.raises(ValueError, match="prefix by prefix"):
         encode_conversation(tokenizer, CONVERSATION)
 
@@ -105,7 +79,7 @@ def test_readers_reject_wrong_formats_naming_the_file(tmp_path):
 
 
 def test_generate_features_writes_shards_and_resumes(tmp_path):
-    tokenizer = make_tokenizer(SMOLLM2_TEMPLATE)
+    tokenizer = make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE)
     target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64)
     conversations = [CONVERSATION, CONVERSATION[:2], CONVERSATION[2:], CONVERSATION] * 2
     out = tmp_path / "features"

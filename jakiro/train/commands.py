@@ -1,0 +1,134 @@
+"""``jakiro datagen`` and ``jakiro train`` (the sub-commands; ``jakiro/cli.py`` adds them)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_datagen_parser(commands):
+    p = commands.add_parser(
+        "datagen", help="run the target over conversations and write training shards",
+        description="Applies the target's chat template to each conversation, runs the target once per "
+                    "conversation and writes safetensors shards (input_ids, last-layer hidden states after the "
+                    "final norm, loss_mask on the assistant tokens) plus index.json. Rerunning skips finished "
+                    "shards.")
+    p.add_argument("--target", required=True, help="Hugging Face model folder (with its tokenizer and chat template)")
+    p.add_argument("--data", required=True, help="conversation file")
+    p.add_argument("--format", choices=("sharegpt", "jsonl"), required=True,
+                   help="sharegpt: a (possibly truncated) JSON array of records; jsonl: one record per line. "
+                        "Records hold 'conversations' [{from, value}] or 'messages' [{role, content}]")
+    p.add_argument("--out", required=True, help="output folder (shards + index.json)")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens kept per conversation")
+    p.add_argument("--limit", type=int, default=None, help="use the first K records only")
+    p.add_argument("--per-shard", type=int, default=256, help="records per shard")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_train_parser(commands):
+    p = commands.add_parser(
+        "train", help="train a Jakiro (or EAGLE-2) draft on datagen shards",
+        description="Trains a draft with the Jakiro loss (mixture branch on f_{t+1}, contrastive branch on "
+                    "f_{t+2}; the EAGLE loss with --eagle2). Writes OUT/train_log.jsonl, checkpoints in "
+                    "OUT/checkpoints and the final draft in OUT/draft. Runs unchanged under "
+                    "`torchrun --nproc_per_node=K` (DDP; --batch-size is per process).")
+    p.add_argument("--target", required=True, help="Hugging Face model folder (its embedding and LM head are used)")
+    p.add_argument("--data", required=True, help="folder written by `jakiro datagen`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--eagle2", action="store_true", help="train the EAGLE-2 baseline configuration")
+    p.add_argument("--draft-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="DraftConfig override, e.g. num_experts=4 (value parsed as JSON when possible); repeatable")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=4, help="conversations per process and step")
+    p.add_argument("--lr", type=float, default=9e-5)
+    p.add_argument("--warmup-steps", type=int, default=2000)
+    p.add_argument("--noise", type=float, default=0.2, help="width of the uniform feature noise")
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_target(path: str, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isdir(path):
+        raise SystemExit(f"jakiro: target path {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return target, tokenizer
+
+
+def datagen_command(args) -> int:
+    from jakiro.train.datagen import generate_features, read_conversations
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    try:
+        conversations = read_conversations(args.data, args.format)
+        target, tokenizer = _load_target(args.target, dtype, args.device)
+        index = generate_features(target, tokenizer, conversations, args.out, max_len=args.max_len,
+                                  limit=args.limit, per_shard=args.per_shard, progress=not args.no_progress)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    samples = sum(entry["samples"] for entry in index["shards"])
+    print(f"[jakiro] {samples} conversations in {len(index['shards'])} shards under {args.out}")
+    return 0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"jakiro train: --draft-config expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
+
+
+def train_command(args) -> int:
+    from jakiro.draft import JakiroDraft
+    from jakiro.train.data import FeatureDataset
+    from jakiro.train.trainer import TrainConfig, Trainer
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = args.device
+    if distributed:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        device = f"cuda:{local}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dataset = FeatureDataset(args.data, max_len=args.max_len)
+        target, _ = _load_target(args.target, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+        torch.manual_seed(args.seed)
+        try:
+            draft = JakiroDraft.from_target(target, eagle2=args.eagle2, **_overrides(args.draft_config))
+        except TypeError as error:
+            raise SystemExit(f"jakiro train: bad --draft-config: {error}") from None
+        config = TrainConfig(lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                             warmup_steps=args.warmup_steps, noise=args.noise, seed=args.seed,
+                             checkpoint_every=args.checkpoint_every, max_len=args.max_len)
+        trainer = Trainer(draft, dataset, args.out, config, progress=not args.no_progress)
+        metrics = trainer.train(resume=args.resume)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if trainer.rank == 0:
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"[jakiro] trained {trainer.step} steps; last: {summary}; draft saved under {args.out}/draft")
+    return 0

@@ -64,18 +64,20 @@ def test_missing_or_corrupt_shard_is_named(data_dir, tmp_path):
 @pytest.mark.parametrize("eagle2", [False, True], ids=["jakiro", "eagle2"])
 def test_training_lowers_the_loss_and_raises_top1(target, data_dir, tmp_path, eagle2):
     draft = _draft(target, eagle2=eagle2)
-    config = TrainConfig(steps=200, batch_size=4, lr=3e-3, warmup_steps=20, checkpoint_every=100, noise=0.05)
+    config = TrainConfig(steps=200, batch_size=4, lr=1e-2, warmup_steps=20, checkpoint_every=100, noise=0.05)
     Trainer(draft, FeatureDataset(str(data_dir)), str(tmp_path), config, progress=False).train()
     log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 201))
-    first = sum(r["loss"] for r in log[:10]) / 10
-    last = sum(r["loss"] for r in log[-10:]) / 10
-    assert last < 0.7 * first, (first, last)
-    top1_first = sum(r["top1_mixture"] for r in log[:10]) / 10
-    top1_last = sum(r["top1_mixture"] for r in log[-10:]) / 10
-    assert top1_last > top1_first + 0.2, (top1_first, top1_last)
+
+    def mean(key, records):
+        return sum(r[key] for r in records) / len(records)
+    # The CE terms hold the entropy of the random target's near-uniform p* (~log V), which no
+    # draft removes; the total still drops clearly, the feature loss by far more.
+    assert mean("loss", log[-10:]) < mean("loss", log[:10]) - 0.2
+    assert mean("loss_feature_mixture", log[-10:]) < 0.4 * mean("loss_feature_mixture", log[:10])
+    assert mean("top1_mixture", log[-10:]) > mean("top1_mixture", log[:10]) + 0.3
     if not eagle2:
-        assert log[-1]["loss_feature_contrastive"] < log[0]["loss_feature_contrastive"]
+        assert mean("loss_feature_contrastive", log[-10:]) < mean("loss_feature_contrastive", log[:10])
     # The final draft is saved and loads back with the same weights.
     loaded = JakiroDraft.from_pretrained(tmp_path / FINAL_DIR, target)
     for name, value in loaded.state_dict().items():

@@ -418,3 +418,29 @@ def _expert_mlp_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("jakiro::expert_mlp", _expert_mlp_backward, setup_context=_expert_mlp_setup_context)
+
+
+# Under torch.autocast (the trainer's bf16 mixed precision) the draft's weights stay float32
+# while its activations are autocast to bf16: run expert_mlp in the autocast dtype, as
+# nn.Linear would, instead of rejecting the dtype mix. float64 inputs are left alone.
+_autocast_library = torch.library.Library("jakiro", "IMPL")
+
+
+def _register_expert_mlp_autocast(device_type: str):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, x, w_gate_up, w_down, coeff):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.jakiro.expert_mlp(cast(x), cast(w_gate_up), cast(w_down),
+                                               coeff if coeff.dtype == torch.float32 else cast(coeff))
+
+    _autocast_library.impl("expert_mlp", kernel, key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_expert_mlp_autocast(_device_type)

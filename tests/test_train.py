@@ -108,3 +108,32 @@ def test_resume_without_checkpoint_is_an_error(target, data_dir, tmp_path):
                       progress=False)
     with pytest.raises(ValueError, match="holds no checkpoint"):
         trainer.train(resume=True)
+
+
+def test_expert_mlp_runs_in_the_autocast_dtype(device):
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, device=device)
+    w_gate_up = (torch.randn(2, 24, 16, device=device) * 0.2).requires_grad_()
+    w_down = (torch.randn(2, 16, 12, device=device) * 0.2).requires_grad_()
+    coeff = torch.rand(5, 1, 2, device=device)
+    from jakiro import ops
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = ops.expert_mlp(x, w_gate_up, w_down, coeff)
+    assert out.dtype == torch.bfloat16
+    expected = ops.expert_mlp(x.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16(), coeff)
+    torch.testing.assert_close(out, expected)
+    out.float().sum().backward()
+    assert w_gate_up.grad.dtype == torch.float32 and w_gate_up.grad.abs().sum() > 0
+    assert w_down.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_training_keeps_float32_weights_and_learns(target, data_dir, tmp_path, device):
+    if device.type == "cuda":
+        target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64,
+                                  seed=5, residual_scale=0.3).to(device)
+    draft = _draft(target)
+    config = TrainConfig(steps=60, batch_size=4, lr=1e-2, warmup_steps=5, noise=0.05, bf16=True)
+    Trainer(draft, FeatureDataset(str(data_dir)), str(tmp_path), config, progress=False).train()
+    assert all(p.dtype == torch.float32 for p in draft.parameters())
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert log[-1]["loss_feature_mixture"] < 0.7 * log[0]["loss_feature_mixture"]

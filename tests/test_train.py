@@ -78,6 +78,10 @@ def test_training_lowers_the_loss_and_raises_top1(target, data_dir, tmp_path, ea
     assert mean("top1_mixture", log[-10:]) > mean("top1_mixture", log[:10]) + 0.3
     if not eagle2:
         assert mean("loss_feature_contrastive", log[-10:]) < mean("loss_feature_contrastive", log[:10])
+    # k-step accuracy is logged every k_step_every steps and at the end, for rounds 1..3.
+    with_k = [r for r in log if "acc_1step" in r]
+    assert [r["step"] for r in with_k] == [100, 200]
+    assert all(0.0 <= r["acc_3step"] <= 1.0 for r in with_k) and with_k[-1]["acc_1step"] > 0.3
     # The final draft is saved and loads back with the same weights.
     loaded = JakiroDraft.from_pretrained(tmp_path / FINAL_DIR, target)
     for name, value in loaded.state_dict().items():

@@ -41,6 +41,8 @@ class TrainConfig:
     noise: float = 0.2              # uniform feature noise U(-noise/2, noise/2) on the inputs
     seed: int = 0
     checkpoint_every: int = 1000
+    k_step: int = 3                 # rounds of the k-step accuracy (0: off)
+    k_step_every: int = 100         # measured on the current batch every this many steps
     max_len: int = 2048
     bf16: bool | None = None        # None: autocast to bf16 on CUDA only
     loss_weights: LossWeights = LossWeights()
@@ -161,6 +163,30 @@ class Trainer:
         self.scheduler.step()
         return result.metrics
 
+    @torch.no_grad()
+    def k_step_accuracy(self, batch: dict, rounds: int) -> dict:
+        """Top-1 accuracy of the mixture branch when it reads its own features ``rounds`` times.
+
+        Round 1 reads the target's clean features; round ``j`` reads, at every position ``t >= 1``,
+        round ``j-1``'s prediction for ``f_t`` (a parallel rollout: the attention context is
+        predicted too, as at decoding time). Accuracy is against ``argmax head(f_{t+1})``.
+        """
+        ids, clean, mask = batch["input_ids"], batch["clean_states"], batch["loss_mask"]
+        positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
+        head = self.draft.lm_head
+        expected = head(clean[:, 1:].to(head.weight.dtype)).argmax(-1)
+        weight = mask[:, 1:].float()
+        features, result = clean[:, :-1], {}
+        self.draft.eval()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for j in range(1, rounds + 1):
+                predicted = self.draft(features, ids[:, 1:], positions).mixture.float()
+                hits = (head(predicted.to(head.weight.dtype)).argmax(-1) == expected).float()
+                result[f"acc_{j}step"] = float((hits * weight).sum() / weight.sum().clamp_min(1.0))
+                features = torch.cat((clean[:, :1], predicted[:, :-1]), dim=1)
+        self.draft.train()
+        return result
+
     def _global_metrics(self, metrics: dict) -> dict:
         if self.world == 1:
             return metrics
@@ -196,9 +222,12 @@ class Trainer:
                 self.sampler.set_epoch(epoch)
                 order = list(self.sampler)
                 for position in range(first, self.steps_per_epoch):
-                    metrics = self._global_metrics(self.train_step(self._batch(
-                        order[position * size:(position + 1) * size], epoch)))
+                    batch = self._batch(order[position * size:(position + 1) * size], epoch)
+                    metrics = self.train_step(batch)
                     self.step += 1
+                    if self.config.k_step and (self.step % self.config.k_step_every == 0 or self.step == end):
+                        metrics.update(self.k_step_accuracy(batch, self.config.k_step))
+                    metrics = self._global_metrics(metrics)
                     record = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **metrics}
                     if log is not None:
                         log.write(json.dumps(record) + "\n")

@@ -44,6 +44,21 @@ def test_cli_datagen_then_train(saved_target):
     assert sorted(os.listdir(root / "run" / "checkpoints")) == ["step_00000002.pt", "step_00000003.pt"]
 
 
+def test_cli_train_under_torchrun(saved_target, tmp_path):
+    root, target = saved_target
+    make_feature_shards(target, tmp_path / "features", conversations=6, length=10, per_shard=3, seed=6)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "jakiro.cli", "train",
+                          "--target", str(root / "target"), "--data", str(tmp_path / "features"), "--out",
+                          str(tmp_path / "ddp_run"), "--steps", "2", "--batch-size", "1", "--device", "cpu",
+                          "--no-progress"], capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("[jakiro] trained 2 steps") == 1        # rank 0 reports alone
+    assert len((tmp_path / "ddp_run" / "train_log.jsonl").read_text().splitlines()) == 2
+    JakiroDraft.from_pretrained(tmp_path / "ddp_run" / "draft", target)
+
+
 def test_cli_errors_name_the_file(saved_target, tmp_path):
     root, _ = saved_target
     with pytest.raises(SystemExit, match="target path .*nowhere does not exist"):

@@ -36,6 +36,10 @@ def test_cli_datagen_then_train(saved_target):
     assert cli.main(["datagen", "--target", str(root / "target"), "--data", str(data), "--format", "sharegpt",
                      "--out", str(root / "features"), "--per-shard", "4", "--device", "cpu", "--no-progress"]) == 0
     assert len(FeatureDataset(str(root / "features"))) == 6
+    assert cli.main(["datagen", "--target", str(root / "target"), "--data", str(data), "--format", "sharegpt",
+                     "--out", str(root / "regenerated"), "--limit", "2", "--regenerate", "--max-new-tokens", "3",
+                     "--device", "cpu", "--no-progress"]) == 0
+    assert len(FeatureDataset(str(root / "regenerated"))) == 2
     assert cli.main(["train", "--target", str(root / "target"), "--data", str(root / "features"),
                      "--out", str(root / "run"), "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2",
                      "--draft-config", "num_experts=3", "--device", "cpu", "--no-progress"]) == 0

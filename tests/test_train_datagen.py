@@ -8,7 +8,7 @@ from jakiro.testing import (LLAMA2_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE, make_ch
                             make_tiny_target)
 from jakiro.train.data import FeatureDataset, read_index
 from jakiro.train.datagen import (encode_conversation, generate_features, read_conversations, read_jsonl,
-                                  read_sharegpt, target_features)
+                                  read_sharegpt, regenerate_answers, target_features)
 
 CONVERSATION = [{"role": "user", "content": "hello how is the weather"},
                 {"role": "assistant", "content": "it is sunny today"},
@@ -97,3 +97,26 @@ def test_generate_features_writes_shards_and_resumes(tmp_path):
         "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
     assert (out / "shard_00000.safetensors").stat().st_mtime_ns == before
     assert len(FeatureDataset(str(out))) == 8
+
+
+def test_regenerate_rewrites_answers_with_the_target_batched_like_one_by_one(tmp_path):
+    tokenizer = make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE)
+    target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64,
+                              vocab=len(tokenizer), seed=8)
+    target.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    conversations = [CONVERSATION, CONVERSATION[2:], [{"role": "user", "content": "hello"}] + CONVERSATION[1:2]]
+    batched = regenerate_answers(target, tokenizer, conversations, max_new_tokens=5, batch_size=3)
+    single = regenerate_answers(target, tokenizer, conversations, max_new_tokens=5, batch_size=1)
+    assert batched == single
+    assert [m["role"] for m in batched[0]] == [m["role"] for m in CONVERSATION]
+    assert [m["content"] for m in batched[0] if m["role"] == "user"] == ["hello how is the weather", "thanks and tomorrow"]
+    # Turn 1 of conversation 1 is the target's greedy continuation of its prompt.
+    prompt = tokenizer.apply_chat_template(CONVERSATION[2:3], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
+                          eos_token_id=target.generation_config.eos_token_id, pad_token_id=0)
+    assert batched[1][1]["content"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert batched[1][1]["content"] != CONVERSATION[3]["content"]
+    index = generate_features(target, tokenizer, conversations, str(tmp_path / "regen"), regenerate=True,
+                              max_new_tokens=5, progress=False)
+    assert sum(entry["samples"] for entry in index["shards"]) >= 1

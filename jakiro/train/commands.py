@@ -26,6 +26,9 @@ def add_datagen_parser(commands):
     p.add_argument("--max-len", type=int, default=2048, help="tokens kept per conversation")
     p.add_argument("--limit", type=int, default=None, help="use the first K records only")
     p.add_argument("--per-shard", type=int, default=256, help="records per shard")
+    p.add_argument("--regenerate", action="store_true",
+                   help="self-distillation: the target first rewrites every answer (greedy, batched)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +78,8 @@ def datagen_command(args) -> int:
         conversations = read_conversations(args.data, args.format)
         target, tokenizer = _load_target(args.target, dtype, args.device)
         index = generate_features(target, tokenizer, conversations, args.out, max_len=args.max_len,
-                                  limit=args.limit, per_shard=args.per_shard, progress=not args.no_progress)
+                                  limit=args.limit, per_shard=args.per_shard, regenerate=args.regenerate,
+                                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     samples = sum(entry["samples"] for entry in index["shards"])

@@ -12,6 +12,7 @@ not prefixes of the full render is rejected with an error.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Iterable, Iterator
@@ -143,14 +144,52 @@ def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
     return target.get_decoder()(input_ids=input_ids.to(device)[None]).last_hidden_state[0]
 
 
+@torch.no_grad()
+def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 512,
+                       batch_size: int = 8) -> list[list[dict]]:
+    """Self-distillation: every assistant turn rewritten by ``target`` (greedy), turn by turn, so
+    later turns see the target's own earlier answers. Prompts are batched (left padding)."""
+    conversations = [[dict(m) for m in messages] for messages in conversations]
+    device = target.get_input_embeddings().weight.device
+    eos = target.generation_config.eos_token_id if target.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    turn = 0
+    while True:
+        # (conversation, message index) of every conversation's assistant turn number ``turn``.
+        jobs = []
+        for c, messages in enumerate(conversations):
+            answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            if turn < len(answers):
+                jobs.append((c, answers[turn]))
+        if not jobs:
+            return conversations
+        for at in range(0, len(jobs), batch_size):
+            chunk = jobs[at:at + batch_size]
+            prompts = [tokenizer(_render(tokenizer, conversations[c][:i], True), add_special_tokens=False)["input_ids"]
+                       for c, i in chunk]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+            attention = torch.zeros((len(prompts), width), dtype=torch.int64)
+            for row, prompt in enumerate(prompts):
+                ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
+                attention[row, width - len(prompt):] = 1
+            out = target.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            for row, (c, i) in enumerate(chunk):
+                conversations[c][i]["content"] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        turn += 1
+
+
 def generate_features(target, tokenizer, conversations: Iterable[list[dict]], out_dir: str, *,
                       max_len: int = 2048, limit: int | None = None, per_shard: int = 256,
-                      progress: bool = True) -> dict:
+                      regenerate: bool = False, max_new_tokens: int = 512, progress: bool = True) -> dict:
     """Writes the shards and index of ``conversations`` to ``out_dir``; returns the index.
 
     Shard ``k`` holds the usable conversations among records ``k*per_shard .. (k+1)*per_shard-1``
     of the stream, so a rerun skips the shards its index already lists (resumable; rerun with the
-    same ``limit`` and ``per_shard``: a last, partial shard counts as finished).
+    same ``limit`` and ``per_shard``: a last, partial shard counts as finished). ``regenerate``:
+    the target first rewrites the answers (:func:`regenerate_answers`).
     """
     from tqdm.auto import tqdm
     if not getattr(tokenizer, "chat_template", None):
@@ -166,30 +205,28 @@ def generate_features(target, tokenizer, conversations: Iterable[list[dict]], ou
                  "per_shard": per_shard, "max_len": max_len, "shards": []}
     done = {entry["file"] for entry in index["shards"] if os.path.isfile(os.path.join(out_dir, entry["file"]))}
     index["shards"] = [entry for entry in index["shards"] if entry["file"] in done]
+    stream = iter(conversations) if limit is None else itertools.islice(conversations, limit)
     bar = tqdm(total=limit, disable=not progress, desc="jakiro datagen", unit="conv")
-    pending, number = [], 0
-    for position, messages in enumerate(conversations):
-        if limit is not None and position >= limit:
+    for number in itertools.count():
+        records = list(itertools.islice(stream, per_shard))
+        if not records:
             break
-        number = position // per_shard
         if shard_name(number) not in done:
-            ids, mask = encode_conversation(tokenizer, messages, max_len)
-            if mask.any() and len(ids) >= 3:
-                pending.append({"input_ids": ids, "hidden_states": target_features(target, ids),
-                                "loss_mask": mask})
-        bar.update(1)
-        if (position + 1) % per_shard == 0:
-            _finish_shard(out_dir, index, number, pending, done)
-            pending = []
-    if pending:
-        _finish_shard(out_dir, index, number, pending, done)
+            if regenerate:
+                records = regenerate_answers(target, tokenizer, records, max_new_tokens=max_new_tokens)
+            samples = []
+            for messages in records:
+                ids, mask = encode_conversation(tokenizer, messages, max_len)
+                if mask.any() and len(ids) >= 3:
+                    samples.append({"input_ids": ids, "hidden_states": target_features(target, ids),
+                                    "loss_mask": mask})
+                bar.update(1)
+            if samples:
+                index["shards"].append(write_shard(out_dir, number, samples))
+                index["shards"].sort(key=lambda entry: entry["file"])
+                write_index(out_dir, index)
+        else:
+            bar.update(len(records))
     bar.close()
+    write_index(out_dir, index)   # also when nothing was usable: the folder still reads as a dataset
     return index
-
-
-def _finish_shard(out_dir, index, number, samples, done):
-    if shard_name(number) in done or not samples:
-        return
-    index["shards"].append(write_shard(out_dir, number, samples))
-    index["shards"].sort(key=lambda entry: entry["file"])
-    write_index(out_dir, index)

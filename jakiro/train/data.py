@@ -71,25 +71,36 @@ def write_index(directory: str, index: dict):
     os.replace(temporary, os.path.join(directory, INDEX_NAME))
 
 
-def load_shard(path: str) -> dict:
-    """The four tensors of one shard, checked; ValueError naming ``path`` otherwise."""
-    from safetensors.torch import load_file
+def open_shard(path: str):
+    """A checked, lazily read shard: ``(handle, offsets)``; ValueError naming ``path`` otherwise.
+
+    Only the header and the offsets are read here; conversations are sliced out of the file
+    (memory-mapped) when an item is asked for, so a dataset larger than memory trains fine.
+    """
+    from safetensors import safe_open
     if not os.path.isfile(path):
         raise ValueError(f"jakiro data: shard {path} is missing")
     try:
-        tensors = load_file(path)
+        handle = safe_open(path, framework="pt")
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+        offsets = handle.get_tensor("offsets") if "offsets" in shapes else None
     except Exception as error:  # safetensors raises its own error types for corrupt headers/data
         raise ValueError(f"jakiro data: shard {path} is corrupt: {error}") from None
-    missing = [name for name in TENSOR_NAMES if name not in tensors]
+    missing = [name for name in TENSOR_NAMES if name not in shapes]
     if missing:
         raise ValueError(f"jakiro data: shard {path} lacks tensors {missing}")
-    ids, hidden, mask, offsets = (tensors[name] for name in TENSOR_NAMES)
-    tokens = ids.numel()
-    if (hidden.dim() != 2 or hidden.shape[0] != tokens or mask.numel() != tokens or offsets.dim() != 1
-            or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens
+    tokens = shapes["input_ids"][0] if len(shapes["input_ids"]) == 1 else -1
+    if (len(shapes["hidden_states"]) != 2 or shapes["hidden_states"][0] != tokens or shapes["loss_mask"] != [tokens]
+            or offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens
             or bool((offsets[1:] < offsets[:-1]).any())):
         raise ValueError(f"jakiro data: shard {path} is inconsistent (tensor shapes or offsets)")
-    return tensors
+    return handle, offsets
+
+
+def load_shard(path: str) -> dict:
+    """The four tensors of one shard, checked (see :func:`open_shard`)."""
+    handle, _ = open_shard(path)
+    return {name: handle.get_tensor(name) for name in TENSOR_NAMES}
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -97,33 +108,35 @@ class FeatureDataset(torch.utils.data.Dataset):
     ``hidden_states [S, H]`` (float32), ``loss_mask [S]`` and ``index`` (= ``i``).
 
     Conversations longer than ``max_len`` are cut; those shorter than 3 tokens are dropped
-    (the contrastive branch needs two steps ahead).
+    (the contrastive branch needs two steps ahead). Items are read from the shards on demand.
     """
 
     def __init__(self, directory: str, max_len: int | None = None):
         index = read_index(directory)
         self.hidden_size = index.get("hidden_size")
-        self.samples = []
+        self.shards = []
+        self.spans = []   # (shard number, start token, end token) per conversation
         for entry in index["shards"]:
-            path = os.path.join(directory, entry["file"])
-            tensors = load_shard(path)
-            offsets = tensors["offsets"].tolist()
-            for start, end in zip(offsets[:-1], offsets[1:]):
+            handle, offsets = open_shard(os.path.join(directory, entry["file"]))
+            self.shards.append(handle)
+            for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
                 if max_len is not None:
                     end = min(end, start + max_len)
-                if end - start < 3:
-                    continue
-                self.samples.append({"input_ids": tensors["input_ids"][start:end],
-                                     "hidden_states": tensors["hidden_states"][start:end].float(),
-                                     "loss_mask": tensors["loss_mask"][start:end]})
-        if not self.samples:
+                if end - start >= 3:
+                    self.spans.append((len(self.shards) - 1, start, end))
+        if not self.spans:
             raise ValueError(f"jakiro data: {directory} holds no conversation of 3 tokens or more")
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.spans)
 
     def __getitem__(self, i):
-        return dict(self.samples[i], index=i)
+        shard, start, end = self.spans[i]
+        handle = self.shards[shard]
+        return {"input_ids": handle.get_slice("input_ids")[start:end],
+                "hidden_states": handle.get_slice("hidden_states")[start:end].float(),
+                "loss_mask": handle.get_slice("loss_mask")[start:end],
+                "index": i}
 
 
 def collate(samples: list[dict]) -> dict:

@@ -89,7 +89,8 @@ def test_training_lowers_the_loss_and_raises_top1(target, data_dir, tmp_path, ea
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(target, data_dir, tmp_path):
-    config = TrainConfig(steps=12, batch_size=4, lr=1e-3, warmup_steps=3, checkpoint_every=5, noise=0.2, seed=7)
+    config = TrainConfig(steps=12, batch_size=4, lr=1e-3, warmup_steps=3, checkpoint_every=5, noise=0.2, seed=7,
+                         keep_checkpoints=2)
     dataset = FeatureDataset(str(data_dir))
     straight = _draft(target)
     Trainer(straight, dataset, str(tmp_path / "straight"), config, progress=False).train()
@@ -103,6 +104,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(target, data_dir, tmp_path)
     expected = _weights(straight)
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, expected[name]), name
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_00000010.pt", "step_00000012.pt"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / LOG_NAME).read_text().splitlines()]
     assert steps == list(range(1, 13))
 

@@ -52,10 +52,12 @@ def add_train_parser(commands):
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=4, help="conversations per process and step")
     p.add_argument("--lr", type=float, default=9e-5)
-    p.add_argument("--warmup-steps", type=int, default=2000)
+    p.add_argument("--warmup-steps", type=int, default=2000,
+                   help="linear warm-up, then cosine to 0 (capped at a tenth of a short run)")
     p.add_argument("--noise", type=float, default=0.2, help="width of the uniform feature noise")
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
@@ -124,7 +126,8 @@ def train_command(args) -> int:
             raise SystemExit(f"jakiro train: bad --draft-config: {error}") from None
         config = TrainConfig(lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, noise=args.noise, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every, max_len=args.max_len)
+                             checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                             max_len=args.max_len)
         trainer = Trainer(draft, dataset, args.out, config, progress=not args.no_progress)
         metrics = trainer.train(resume=args.resume)
     except ValueError as error:

@@ -41,6 +41,7 @@ class TrainConfig:
     noise: float = 0.2              # uniform feature noise U(-noise/2, noise/2) on the inputs
     seed: int = 0
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 3       # the newest ones are kept, older ones deleted (0: keep all)
     k_step: int = 3                 # rounds of the k-step accuracy (0: off)
     k_step_every: int = 100         # measured on the current batch every this many steps
     max_len: int = 2048
@@ -109,12 +110,19 @@ class Trainer:
         path = self.checkpoint_path(self.step)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
+        if self.config.keep_checkpoints > 0:
+            for old in self._checkpoints()[:-self.config.keep_checkpoints]:
+                os.remove(old)
+
+    def _checkpoints(self) -> list[str]:
+        folder = os.path.join(self.out_dir, CHECKPOINT_DIR)
+        if not os.path.isdir(folder):
+            return []
+        return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("step_") and n.endswith(".pt")]
 
     def latest_checkpoint(self) -> str | None:
-        folder = os.path.join(self.out_dir, CHECKPOINT_DIR)
-        names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(".pt")) \
-            if os.path.isdir(folder) else []
-        return os.path.join(folder, names[-1]) if names else None
+        paths = self._checkpoints()
+        return paths[-1] if paths else None
 
     def load_checkpoint(self, path: str):
         try:

@@ -7,7 +7,7 @@ import torch
 
 from jakiro.draft import JakiroDraft
 from jakiro.testing import make_feature_shards, make_tiny_target
-from jakiro.train.data import FeatureDataset, load_shard, read_index
+from jakiro.train.data import FeatureDataset, read_index
 from jakiro.train.trainer import FINAL_DIR, LOG_NAME, TrainConfig, Trainer
 
 

@@ -1,7 +1,6 @@
 """``jakiro datagen`` and ``jakiro train`` (the sub-commands; ``jakiro/cli.py`` adds them)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 

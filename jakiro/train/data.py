@@ -97,12 +97,6 @@ def open_shard(path: str):
     return handle, offsets
 
 
-def load_shard(path: str) -> dict:
-    """The four tensors of one shard, checked (see :func:`open_shard`)."""
-    handle, _ = open_shard(path)
-    return {name: handle.get_tensor(name) for name in TENSOR_NAMES}
-
-
 class FeatureDataset(torch.utils.data.Dataset):
     """Every conversation of a datagen folder; item ``i`` is a dict of ``input_ids [S]``,
     ``hidden_states [S, H]`` (float32), ``loss_mask [S]`` and ``index`` (= ``i``).

@@ -77,7 +77,8 @@ class Trainer:
         self.draft = draft.float()          # fp32 master weights; autocast handles bf16 compute
         self.model = self.draft
         if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.draft, device_ids=ids)
         self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
                                                            shuffle=True, seed=config.seed, drop_last=True)

@@ -83,7 +83,7 @@ class _Prompt:
     """A validated, left-padded batch of prompts."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device,
-                 vocab_size: int):
+                 vocab_size: int, streamer=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("generate: input_ids must be an int64 tensor [B, P]")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -91,6 +91,8 @@ class _Prompt:
                              f"at least one token")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"generate: input_ids must be an integer tensor, got {input_ids.dtype}")
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError("generate: a streamer needs a batch of one row")
         self.ids = input_ids.to(device=device, dtype=torch.int64)
         batch, width = self.ids.shape
         if attention_mask is None:
@@ -254,9 +256,7 @@ class SpeculativeGenerator:
         target, drafter = self.target, self.drafter
         device = target.device
         start = time.perf_counter()
-        prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size)
-        if streamer is not None and prompt.ids.shape[0] != 1:
-            raise ValueError("generate: a streamer needs a batch of one row")
+        prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)
         batch = prompt.ids.shape[0]
         nodes = drafter.total_tokens
         capacity = prompt.width + max_new_tokens + drafter.max_new_pairs + nodes
@@ -343,9 +343,7 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
     target = target if isinstance(target, TargetModel) else TargetModel(target)
     device = target.device
     start = time.perf_counter()
-    prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size)
-    if streamer is not None and prompt.ids.shape[0] != 1:
-        raise ValueError("generate: a streamer needs a batch of one row")
+    prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)
     batch = prompt.ids.shape[0]
     capacity = prompt.width + max_new_tokens + 1
     _check_capacity(target, capacity, max_cache_len)

@@ -172,13 +172,29 @@ class JakiroDraft(nn.Module):
         nn.init.normal_(self.w_gate_up, std=std)
         nn.init.normal_(self.w_down, std=std)
 
-    def bind(self, target_model: nn.Module) -> "JakiroDraft":
-        """Shares ``target_model``'s embedding and LM head (frozen) and moves to its device/dtype."""
+    def bind(self, target_model: nn.Module, dtype: torch.dtype | None = None) -> "JakiroDraft":
+        """Shares ``target_model``'s embedding and LM head (frozen) and moves to its device and
+        dtype; or, with another ``dtype``, to that dtype with its own frozen copies of the two.
+
+        The draft's precision never changes the output (the target verifies every token), so a
+        bfloat16 draft may serve a float32 target: on a CPU that halves the bytes of the LM head
+        each tree level streams, the draft's largest cost.
+        """
         _check_compatible(self.config, target_model)
         embed, head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
         for module in (embed, head):
             for p in module.parameters():
                 p.requires_grad_(False)
+        if dtype is not None and dtype != head.weight.dtype:
+            tied = head.weight is embed.weight
+            embed = nn.Embedding.from_pretrained(embed.weight.detach().to(dtype), freeze=True)
+            head_copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                                  device=head.weight.device, dtype=dtype).requires_grad_(False)
+            head_copy.weight = embed.weight if tied else nn.Parameter(head.weight.detach().to(dtype),
+                                                                      requires_grad=False)
+            if head.bias is not None:
+                head_copy.bias = nn.Parameter(head.bias.detach().to(dtype), requires_grad=False)
+            head = head_copy
         self._shared = {"embed_tokens": embed, "lm_head": head}
         return self.to(device=head.weight.device, dtype=head.weight.dtype)
 
@@ -198,8 +214,13 @@ class JakiroDraft(nn.Module):
         save_file(state, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, target: nn.Module) -> "JakiroDraft":
-        """Loads a draft saved by :meth:`save_pretrained` and binds it to ``target``.
+    def from_pretrained(cls, directory: str | os.PathLike, target: nn.Module, candidate_mode: str | None = None,
+                        dtype: torch.dtype | None = None) -> "JakiroDraft":
+        """Loads a draft saved by :meth:`save_pretrained` and binds it to ``target`` (in
+        ``dtype``, default the target's: see :meth:`bind`).
+
+        ``candidate_mode`` overrides the saved one (it only changes how trees are drafted, so
+        one set of weights serves "mixture" and "per_expert").
 
         Raises ValueError when the files are missing or the target does not match the
         draft (architecture, hidden size, vocabulary, head layout).
@@ -210,11 +231,14 @@ class JakiroDraft(nn.Module):
             if not os.path.isfile(path):
                 raise ValueError(f"JakiroDraft.from_pretrained: {path} does not exist")
         with open(config_path) as f:
-            config = DraftConfig(**json.load(f))
+            values = json.load(f)
+        if candidate_mode is not None:
+            values["candidate_mode"] = candidate_mode
+        config = DraftConfig(**values)
         _check_compatible(config, target)
         draft = cls(config)
         draft.load_state_dict(load_file(weights_path), strict=True)
-        return draft.bind(target)
+        return draft.bind(target, dtype)
 
     # ----------------------------------------------------------------- forward
     @property
@@ -254,6 +278,7 @@ class JakiroDraft(nn.Module):
         if (cache is None) != (step is None):
             raise ValueError("JakiroDraft: pass both cache and step, or neither")
         batch, length, _ = hidden.shape
+        hidden = hidden.to(self.fc.weight.dtype)          # target features may be wider than the draft
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         z = self.fc(torch.cat((embeds, hidden), dim=-1))
         attn = self._attention(z, position_ids, cache, step)

@@ -1,7 +1,8 @@
 """Prints jakiro's requirements from pyproject.toml (the one place they are pinned), one per line.
 
 Used by scripts/setup.sh: build requirements, run-time dependencies and the
-given extras (default: test), so a --no-build-isolation install finds them.
+given extras (default: test), so a --no-build-isolation install finds them;
+``data``: the packages to install with --no-deps (the default target and datasets).
 """
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ except ImportError:  # Python 3.10: pip vendors the same parser
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 extras = sys.argv[1:] or ["test"]
+if extras == ["data"]:
+    print("\n".join(project["tool"]["jakiro"]["data-packages"]))
+    sys.exit(0)
 requirements = project["build-system"]["requires"] + project["project"]["dependencies"]
 for extra in extras:
     requirements += project["project"]["optional-dependencies"][extra]

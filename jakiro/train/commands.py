@@ -16,7 +16,8 @@ def add_datagen_parser(commands):
                     "conversation and writes safetensors shards (input_ids, last-layer hidden states after the "
                     "final norm, loss_mask on the assistant tokens) plus index.json. Rerunning skips finished "
                     "shards.")
-    p.add_argument("--target", required=True, help="Hugging Face model folder (with its tokenizer and chat template)")
+    p.add_argument("--target", default="smollm2",
+                   help="HF model folder or GGUF file with a chat template (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="conversation file")
     p.add_argument("--format", choices=("sharegpt", "jsonl"), required=True,
                    help="sharegpt: a (possibly truncated) JSON array of records; jsonl: one record per line. "
@@ -28,6 +29,7 @@ def add_datagen_parser(commands):
     p.add_argument("--regenerate", action="store_true",
                    help="self-distillation: the target first rewrites every answer (greedy, batched)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call with --regenerate")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +43,9 @@ def add_train_parser(commands):
                     "f_{t+2}; the EAGLE loss with --eagle2). Writes OUT/train_log.jsonl, checkpoints in "
                     "OUT/checkpoints and the final draft in OUT/draft. Runs unchanged under "
                     "`torchrun --nproc_per_node=K` (DDP; --batch-size is per process).")
-    p.add_argument("--target", required=True, help="Hugging Face model folder (its embedding and LM head are used)")
+    p.add_argument("--target", default="smollm2",
+                   help="HF model folder or GGUF file whose embedding and LM head the draft uses "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="folder written by `jakiro datagen`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--eagle2", action="store_true", help="train the EAGLE-2 baseline configuration")
@@ -57,19 +61,20 @@ def add_train_parser(commands):
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16: autocast and bf16 LM-head matmuls (fp32 master weights); auto: bf16 on CUDA only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load_target(path: str, dtype, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isdir(path):
-        raise SystemExit(f"jakiro: target path {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return target, tokenizer
+def _load_target(spec: str, dtype, device):
+    from jakiro.models import load_target
+    try:
+        return load_target(spec, dtype=dtype, device=device)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise SystemExit(str(error)) from None
 
 
 def datagen_command(args) -> int:
@@ -80,7 +85,8 @@ def datagen_command(args) -> int:
         target, tokenizer = _load_target(args.target, dtype, args.device)
         index = generate_features(target, tokenizer, conversations, args.out, max_len=args.max_len,
                                   limit=args.limit, per_shard=args.per_shard, regenerate=args.regenerate,
-                                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     samples = sum(entry["samples"] for entry in index["shards"])
@@ -126,7 +132,7 @@ def train_command(args) -> int:
         config = TrainConfig(lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, noise=args.noise, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                             max_len=args.max_len)
+                             max_len=args.max_len, bf16=None if args.precision == "auto" else args.precision == "bf16")
         trainer = Trainer(draft, dataset, args.out, config, progress=not args.no_progress)
         metrics = trainer.train(resume=args.resume)
     except ValueError as error:

@@ -117,7 +117,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError("jakiro datagen: the chat template does not render conversations prefix by prefix, "
                              "so the assistant tokens cannot be derived from it")
-        spans.append((len(before), len(through)))
+        # The whitespace a template adds after its end-of-turn marker is never generated.
+        spans.append((len(before), len(through.rstrip())))
     return text, spans
 
 
@@ -164,6 +165,8 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
                 jobs.append((c, answers[turn]))
         if not jobs:
             return conversations
+        # Similar lengths share a batch: less padding to compute.
+        jobs.sort(key=lambda job: -len(_render(tokenizer, conversations[job[0]][:job[1]], True)))
         for at in range(0, len(jobs), batch_size):
             chunk = jobs[at:at + batch_size]
             prompts = [tokenizer(_render(tokenizer, conversations[c][:i], True), add_special_tokens=False)["input_ids"]
@@ -183,13 +186,14 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
 
 def generate_features(target, tokenizer, conversations: Iterable[list[dict]], out_dir: str, *,
                       max_len: int = 2048, limit: int | None = None, per_shard: int = 256,
-                      regenerate: bool = False, max_new_tokens: int = 512, progress: bool = True) -> dict:
+                      regenerate: bool = False, max_new_tokens: int = 512, batch_size: int = 8,
+                      progress: bool = True) -> dict:
     """Writes the shards and index of ``conversations`` to ``out_dir``; returns the index.
 
     Shard ``k`` holds the usable conversations among records ``k*per_shard .. (k+1)*per_shard-1``
     of the stream, so a rerun skips the shards its index already lists (resumable; rerun with the
     same ``limit`` and ``per_shard``: a last, partial shard counts as finished). ``regenerate``:
-    the target first rewrites the answers (:func:`regenerate_answers`).
+    the target first rewrites the answers (:func:`regenerate_answers`, ``batch_size`` prompts at a time).
     """
     from tqdm.auto import tqdm
     if not getattr(tokenizer, "chat_template", None):
@@ -213,7 +217,8 @@ def generate_features(target, tokenizer, conversations: Iterable[list[dict]], ou
             break
         if shard_name(number) not in done:
             if regenerate:
-                records = regenerate_answers(target, tokenizer, records, max_new_tokens=max_new_tokens)
+                records = regenerate_answers(target, tokenizer, records, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size)
             samples = []
             for messages in records:
                 ids, mask = encode_conversation(tokenizer, messages, max_len)

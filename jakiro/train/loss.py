@@ -5,7 +5,8 @@ A training sequence of S tokens gives the draft S-1 positions: position ``t`` re
 feature with ``f_{t+2}`` (one step further ahead, so the contrastive branch has one
 position less). Each comparison is a feature regression (SmoothL1, mean over H) plus a
 cross-entropy against the target's own next-token distribution ``p* = softmax(head(f))``
-through the frozen LM head in float32:
+through the frozen LM head (softmaxes in float32; the head's matmul in bfloat16 when
+training in bfloat16):
 
     L = v_w * (v_mix + c * v_con) + p_w * (ce_mix + c * ce_con),   v_w=1, p_w=0.1, c=0.5
 
@@ -34,40 +35,43 @@ class LossOutput:
     metrics: dict               # per-branch losses and accuracies, and the loss (python floats)
 
 
-def _head_logits(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
-    bias = None if getattr(head, "bias", None) is None else head.bias.float()
-    return F.linear(features.float(), head.weight.float(), bias)
+def _head_logits(head: torch.nn.Module, features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 logits of the head's matmul run in ``dtype``."""
+    bias = None if getattr(head, "bias", None) is None else head.bias.to(dtype)
+    return F.linear(features.to(dtype), head.weight.to(dtype), bias).float()
 
 
-def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, head: torch.nn.Module):
+def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, head: torch.nn.Module,
+                 head_dtype: torch.dtype = torch.float32):
     """Feature loss, CE loss, top-1 and top-3 accuracy of one branch.
 
     ``pred`` and ``target`` are ``[B, T, H]``, ``mask`` is ``[B, T]`` (0/1). Returns
-    ``(smooth_l1, cross_entropy, top1, top3)``; the last two are detached fractions.
+    ``(smooth_l1, cross_entropy, top1, top3)``; the last two are detached fractions. The head's
+    matmuls run in ``head_dtype`` (bfloat16 halves the cost of the step's dominant work).
     """
     mask = mask.float()
     count = mask.sum().clamp_min(1.0)   # an all-masked batch contributes zero, not NaN
     regression = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
     feature_loss = (regression * mask).sum() / count
+    # The LM head (V x H per position) dominates the cost: run it on the trained positions only.
+    keep = mask.flatten() > 0
+    pred, target = pred.flatten(0, -2)[keep], target.flatten(0, -2)[keep]
     with torch.no_grad():
-        target_logits = _head_logits(head, target)
+        target_logits = _head_logits(head, target, head_dtype)
         target_probs = torch.softmax(target_logits, dim=-1)
         target_token = target_logits.argmax(-1)
-    logits = _head_logits(head, pred)
-    cross_entropy = -(target_probs * torch.log_softmax(logits, dim=-1)).sum(-1)
-    ce_loss = (cross_entropy * mask).sum() / count
+    logits = _head_logits(head, pred, head_dtype)
+    ce_loss = -(target_probs * torch.log_softmax(logits, dim=-1)).sum() / count
     with torch.no_grad():
         top3 = logits.topk(min(3, logits.shape[-1]), dim=-1).indices
-        top1_hit = (top3[..., 0] == target_token).float()
-        top3_hit = (top3 == target_token.unsqueeze(-1)).any(-1).float()
-        top1 = (top1_hit * mask).sum() / count
-        top3_acc = (top3_hit * mask).sum() / count
+        top1 = (top3[:, 0] == target_token).float().sum() / count
+        top3_acc = (top3 == target_token.unsqueeze(-1)).any(-1).float().sum() / count
     return feature_loss, ce_loss, top1, top3_acc
 
 
 def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, features: torch.Tensor,
                 loss_mask: torch.Tensor, head: torch.nn.Module,
-                weights: LossWeights = LossWeights()) -> LossOutput:
+                weights: LossWeights = LossWeights(), head_dtype: torch.dtype = torch.float32) -> LossOutput:
     """The Jakiro loss (or the EAGLE loss when ``contrastive`` is None).
 
     Args:
@@ -76,7 +80,7 @@ def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, feature
         features: ``[B, S, H]`` the target's features ``f_0..f_{S-1}``.
         loss_mask: ``[B, S]`` 1 on the tokens whose features are trained on (assistant tokens,
             0 on padding).
-        head: the target's LM head (frozen; read in float32).
+        head: the target's LM head (frozen), run in ``head_dtype``; softmaxes are float32.
     """
     batch, length, hidden = features.shape
     if mixture.shape != (batch, length - 1, hidden):
@@ -87,14 +91,14 @@ def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, feature
     if loss_mask.shape != (batch, length):
         raise ValueError(f"jakiro_loss: loss_mask must be [B, S] = {(batch, length)}, got {tuple(loss_mask.shape)}")
     next_features, next_mask = features[:, 1:], loss_mask[:, 1:]          # f_{t+1} for position t
-    v_mix, ce_mix, top1_mix, top3_mix = branch_terms(mixture, next_features, next_mask, head)
+    v_mix, ce_mix, top1_mix, top3_mix = branch_terms(mixture, next_features, next_mask, head, head_dtype)
     loss = weights.feature * v_mix + weights.probability * ce_mix
     metrics = {"loss_feature_mixture": v_mix, "loss_ce_mixture": ce_mix,
                "top1_mixture": top1_mix, "top3_mixture": top3_mix}
     if contrastive is not None:
         # Position t of the contrastive branch predicts f_{t+2}: drop its last position.
         v_con, ce_con, top1_con, top3_con = branch_terms(contrastive[:, :-1], next_features[:, 1:],
-                                                         next_mask[:, 1:], head)
+                                                         next_mask[:, 1:], head, head_dtype)
         loss = loss + weights.contrastive * (weights.feature * v_con + weights.probability * ce_con)
         metrics.update(loss_feature_contrastive=v_con, loss_ce_contrastive=ce_con,
                        top1_contrastive=top1_con, top3_contrastive=top3_con)

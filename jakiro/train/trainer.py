@@ -45,7 +45,7 @@ class TrainConfig:
     k_step: int = 3                 # rounds of the k-step accuracy (0: off)
     k_step_every: int = 100         # measured on the current batch every this many steps
     max_len: int = 2048
-    bf16: bool | None = None        # None: autocast to bf16 on CUDA only
+    bf16: bool | None = None        # bf16 autocast and LM-head matmuls; None: on CUDA only
     loss_weights: LossWeights = LossWeights()
 
 
@@ -164,7 +164,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(noisy[:, :-1], ids[:, 1:], positions, return_contrastive=contrastive)
         # Targets are the clean features: the noise only perturbs what the draft reads.
-        result = jakiro_loss(out.mixture, out.contrastive, clean, mask, self.draft.lm_head, self.config.loss_weights)
+        result = jakiro_loss(out.mixture, out.contrastive, clean, mask, self.draft.lm_head, self.config.loss_weights,
+                             head_dtype=torch.bfloat16 if self.bf16 else torch.float32)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         torch.nn.utils.clip_grad_value_(self.draft.parameters(), self.config.grad_clip_value)

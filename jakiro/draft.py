@@ -36,6 +36,7 @@ from jakiro.kv_cache import AttentionStep, KVCache
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+COUNTS_NAME = "token_counts.safetensors"   # training-data token frequencies (optional)
 CANDIDATE_MODES = ("mixture", "per_expert")
 
 
@@ -213,14 +214,57 @@ class JakiroDraft(nn.Module):
         state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         save_file(state, os.path.join(directory, WEIGHTS_NAME))
 
+    def save_token_counts(self, directory: str | os.PathLike, counts: torch.Tensor):
+        """Stores how often each token occurred in the training data next to the weights, so a
+        reduced drafting vocabulary can be chosen at load time (``draft_vocab``)."""
+        from safetensors.torch import save_file
+        if counts.shape != (self.config.vocab_size,):
+            raise ValueError(f"JakiroDraft: token counts must be [{self.config.vocab_size}], got {tuple(counts.shape)}")
+        os.makedirs(directory, exist_ok=True)
+        save_file({"counts": counts.to(torch.int64).contiguous()}, os.path.join(directory, COUNTS_NAME))
+
+    def restrict_vocab(self, token_ids: torch.Tensor) -> "JakiroDraft":
+        """Drafts only ``token_ids`` (sorted, distinct): trees are grown from the LM head's rows
+        of those tokens, a fraction of the full head's bytes per tree level. A token outside the
+        set is never proposed, so the target then accepts nothing past it (the output is
+        unchanged, as always). Training and the target are unaffected."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
+        if token_ids.numel() == 0 or bool((token_ids[1:] <= token_ids[:-1]).any()) or \
+                int(token_ids[0]) < 0 or int(token_ids[-1]) >= self.config.vocab_size:
+            raise ValueError("JakiroDraft.restrict_vocab: token_ids must be sorted, distinct ids in "
+                             f"[0, {self.config.vocab_size})")
+        head = self.lm_head
+        rows = token_ids.to(head.weight.device)
+        sub = nn.Linear(head.in_features, rows.numel(), bias=head.bias is not None, device=head.weight.device,
+                        dtype=head.weight.dtype).requires_grad_(False)
+        sub.weight.copy_(head.weight.detach()[rows])
+        if head.bias is not None:
+            sub.bias.copy_(head.bias.detach()[rows])
+        self._shared["draft_head"] = sub
+        self._draft_vocab = rows
+        return self
+
+    @property
+    def drafting_vocab_size(self) -> int:
+        """How many tokens trees are drafted from (the vocabulary, or the restricted set)."""
+        return int(self._draft_vocab.numel()) if "draft_head" in self._shared else self.config.vocab_size
+
+    def candidate_logits(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits the tree is drafted from, and the token id of each column (None: all tokens)."""
+        if "draft_head" in self._shared:
+            return self._shared["draft_head"](feature), self._draft_vocab
+        return self.lm_head(feature), None
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, target: nn.Module, candidate_mode: str | None = None,
-                        dtype: torch.dtype | None = None) -> "JakiroDraft":
+                        dtype: torch.dtype | None = None, draft_vocab: int | None = None) -> "JakiroDraft":
         """Loads a draft saved by :meth:`save_pretrained` and binds it to ``target`` (in
         ``dtype``, default the target's: see :meth:`bind`).
 
         ``candidate_mode`` overrides the saved one (it only changes how trees are drafted, so
-        one set of weights serves "mixture" and "per_expert").
+        one set of weights serves "mixture" and "per_expert"). ``draft_vocab``: draft from the
+        ``draft_vocab`` most frequent tokens of the training data (:meth:`restrict_vocab`; needs the
+        token counts ``jakiro train`` saves with the draft).
 
         Raises ValueError when the files are missing or the target does not match the
         draft (architecture, hidden size, vocabulary, head layout).
@@ -238,7 +282,19 @@ class JakiroDraft(nn.Module):
         _check_compatible(config, target)
         draft = cls(config)
         draft.load_state_dict(load_file(weights_path), strict=True)
-        return draft.bind(target, dtype)
+        draft.bind(target, dtype)
+        if draft_vocab is not None and draft_vocab < config.vocab_size:
+            counts_path = os.path.join(directory, COUNTS_NAME)
+            if not os.path.isfile(counts_path):
+                raise ValueError(f"JakiroDraft.from_pretrained: draft_vocab needs {counts_path} (written by "
+                                 f"`jakiro train`)")
+            if draft_vocab < 1:
+                raise ValueError(f"JakiroDraft.from_pretrained: draft_vocab must be >= 1, got {draft_vocab}")
+            counts = load_file(counts_path)["counts"]
+            # Most frequent first; ties by token id, so the choice is deterministic.
+            order = torch.sort(counts, descending=True, stable=True).indices[:draft_vocab]
+            draft.restrict_vocab(order.sort().values)
+        return draft
 
     # ----------------------------------------------------------------- forward
     @property

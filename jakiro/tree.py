@@ -78,11 +78,11 @@ class TreeDrafter:
     """
 
     def __init__(self, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60):
-        vocab = draft.config.vocab_size
+        vocab = draft.drafting_vocab_size
         if depth < 1:
             raise ValueError(f"TreeDrafter: depth must be >= 1, got {depth}")
         if not 1 <= top_k <= vocab:
-            raise ValueError(f"TreeDrafter: top_k must be in [1, vocab_size={vocab}], got {top_k}")
+            raise ValueError(f"TreeDrafter: top_k must be in [1, {vocab}] (the drafting vocabulary), got {top_k}")
         if draft.config.candidate_mode == "per_expert" and top_k < draft.config.num_experts:
             raise ValueError(f"TreeDrafter: per_expert mode needs top_k >= num_experts "
                              f"({draft.config.num_experts}), got {top_k}")
@@ -139,18 +139,24 @@ class TreeDrafter:
         Returns ``(logp [B, R, k], tokens [B, R, k], child_hidden [B, R, k, H])``: the feature a
         child is expanded with is the one that proposed it.
         """
-        k, head = self.top_k, self.draft.lm_head
+        k = self.top_k
+
+        def top(feature, count):
+            logits, vocab = self.draft.candidate_logits(feature)
+            best = F.log_softmax(logits.float(), dim=-1).topk(count, dim=-1)
+            return best.values, best.indices if vocab is None else vocab[best.indices]
+
         if contrastive or not self.per_expert:
             feature = out.contrastive if contrastive else out.mixture
-            top = F.log_softmax(head(feature).float(), dim=-1).topk(k, dim=-1)
-            return top.values, top.indices, feature.unsqueeze(2).expand(-1, -1, k, -1)
+            values, tokens = top(feature, k)
+            return values, tokens, feature.unsqueeze(2).expand(-1, -1, k, -1)
         experts = out.experts.shape[0]
         values, tokens, hiddens = [], [], []
         for e in range(experts):
             share = k // experts + (1 if e < k % experts else 0)
-            top = F.log_softmax(head(out.experts[e]).float(), dim=-1).topk(share, dim=-1)
-            values.append(top.values)
-            tokens.append(top.indices)
+            expert_values, expert_tokens = top(out.experts[e], share)
+            values.append(expert_values)
+            tokens.append(expert_tokens)
             hiddens.append(out.experts[e].unsqueeze(2).expand(-1, -1, share, -1))
         values, tokens = torch.cat(values, dim=-1), torch.cat(tokens, dim=-1)
         # Two experts proposing the same token: keep the first, the copy can never be accepted.

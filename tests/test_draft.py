@@ -198,6 +198,37 @@ def test_a_bfloat16_draft_serves_a_float32_target_losslessly(tmp_path, family):
     assert spec.mean_accepted_length > 2.0   # the rigged draft still drafts well in bfloat16
 
 
+def test_a_restricted_drafting_vocabulary_proposes_only_its_tokens(tmp_path):
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", rigged=True, seed=6)
+    ids, mask, _ = make_prompts(2, 256, 3, 6, torch.Generator().manual_seed(4))
+    vanilla = jakiro.vanilla_generate(target, ids, mask, max_new_tokens=12)
+    # Keep the tokens vanilla decoding produced plus every even id: the rigged draft still hits.
+    kept = sorted(set(vanilla.sequences.flatten().tolist()) | set(range(0, 256, 2)))
+    draft.restrict_vocab(torch.tensor(kept))
+    assert draft.drafting_vocab_size == len(kept)
+    logits, vocab = draft.candidate_logits(torch.randn(3, draft.config.hidden_size))
+    assert logits.shape == (3, len(kept)) and vocab.tolist() == kept
+    drafter = TreeDrafter(draft, depth=3, top_k=4, total_tokens=14)
+    spec = jakiro.SpeculativeGenerator(target, draft, depth=3, top_k=4, total_tokens=14).generate(
+        ids, mask, max_new_tokens=12)
+    assert torch.equal(spec.sequences, vanilla.sequences) and spec.mean_accepted_length > 2.0
+    cache = drafter.new_cache(2, 32)
+    hidden, tokens, _ = random_pairs(draft, 2, 5, seed=7)
+    context = drafter.advance(cache, hidden, tokens, torch.tensor([5, 5], dtype=torch.int32))
+    tree = drafter.expand(cache, context, tokens[:, -1])
+    assert set(tree.tokens[:, 1:].flatten().tolist()) <= set(kept)
+    with pytest.raises(ValueError, match="sorted, distinct ids"):
+        draft.restrict_vocab(torch.tensor([3, 3]))
+    draft.restrict_vocab(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="top_k must be in"):
+        TreeDrafter(draft, depth=2, top_k=3, total_tokens=4)
+    draft.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="draft_vocab needs"):
+        JakiroDraft.from_pretrained(tmp_path, target, draft_vocab=8)
+    with pytest.raises(ValueError, match="token counts must be"):
+        draft.save_token_counts(tmp_path, torch.ones(7, dtype=torch.int64))
+
+
 def test_load_rejects_mismatched_targets(tmp_path):
     target, draft = make_target_and_draft("llama", "jakiro", "cpu")
     draft.save_pretrained(tmp_path)

@@ -12,7 +12,7 @@ import torch
 from jakiro import cli
 from jakiro.draft import JakiroDraft
 from jakiro.testing import SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer, make_feature_shards, make_tiny_target
-from jakiro.train.data import FeatureDataset
+from jakiro.train.data import FeatureDataset, token_counts
 from jakiro.train.trainer import TrainConfig, Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +46,13 @@ def test_cli_datagen_then_train(saved_target):
     draft = JakiroDraft.from_pretrained(root / "run" / "draft", target)
     assert draft.config.num_experts == 3
     assert sorted(os.listdir(root / "run" / "checkpoints")) == ["step_00000002.pt", "step_00000003.pt"]
+    # The training data's token counts travel with the draft: they choose a reduced drafting vocabulary.
+    counts = token_counts(str(root / "features"), target.config.vocab_size)
+    assert int(counts.sum()) == sum(len(FeatureDataset(str(root / "features"))[i]["input_ids"]) for i in range(6))
+    reduced = JakiroDraft.from_pretrained(root / "run" / "draft", target, draft_vocab=5)
+    assert reduced.drafting_vocab_size == 5
+    assert set(reduced._draft_vocab.tolist()) == set(counts.topk(5).indices.tolist()) or \
+        counts.sort(descending=True).values[4] == counts.sort(descending=True).values[5]   # a tie at the cut
 
 
 def test_cli_train_under_torchrun(saved_target, tmp_path):
@@ -65,7 +72,7 @@ def test_cli_train_under_torchrun(saved_target, tmp_path):
 
 def test_cli_errors_name_the_file(saved_target, tmp_path):
     root, _ = saved_target
-    with pytest.raises(SystemExit, match="target path .*nowhere does not exist"):
+    with pytest.raises(SystemExit, match="target .*nowhere is neither a model folder nor a GGUF file"):
         cli.main(["datagen", "--target", str(tmp_path / "nowhere"), "--data", str(root / "sharegpt.json"),
                   "--format", "sharegpt", "--out", str(tmp_path / "x"), "--device", "cpu"])
     jsonl = tmp_path / "data.jsonl"
@@ -92,7 +99,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import sys, torch
     from jakiro.draft import JakiroDraft
     from jakiro.testing import make_tiny_target
-    from jakiro.train.data import FeatureDataset
+    from jakiro.train.data import FeatureDataset, token_counts
     from jakiro.train.trainer import TrainConfig, Trainer
     data, out = sys.argv[1], sys.argv[2]
     torch.distributed.init_process_group("gloo")

@@ -109,7 +109,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def train_command(args) -> int:
     from jakiro.draft import JakiroDraft
-    from jakiro.train.data import FeatureDataset
+    from jakiro.train.data import FeatureDataset, token_counts
     from jakiro.train.trainer import TrainConfig, Trainer
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = args.device
@@ -141,6 +141,7 @@ def train_command(args) -> int:
         if distributed:
             torch.distributed.destroy_process_group()
     if trainer.rank == 0:
+        draft.save_token_counts(os.path.join(args.out, "draft"), token_counts(args.data, draft.config.vocab_size))
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         print(f"[jakiro] trained {trainer.step} steps; last: {summary}; draft saved under {args.out}/draft")
     return 0

@@ -133,6 +133,16 @@ class FeatureDataset(torch.utils.data.Dataset):
                 "index": i}
 
 
+def token_counts(directory: str, vocab_size: int) -> torch.Tensor:
+    """int64 ``[vocab_size]``: how often each token occurs in a datagen folder's conversations
+    (what a draft's reduced vocabulary is chosen from, see ``JakiroDraft.from_pretrained``)."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for entry in read_index(directory)["shards"]:
+        handle, _ = open_shard(os.path.join(directory, entry["file"]))
+        counts += torch.bincount(handle.get_tensor("input_ids"), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def collate(samples: list[dict]) -> dict:
     """Right-pads a list of items to one batch (padding: token 0, zero features, mask 0).
 

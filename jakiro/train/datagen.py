@@ -147,9 +147,10 @@ def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 512,
-                       batch_size: int = 8) -> list[list[dict]]:
+                       batch_size: int = 8, progress: bool = False) -> list[list[dict]]:
     """Self-distillation: every assistant turn rewritten by ``target`` (greedy), turn by turn, so
     later turns see the target's own earlier answers. Prompts are batched (left padding)."""
+    from tqdm.auto import tqdm
     conversations = [[dict(m) for m in messages] for messages in conversations]
     device = target.get_input_embeddings().weight.device
     eos = target.generation_config.eos_token_id if target.generation_config.eos_token_id is not None \
@@ -167,6 +168,8 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
             return conversations
         # Similar lengths share a batch: less padding to compute.
         jobs.sort(key=lambda job: -len(_render(tokenizer, conversations[job[0]][:job[1]], True)))
+        bar = tqdm(total=len(jobs), disable=not progress, desc=f"jakiro datagen: answers (turn {turn + 1})",
+                   unit="answer", leave=False)
         for at in range(0, len(jobs), batch_size):
             chunk = jobs[at:at + batch_size]
             prompts = [tokenizer(_render(tokenizer, conversations[c][:i], True), add_special_tokens=False)["input_ids"]
@@ -181,6 +184,8 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
                                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
             for row, (c, i) in enumerate(chunk):
                 conversations[c][i]["content"] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            bar.update(len(chunk))
+        bar.close()
         turn += 1
 
 
@@ -218,7 +223,7 @@ def generate_features(target, tokenizer, conversations: Iterable[list[dict]], ou
         if shard_name(number) not in done:
             if regenerate:
                 records = regenerate_answers(target, tokenizer, records, max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size)
+                                             batch_size=batch_size, progress=progress)
             samples = []
             for messages in records:
                 ids, mask = encode_conversation(tokenizer, messages, max_len)

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Default (depth, top_k) per device type. CUDA: the authors' shape (a GPU verifies 60 tokens at
 # the price of one). CPU: every tree level streams the LM head and every verified token costs
 # compute, so a smaller tree wins (the sweep behind this choice is in BENCHMARKS.md).
-TREE_SHAPES = {"cuda": (5, 10), "cpu": (5, 10)}
+TREE_SHAPES = {"cuda": (5, 10), "cpu": (3, 4)}
 # Default drafting vocabulary per device type (None: all tokens). On a CPU the draft's LM head
 # is most of a tree level's cost; 8192 of SmolLM2's 49152 tokens cover the training answers.
 DRAFT_VOCAB = {"cuda": None, "cpu": 8192}

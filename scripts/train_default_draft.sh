@@ -5,7 +5,7 @@
 #      and the features of every conversation are written in bf16;
 #   3. `jakiro train` of the Jakiro draft and of the EAGLE-2 configuration on those features,
 #      with the same steps, batch and learning rate, side by side (one thread each on a CPU);
-#   4. the trained drafts are copied into jakiro/drafts/ (SHIP=1).
+#   4. the trained drafts (bfloat16) and their data's token counts go into jakiro/drafts/ (SHIP=1).
 # Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
 # Knobs: N_PROMPTS (1200), STEPS (1000), BATCH (4), LR (5e-4), DEVICE (cpu), SHIP (0).
 set -euo pipefail
@@ -47,9 +47,19 @@ wait $jakiro_pid && wait $eagle2_pid
 echo "train: both drafts in $(( $(date +%s) - start )) s (logs: $OUT/jakiro.log, $OUT/eagle2.log)"
 
 if [ "${SHIP:-0}" = 1 ]; then
+  # Shipped in bfloat16 (the dtype the commands draft in on a CPU): half the bytes in the package.
   for name in jakiro eagle2; do
-    dest=jakiro/drafts/smollm2-135m-instruct-$name
-    mkdir -p "$dest" && cp "$OUT/$name/draft/config.json" "$OUT/$name/draft/model.safetensors" "$dest/"
+    "$PY" - "$OUT/$name/draft" "jakiro/drafts/smollm2-135m-instruct-$name" <<'PY'
+import os, shutil, sys, torch
+from safetensors.torch import load_file, save_file
+source, dest = sys.argv[1:]
+os.makedirs(dest, exist_ok=True)
+weights = load_file(os.path.join(source, "model.safetensors"))
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}, os.path.join(dest, "model.safetensors"))
+counts = load_file(os.path.join(source, "token_counts.safetensors"))["counts"]
+save_file({"counts": counts}, os.path.join(dest, "token_counts.safetensors"))
+shutil.copyfile(os.path.join(source, "config.json"), os.path.join(dest, "config.json"))
+PY
   done
   echo "shipped into jakiro/drafts/"
 fi

@@ -18,8 +18,8 @@ CATEGORIES = ("writing", "stem", "coding", "reasoning", "humanities", "roleplay"
 
 def add_demo_parser(commands):
     from jakiro.bench_e2e import add_target_arguments
-    p = commands.add_parser("demo", help="watch Jakiro speed up SmolLM2 on MT-bench questions (offline)",
-                            description=__doc__.split("\n\n", 1)[1])
+    p = commands.add_parser("demo", description=__doc__.split("\n\n", 1)[1],
+                            help="Jakiro vs vanilla decoding of SmolLM2 on MT-bench questions, streamed (offline)")
     add_target_arguments(p)
     p.add_argument("--questions", type=int, default=3, help=f"MT-bench questions (1-{len(CATEGORIES)})")
     p.add_argument("--temperature", type=float, default=0.0,

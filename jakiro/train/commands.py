@@ -17,7 +17,8 @@ def add_datagen_parser(commands):
                     "final norm, loss_mask on the assistant tokens) plus index.json. Rerunning skips finished "
                     "shards.")
     p.add_argument("--target", default="smollm2",
-                   help="HF model folder or GGUF file with a chat template (default: the embedded SmolLM2-135M-Instruct)")
+                   help="HF model folder or GGUF file with a chat template "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="conversation file")
     p.add_argument("--format", choices=("sharegpt", "jsonl"), required=True,
                    help="sharegpt: a (possibly truncated) JSON array of records; jsonl: one record per line. "

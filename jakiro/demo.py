@@ -76,7 +76,9 @@ def demo_command(args) -> int:
                    lossless_checked=args.temperature == 0.0 and not jakiro.diverged)
     print("\n")
     print(markdown_table([summary], ["vanilla_tok_s", "jakiro_tok_s", "speedup", "tau", "device", "dtype"]))
-    print(f"\n{summary['questions']} MT-bench questions, {max_new} new tokens at most, total_tokens={total_tokens}; "
+    plural = "s" if summary["questions"] != 1 else ""
+    print(f"\n{summary['questions']} MT-bench question{plural}, {max_new} new tokens at most, "
+          f"total_tokens={total_tokens}; "
           + ("greedy answers identical to vanilla decoding." if summary["lossless_checked"]
              else f"sampled at temperature {args.temperature}." if args.temperature > 0
              else f"{len(jakiro.diverged)} answers parted from vanilla at a {summary['dtype']} near-tie."))

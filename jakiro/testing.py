@@ -291,6 +291,23 @@ def hf_greedy_continuation(target, row: torch.Tensor, max_new_tokens: int, eos_t
     return out[0, row.shape[1]:].cpu()
 
 
+def capture_cuda_graph(step):
+    """Warms ``step`` up on a side stream (as CUDA-graph capture requires), then captures one call.
+
+    Returns ``(graph, outputs)``: ``outputs`` are the captured call's tensors, refreshed by every
+    ``graph.replay()``.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 @contextlib.contextmanager
 def single_thread():
     """Runs the block with one intra-op CPU thread: for tiny matrices on a shared CPU,

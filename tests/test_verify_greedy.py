@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from jakiro import ops, reference
-from jakiro.testing import SHAPES, make_parents, make_verify_inputs
+from jakiro.testing import SHAPES, capture_cuda_graph, make_parents, make_verify_inputs
 
 
 def assert_same(got, want):
@@ -220,14 +220,7 @@ def test_cuda_graph_replay_parallel_path(monkeypatch):
     monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "parallel")
     gen = torch.Generator().manual_seed(11)
     tokens, parents, logits = (t.cuda() for t in make_verify_inputs(4, 30, 1000, match=0.8, generator=gen))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ops.verify_greedy(tokens, parents, logits, validate=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ops.verify_greedy(tokens, parents, logits, validate=False)
+    graph, out = capture_cuda_graph(lambda: ops.verify_greedy(tokens, parents, logits, validate=False))
     for seed in range(3):
         new = make_verify_inputs(4, 30, 1000, match=0.8, generator=torch.Generator().manual_seed(seed))
         for dst, src in zip((tokens, parents, logits), new):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jakiro import ops, reference
-from jakiro.testing import SHAPES, make_parents, make_verify_inputs
+from jakiro.testing import SHAPES, capture_cuda_graph, make_parents, make_verify_inputs
 
 SETTINGS = [  # (temperature, top_p, top_k)
     (1.0, 1.0, 0),
@@ -375,14 +375,7 @@ def test_cuda_graph_replay_matches_eager():
         return sampled + ops.verify_greedy(tokens, parents, logits)
 
     eager = step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()  # validation is skipped automatically under capture
+    graph, captured = capture_cuda_graph(step)   # validation is skipped automatically under capture
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
@@ -440,15 +433,8 @@ def test_cuda_graph_replay_parallel_path(monkeypatch):
     inputs = [t.cuda() for t in make_verify_inputs(batch, n, vocab, scale=4.0, generator=torch.Generator().manual_seed(3))]
     uniforms = torch.rand(batch, n, 2).cuda()
     sampling_settings = settings(batch, 0.8, 0.9, 20, "cuda")
-    step = lambda: ops.verify_sampling(*inputs, *sampling_settings, uniforms=uniforms, validate=False)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_cuda_graph(
+        lambda: ops.verify_sampling(*inputs, *sampling_settings, uniforms=uniforms, validate=False))
     for seed in range(3):
         gen = torch.Generator().manual_seed(100 + seed)
         new = make_verify_inputs(batch, n, vocab, scale=4.0, generator=gen)

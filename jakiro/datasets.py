@@ -55,12 +55,11 @@ def humaneval_prompts() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def sharegpt_first_turns(count: int, *, seed: int = 0, skip: int = 0, max_chars: int = 2000) -> list[str]:
-    """``count`` distinct first user prompts of ShareGPT, in a seeded random order, after
-    skipping the first ``skip`` of that order (so disjoint train and held-out slices come from
-    the same seed). Prompts longer than ``max_chars`` or mostly non-ASCII are left out."""
+def _sharegpt_in_seeded_order(seed: int, max_chars: int) -> list[tuple[str, list[dict]]]:
+    """``(first user prompt, conversation)`` of every usable ShareGPT record, distinct prompts,
+    shuffled by ``seed``. Prompts longer than ``max_chars`` or mostly non-ASCII are left out."""
     from jakiro.train.datagen import read_sharegpt
-    seen, prompts = set(), []
+    seen, records = set(), []
     for messages in read_sharegpt(str(dataset_path("sharegpt"))):
         first = next((m["content"].strip() for m in messages if m["role"] != "system"), "")
         if messages[0]["role"] == "assistant" or not 16 <= len(first) <= max_chars or first in seen:
@@ -68,8 +67,32 @@ def sharegpt_first_turns(count: int, *, seed: int = 0, skip: int = 0, max_chars:
         if sum(c.isascii() for c in first) < 0.9 * len(first):
             continue
         seen.add(first)
-        prompts.append(first)
-    random.Random(seed).shuffle(prompts)
-    if skip + count > len(prompts):
-        raise ValueError(f"jakiro: ShareGPT has {len(prompts)} usable first prompts, asked for {skip} + {count}")
-    return prompts[skip:skip + count]
+        records.append((first, messages))
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def _slice(records: list, count: int, skip: int) -> list:
+    if skip + count > len(records):
+        raise ValueError(f"jakiro: ShareGPT has {len(records)} usable first prompts, asked for {skip} + {count}")
+    return records[skip:skip + count]
+
+
+def sharegpt_first_turns(count: int, *, seed: int = 0, skip: int = 0, max_chars: int = 2000) -> list[str]:
+    """``count`` distinct first user prompts of ShareGPT, in a seeded random order, after
+    skipping the first ``skip`` of that order (so disjoint train and held-out slices come from
+    the same seed). Prompts longer than ``max_chars`` or mostly non-ASCII are left out."""
+    return [first for first, _ in _slice(_sharegpt_in_seeded_order(seed, max_chars), count, skip)]
+
+
+def sharegpt_first_exchanges(count: int, *, seed: int = 0, skip: int = 0, max_chars: int = 2000) -> list[list[dict]]:
+    """The first user turn and ShareGPT's own first answer of the same records as
+    :func:`sharegpt_first_turns` (same seed, order and slice), as ``[{role, content}] * 2``;
+    records of that slice without an answer are left out, so fewer than ``count`` may come back."""
+    exchanges = []
+    for first, messages in _slice(_sharegpt_in_seeded_order(seed, max_chars), count, skip):
+        turns = [m for m in messages if m["role"] != "system"]
+        if len(turns) >= 2 and turns[1]["role"] == "assistant" and turns[1]["content"].strip():
+            exchanges.append([{"role": "user", "content": first},
+                              {"role": "assistant", "content": turns[1]["content"].strip()}])
+    return exchanges

@@ -124,6 +124,14 @@ class DraftConfig:
         return dataclasses.asdict(self)
 
 
+def most_frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``counts``, in increasing id order (ties: the
+    smaller id wins, so the choice is deterministic). The reduced drafting vocabulary
+    (``from_pretrained(draft_vocab=)``) and the training loss's (``jakiro train --loss-vocab``)."""
+    size = min(size, counts.numel())
+    return torch.sort(counts, descending=True, stable=True).indices[:size].sort().values
+
+
 @dataclass
 class DraftOutput:
     """Features of one draft forward, all ``[B, T, H]`` (``experts``: ``[E, B, T, H]``)."""
@@ -290,10 +298,7 @@ class JakiroDraft(nn.Module):
                                  f"`jakiro train`)")
             if draft_vocab < 1:
                 raise ValueError(f"JakiroDraft.from_pretrained: draft_vocab must be >= 1, got {draft_vocab}")
-            counts = load_file(counts_path)["counts"]
-            # Most frequent first; ties by token id, so the choice is deterministic.
-            order = torch.sort(counts, descending=True, stable=True).indices[:draft_vocab]
-            draft.restrict_vocab(order.sort().values)
+            draft.restrict_vocab(most_frequent_tokens(load_file(counts_path)["counts"], draft_vocab))
         return draft
 
     # ----------------------------------------------------------------- forward
@@ -324,6 +329,56 @@ class JakiroDraft(nn.Module):
             return_contrastive: also return the contrastive feature (needs ``contrastive``).
             return_experts: also return every expert's own feature.
         """
+        self._check_inputs(hidden, input_ids, position_ids, return_contrastive)
+        if (cache is None) != (step is None):
+            raise ValueError("JakiroDraft: pass both cache and step, or neither")
+        z = self._input(hidden, input_ids)
+        q, k, v = self._qkv(z, position_ids)
+        if cache is None:
+            group = q.shape[1] // k.shape[1]
+            attn = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                  is_causal=True)
+        else:
+            attn = cache.attend(0, q, k, v, step)                                   # [B, Hq, T, D]
+        return self._layer_output(z, attn, return_contrastive, return_experts)
+
+    def rollout(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, rounds: int, *,
+                return_contrastive: bool = False) -> list[DraftOutput]:
+        """Training-time test (EAGLE-3): ``rounds`` differentiable passes over the same pairs, pass
+        ``r`` drafting as decoding does ``r`` levels below the committed prefix.
+
+        Pass 0 is the plain causal :meth:`forward` over the target's features. Pass ``r`` reads at
+        position ``t`` the pass-``r-1`` prediction made at ``t-1`` (detached) in place of ``f_t``
+        (position 0 keeps ``f_0``) and attends as a chain node does while decoding: to pass 0's
+        keys at positions ``<= t-r`` (the committed prefix, computed from target features) and to
+        pass ``i``'s key at ``t-r+i`` for ``i = 1..r`` (the chain's drafted nodes, itself last).
+        Every pass predicts ``f_{t+1}``, so all passes train against the same targets.
+        """
+        if rounds < 1:
+            raise ValueError(f"JakiroDraft.rollout: rounds must be >= 1, got {rounds}")
+        self._check_inputs(hidden, input_ids, position_ids, return_contrastive)
+        length = hidden.shape[1]
+        at = torch.arange(length, device=hidden.device)
+        keys, values, outputs, features = [], [], [], hidden
+        for r in range(rounds):
+            if r:
+                features = torch.cat((hidden[:, :1].to(outputs[-1].mixture.dtype),
+                                      outputs[-1].mixture[:, :-1].detach()), dim=1)
+            z = self._input(features, input_ids)
+            q, k, v = self._qkv(z, position_ids)
+            keys.append(k)
+            values.append(v)
+            # [T, (r+1) T]: the causal prefix of pass 0 shifted by r, then one diagonal per later pass.
+            mask = None if r == 0 else torch.cat([at[None, :] <= at[:, None] - r] +
+                                                 [at[None, :] == at[:, None] - r + i for i in range(1, r + 1)], dim=1)
+            group = q.shape[1] // k.shape[1]
+            attn = F.scaled_dot_product_attention(q, torch.cat(keys, 2).repeat_interleave(group, 1),
+                                                  torch.cat(values, 2).repeat_interleave(group, 1),
+                                                  attn_mask=mask, is_causal=r == 0)
+            outputs.append(self._layer_output(z, attn, return_contrastive, False))
+        return outputs
+
+    def _check_inputs(self, hidden, input_ids, position_ids, return_contrastive):
         config = self.config
         if hidden.dim() != 3 or hidden.shape[-1] != config.hidden_size:
             raise ValueError(f"JakiroDraft: hidden must be [B, T, {config.hidden_size}], got {tuple(hidden.shape)}")
@@ -331,14 +386,30 @@ class JakiroDraft(nn.Module):
             raise ValueError("JakiroDraft: input_ids and position_ids must be [B, T] like hidden")
         if return_contrastive and not config.contrastive:
             raise ValueError("JakiroDraft: return_contrastive needs a draft built with contrastive=True")
-        if (cache is None) != (step is None):
-            raise ValueError("JakiroDraft: pass both cache and step, or neither")
-        batch, length, _ = hidden.shape
+
+    def _input(self, hidden, input_ids):
+        """``z = fc([embed(x_{t+1}); f_t])`` in the draft's dtype."""
         hidden = hidden.to(self.fc.weight.dtype)          # target features may be wider than the draft
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
-        z = self.fc(torch.cat((embeds, hidden), dim=-1))
-        attn = self._attention(z, position_ids, cache, step)
-        h = z + attn
+        return self.fc(torch.cat((embeds, hidden), dim=-1))
+
+    def _qkv(self, z, position_ids):
+        """Queries, keys and values ``[B, heads, T, D]`` of ``z``, rotated to their positions."""
+        config = self.config
+        batch, length, _ = z.shape
+        q = self.q_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
+        k = self.k_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
+        v = self.v_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
+        angles = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq        # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)                   # [B, 1, T, D]
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _layer_output(self, z, attn, return_contrastive, return_experts) -> DraftOutput:
+        """The rest of the layer after attention: residual, norm, the MoE under its routing heads."""
+        config = self.config
+        batch, length, _ = z.shape
+        h = z + self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
         u = F.rms_norm(h, (config.hidden_size,), self.post_norm, config.rms_norm_eps)
         flat = u.reshape(batch * length, -1)
         coeff = self._routing(flat, return_contrastive, return_experts)
@@ -351,25 +422,6 @@ class JakiroDraft(nn.Module):
         if return_experts:
             experts = features[head:head + config.num_experts]
         return DraftOutput(features[0], contrastive, experts)
-
-    def _attention(self, z, position_ids, cache, step):
-        config = self.config
-        batch, length, _ = z.shape
-        q = self.q_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
-        k = self.k_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
-        v = self.v_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
-        angles = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq        # [B, T, D/2]
-        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)                   # [B, 1, T, D]
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if cache is None:
-            group = q.shape[1] // k.shape[1]
-            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                                 is_causal=True)
-        else:
-            out = cache.attend(0, q, k, v, step)                                    # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _routing(self, u: torch.Tensor, contrastive: bool, experts: bool) -> torch.Tensor:
         """Coefficients ``[T, R, E]`` of the routing heads (mixture, [contrastive], [each expert])."""

@@ -1,43 +1,57 @@
 #!/usr/bin/env bash
 # Reproduces the drafts shipped for SmolLM2-135M-Instruct (TRAINING.md has the numbers):
-#   1. N_PROMPTS first user turns of ShareGPT (seeded, distinct, <= 1500 characters);
-#   2. `jakiro datagen --regenerate`: SmolLM2 answers them itself (greedy, bf16, <= 256 tokens)
-#      and the features of every conversation are written in bf16;
-#   3. `jakiro train` of the Jakiro draft and of the EAGLE-2 configuration on those features,
-#      with the same steps, batch and learning rate, side by side (one thread each on a CPU);
-#   4. the trained drafts (bfloat16) and their data's token counts go into jakiro/drafts/ (SHIP=1).
+#   1. N_PROMPTS first user turns of ShareGPT (seeded, distinct, <= 1500 characters), which
+#      `jakiro datagen --regenerate` has SmolLM2 answer itself (greedy, bf16, <= 256 tokens);
+#   2. the next N_SHAREGPT records of the same seeded order with ShareGPT's own first answer
+#      (no generation: one target pass each, so ten times more data for the same time);
+#   3. features of every conversation in bf16 (one folder per source);
+#   4. `jakiro train` of the Jakiro draft and of the EAGLE-2 configuration on both folders, with
+#      the same steps, batch, learning rate and loss vocabulary, side by side (one thread each on
+#      a CPU);
+#   5. the trained drafts (bfloat16) and their data's token counts go into jakiro/drafts/ (SHIP=1).
 # Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
-# Knobs: N_PROMPTS (1200), STEPS (1000), BATCH (4), LR (5e-4), DEVICE (cpu), SHIP (0).
+# Knobs: N_PROMPTS (600), N_SHAREGPT (4000), STEPS (6000), BATCH (4), LR (5e-4),
+#        LOSS_VOCAB (8192; 0: the whole vocabulary), DEVICE (cpu), SHIP (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/smollm2}
-N_PROMPTS=${N_PROMPTS:-1200}
-STEPS=${STEPS:-1000}
+N_PROMPTS=${N_PROMPTS:-600}
+N_SHAREGPT=${N_SHAREGPT:-4000}
+STEPS=${STEPS:-6000}
 BATCH=${BATCH:-4}
 LR=${LR:-5e-4}
+LOSS_VOCAB=${LOSS_VOCAB:-8192}
 DEVICE=${DEVICE:-cpu}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 
-"$PY" - "$OUT/prompts.jsonl" "$N_PROMPTS" <<'PY'
-import json, sys
-from jakiro.datasets import sharegpt_first_turns
-path, count = sys.argv[1], int(sys.argv[2])
-with open(path, "w") as f:
-    for prompt in sharegpt_first_turns(count, seed=0, max_chars=1500):
+"$PY" - "$OUT" "$N_PROMPTS" "$N_SHAREGPT" <<'PY'
+import json, os, sys
+from jakiro.datasets import sharegpt_first_exchanges, sharegpt_first_turns
+out, prompts, exchanges = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(os.path.join(out, "prompts.jsonl"), "w") as f:
+    for prompt in sharegpt_first_turns(prompts, seed=0, max_chars=1500):
         f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
                                          {"role": "assistant", "content": ""}]}) + "\n")
+with open(os.path.join(out, "exchanges.jsonl"), "w") as f:
+    for messages in sharegpt_first_exchanges(exchanges, seed=0, skip=prompts, max_chars=1500):
+        f.write(json.dumps({"messages": messages}) + "\n")
 PY
 
 "$PY" -m jakiro.cli datagen --data "$OUT/prompts.jsonl" --format jsonl --out "$OUT/features" --regenerate \
   --max-new-tokens 256 --batch-size 32 --dtype bfloat16 --max-len 1024 --per-shard 200 --device "$DEVICE"
+"$PY" -m jakiro.cli datagen --data "$OUT/exchanges.jsonl" --format jsonl --out "$OUT/features-sharegpt" \
+  --dtype bfloat16 --max-len 1024 --per-shard 250 --device "$DEVICE"
 
 train() {  # name, extra flags
   local name=$1; shift
   local resume=()
   [ -d "$OUT/$name/checkpoints" ] && resume=(--resume)
-  OMP_NUM_THREADS=1 "$PY" -m jakiro.cli train --data "$OUT/features" --out "$OUT/$name" --steps "$STEPS" \
-    --batch-size "$BATCH" --lr "$LR" --warmup-steps 50 --max-len 1024 --precision bf16 --checkpoint-every 100 \
+  local vocab=()
+  [ "$LOSS_VOCAB" != 0 ] && vocab=(--loss-vocab "$LOSS_VOCAB")
+  OMP_NUM_THREADS=1 "$PY" -m jakiro.cli train --data "$OUT/features" "$OUT/features-sharegpt" --out "$OUT/$name" \
+    --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup-steps 100 --max-len 1024 --precision bf16 \
+    --checkpoint-every 500 "${vocab[@]}" \
     --device "$DEVICE" --no-progress "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
 }
 start=$(date +%s)

@@ -150,6 +150,41 @@ def test_cached_chunks_equal_one_pass(device):
     assert cache.lengths.tolist() == [10, 10, 10]
 
 
+@pytest.mark.parametrize("kind", ["jakiro", "eagle2"])
+def test_rollout_pass_r_is_a_chain_drafted_r_levels_deep(kind):
+    # Oracle: pass r at position t is the last output of a plain causal pass over its chain, the
+    # target's pairs up to t-r followed by the pairs that read the earlier passes' predictions.
+    target, draft = make_target_and_draft("llama", kind, "cpu", seed=12)
+    hidden, tokens, positions = random_pairs(draft, 2, 8, seed=13)
+    contrastive = kind == "jakiro"
+    with torch.no_grad():
+        passes = draft.rollout(hidden, tokens, positions, 3, return_contrastive=contrastive)
+        torch.testing.assert_close(passes[0].mixture, draft(hidden, tokens, positions).mixture, rtol=0, atol=0)
+        for r in (1, 2):
+            for t in range(r, 8):
+                chain = [hidden[:, :t - r + 1]] + [passes[i - 1].mixture[:, t - r + i - 1:t - r + i]
+                                                   for i in range(1, r + 1)]
+                out = draft(torch.cat(chain, 1), tokens[:, :t + 1], positions[:, :t + 1],
+                            return_contrastive=contrastive)
+                torch.testing.assert_close(passes[r].mixture[:, t], out.mixture[:, -1], atol=1e-5, rtol=1e-5)
+                if contrastive:
+                    torch.testing.assert_close(passes[r].contrastive[:, t], out.contrastive[:, -1],
+                                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        draft.rollout(hidden, tokens, positions, 0)
+
+
+def test_rollout_feeds_later_passes_detached_predictions():
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu", seed=14)
+    hidden, tokens, positions = random_pairs(draft, 1, 6, seed=15)
+    hidden.requires_grad_()
+    passes = draft.rollout(hidden, tokens, positions, 2)
+    # Pass 1 depends on pass 0's keys (so on every f_t) but not on pass 0's predicted features.
+    assert torch.autograd.grad(passes[1].mixture.sum(), passes[0].mixture, retain_graph=True,
+                               allow_unused=True)[0] is None
+    assert torch.autograd.grad(passes[1].mixture[:, -1].sum(), hidden)[0][:, :-1].abs().sum() > 0
+
+
 def test_bad_forward_inputs_raise():
     target, draft = make_target_and_draft("llama", "eagle2", "cpu")
     hidden, tokens, positions = random_pairs(draft, 1, 4, seed=8)

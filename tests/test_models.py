@@ -101,3 +101,8 @@ def test_sharegpt_slices_are_seeded_and_disjoint():
     assert train == datasets.sharegpt_first_turns(30, seed=0)
     assert not set(train) & set(held_out)
     assert all(16 <= len(p) <= 2000 for p in train + held_out)
+    # The first exchanges are those records with ShareGPT's own first answer.
+    exchanges = datasets.sharegpt_first_exchanges(10, seed=0, skip=30)
+    assert 8 <= len(exchanges) <= 10
+    assert all([m["role"] for m in x] == ["user", "assistant"] and x[1]["content"] for x in exchanges)
+    assert {x[0]["content"] for x in exchanges} <= set(held_out)

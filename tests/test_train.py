@@ -143,3 +143,81 @@ def test_bf16_autocast_training_keeps_float32_weights_and_learns(target, data_di
     assert all(p.dtype == torch.float32 for p in draft.parameters())
     log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
     assert log[-1]["loss_feature_mixture"] < 0.7 * log[0]["loss_feature_mixture"]
+
+
+def test_dataset_of_several_folders(target, data_dir, tmp_path):
+    from jakiro.testing import make_feature_shards
+    from jakiro.train.data import token_counts
+    make_feature_shards(target, tmp_path / "more", conversations=3, length=9, per_shard=5, seed=2)
+    both = FeatureDataset([str(data_dir), str(tmp_path / "more")])
+    first, second = FeatureDataset(str(data_dir)), FeatureDataset(str(tmp_path / "more"))
+    assert len(both) == 15 and both[12]["index"] == 12
+    assert torch.equal(both[13]["input_ids"], second[1]["input_ids"])
+    assert torch.equal(both[4]["hidden_states"], first[4]["hidden_states"])
+    counts = token_counts([str(data_dir), str(tmp_path / "more")], 64)
+    assert torch.equal(counts, token_counts(str(data_dir), 64) + token_counts(str(tmp_path / "more"), 64))
+    wide = make_tiny_target("llama", hidden=48, heads=2, kv_heads=1, head_dim=24, intermediate=64, vocab=64, seed=5)
+    make_feature_shards(wide, tmp_path / "wide", conversations=2, length=9, per_shard=5, seed=3)
+    with pytest.raises(ValueError, match="features of size 48"):
+        FeatureDataset([str(data_dir), str(tmp_path / "wide")])
+
+
+def test_most_frequent_tokens_breaks_ties_by_id():
+    from jakiro.draft import most_frequent_tokens
+    counts = torch.tensor([3, 5, 0, 5, 3, 9])
+    assert most_frequent_tokens(counts, 3).tolist() == [1, 3, 5]
+    assert most_frequent_tokens(counts, 4).tolist() == [0, 1, 3, 5]
+    assert most_frequent_tokens(counts, 10).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_loss_vocab_trains_over_the_most_frequent_tokens(target, data_dir, tmp_path):
+    from jakiro.draft import most_frequent_tokens
+    from jakiro.train.data import token_counts
+    from jakiro.train.loss import jakiro_loss
+    dataset = FeatureDataset(str(data_dir))
+    config = TrainConfig(steps=150, batch_size=4, lr=1e-2, warmup_steps=10, noise=0.05, loss_vocab=24)
+    draft = _draft(target)
+    trainer = Trainer(draft, dataset, str(tmp_path), config, progress=False)
+    rows = most_frequent_tokens(token_counts(str(data_dir), 64), 24)
+    assert trainer.loss_head.weight.shape == (24, 32) and not trainer.loss_head.weight.requires_grad
+    torch.testing.assert_close(trainer.loss_head.weight, draft.lm_head.weight[rows], rtol=0, atol=0)
+    # The loss is the Jakiro loss through that head: the CE softmaxes renormalised over 24 tokens.
+    trainer.sampler.set_epoch(0)
+    batch = trainer._batch(list(trainer.sampler)[:4], 0)
+    positions = torch.arange(batch["input_ids"].shape[1] - 1).expand(4, -1)
+    with torch.no_grad():
+        out = draft(batch["hidden_states"][:, :-1], batch["input_ids"][:, 1:], positions, return_contrastive=True)
+        full = jakiro_loss(out.mixture, out.contrastive, batch["clean_states"], batch["loss_mask"], draft.lm_head)
+        expected = jakiro_loss(out.mixture, out.contrastive, batch["clean_states"], batch["loss_mask"],
+                               trainer.loss_head)
+    metrics = trainer.train_step(batch)
+    assert metrics["loss"] == pytest.approx(expected.metrics["loss"], rel=1e-5)
+    # The random target's p* is near uniform: its CE is about log 24 over 24 tokens, log 64 over all.
+    assert metrics["loss_ce_mixture"] < full.metrics["loss_ce_mixture"] - 0.5
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert sum(r["top1_mixture"] for r in log[-10:]) > sum(r["top1_mixture"] for r in log[1:11]) + 3.0
+    whole = _draft(target)
+    assert Trainer(whole, dataset, str(tmp_path / "all"), TrainConfig(loss_vocab=64),
+                   progress=False).loss_head is whole.lm_head
+    with pytest.raises(ValueError, match="loss_vocab must be >= 1"):
+        Trainer(_draft(target), dataset, str(tmp_path / "none"), TrainConfig(loss_vocab=0), progress=False)
+
+
+def test_training_time_test_trains_the_later_passes(target, data_dir, tmp_path):
+    from jakiro.train.trainer import ROUND_DECAY
+    config = TrainConfig(steps=150, batch_size=4, lr=1e-2, warmup_steps=10, noise=0.05, rounds=2, k_step_every=150)
+    Trainer(_draft(target), FeatureDataset(str(data_dir)), str(tmp_path), config, progress=False).train()
+    log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    first, last = log[0], log[-1]
+    # The loss minimised is pass 0's plus the decayed pass 1's.
+    assert "loss_feature_mixture" in first and "top1_mixture_pass1" in first
+    assert first["loss"] == pytest.approx(first["loss_feature_mixture"] + first["loss_pass1"] * ROUND_DECAY
+                                          + 0.1 * first["loss_ce_mixture"] + 0.5 * (
+                                              first["loss_feature_contrastive"] + 0.1 * first["loss_ce_contrastive"]),
+                                          rel=1e-5)
+    assert sum(r["top1_mixture_pass1"] for r in log[-10:]) > sum(r["top1_mixture_pass1"] for r in log[:10]) + 3.0
+    assert 0.0 <= last["acc_3step"] <= 1.0 and last["acc_2step"] > 0.3
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        Trainer(_draft(target), FeatureDataset(str(data_dir)), str(tmp_path / "x"), TrainConfig(rounds=0),
+                progress=False)

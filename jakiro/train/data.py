@@ -98,28 +98,35 @@ def open_shard(path: str):
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Every conversation of a datagen folder; item ``i`` is a dict of ``input_ids [S]``,
+    """Every conversation of one or more datagen folders, in order; item ``i`` is a dict of ``input_ids [S]``,
     ``hidden_states [S, H]`` (float32), ``loss_mask [S]`` and ``index`` (= ``i``).
 
     Conversations longer than ``max_len`` are cut; those shorter than 3 tokens are dropped
     (the contrastive branch needs two steps ahead). Items are read from the shards on demand.
     """
 
-    def __init__(self, directory: str, max_len: int | None = None):
-        index = read_index(directory)
-        self.hidden_size = index.get("hidden_size")
+    def __init__(self, directories: str | list[str], max_len: int | None = None):
+        self.directories = [directories] if isinstance(directories, (str, os.PathLike)) else list(directories)
+        self.hidden_size = None
         self.shards = []
         self.spans = []   # (shard number, start token, end token) per conversation
-        for entry in index["shards"]:
-            handle, offsets = open_shard(os.path.join(directory, entry["file"]))
-            self.shards.append(handle)
-            for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-                if max_len is not None:
-                    end = min(end, start + max_len)
-                if end - start >= 3:
-                    self.spans.append((len(self.shards) - 1, start, end))
+        for directory in self.directories:
+            index = read_index(directory)
+            if self.hidden_size is not None and index.get("hidden_size") != self.hidden_size:
+                raise ValueError(f"jakiro data: {directory} holds features of size {index.get('hidden_size')}, "
+                                 f"{self.directories[0]} of size {self.hidden_size}")
+            self.hidden_size = index.get("hidden_size")
+            for entry in index["shards"]:
+                handle, offsets = open_shard(os.path.join(directory, entry["file"]))
+                self.shards.append(handle)
+                for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+                    if max_len is not None:
+                        end = min(end, start + max_len)
+                    if end - start >= 3:
+                        self.spans.append((len(self.shards) - 1, start, end))
         if not self.spans:
-            raise ValueError(f"jakiro data: {directory} holds no conversation of 3 tokens or more")
+            raise ValueError(f"jakiro data: {', '.join(map(str, self.directories))} hold no conversation "
+                             "of 3 tokens or more")
 
     def __len__(self):
         return len(self.spans)
@@ -133,13 +140,16 @@ class FeatureDataset(torch.utils.data.Dataset):
                 "index": i}
 
 
-def token_counts(directory: str, vocab_size: int) -> torch.Tensor:
-    """int64 ``[vocab_size]``: how often each token occurs in a datagen folder's conversations
-    (what a draft's reduced vocabulary is chosen from, see ``JakiroDraft.from_pretrained``)."""
+def token_counts(directories: str | list[str], vocab_size: int) -> torch.Tensor:
+    """int64 ``[vocab_size]``: how often each token occurs in the conversations of one or more
+    datagen folders (what a reduced vocabulary is chosen from: ``JakiroDraft.from_pretrained``'s
+    ``draft_vocab`` and ``jakiro train --loss-vocab``, through
+    :func:`jakiro.draft.most_frequent_tokens`)."""
     counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for entry in read_index(directory)["shards"]:
-        handle, _ = open_shard(os.path.join(directory, entry["file"]))
-        counts += torch.bincount(handle.get_tensor("input_ids"), minlength=vocab_size)[:vocab_size]
+    for directory in [directories] if isinstance(directories, (str, os.PathLike)) else directories:
+        for entry in read_index(directory)["shards"]:
+            handle, _ = open_shard(os.path.join(directory, entry["file"]))
+            counts += torch.bincount(handle.get_tensor("input_ids"), minlength=vocab_size)[:vocab_size]
     return counts
 
 

@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from jakiro.train.data import FeatureDataset, collate
+from jakiro.draft import most_frequent_tokens
+from jakiro.train.data import FeatureDataset, collate, token_counts
 from jakiro.train.loss import LossWeights, jakiro_loss
 
 CHECKPOINT_DIR = "checkpoints"
+ROUND_DECAY = 0.8   # weight of training-time-test pass r: ROUND_DECAY ** r (EAGLE-3's)
 LOG_NAME = "train_log.jsonl"
 FINAL_DIR = "draft"
 
@@ -46,6 +48,8 @@ class TrainConfig:
     k_step_every: int = 100         # measured on the current batch every this many steps
     max_len: int = 2048
     bf16: bool | None = None        # bf16 autocast and LM-head matmuls; None: on CUDA only
+    loss_vocab: int | None = None   # LM-head losses over the data's most frequent tokens only; None: all
+    rounds: int = 1                 # training-time test passes (JakiroDraft.rollout); pass r weighs 0.8^r
     loss_weights: LossWeights = LossWeights()
 
 
@@ -59,6 +63,17 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class _Rollout(torch.nn.Module):
+    """What a training step calls (and DDP wraps): the draft's rollout, one pass or several."""
+
+    def __init__(self, draft):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, *args, **kwargs):
+        return self.draft.rollout(*args, **kwargs)
 
 
 class Trainer:
@@ -75,11 +90,13 @@ class Trainer:
         self.world, self.rank = _distributed()
         self.device = draft.fc.weight.device
         self.draft = draft.float()          # fp32 master weights; autocast handles bf16 compute
-        self.model = self.draft
+        if config.rounds < 1:
+            raise ValueError(f"jakiro train: rounds must be >= 1, got {config.rounds}")
+        self.model = _Rollout(self.draft)
         if self.world > 1:
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.draft, device_ids=ids)
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
                                                            shuffle=True, seed=config.seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // config.batch_size
@@ -94,7 +111,28 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(step, warmup, self.total_steps))
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        self.loss_head = self._loss_head()
         self.step = 0
+
+    def _loss_head(self) -> torch.nn.Module:
+        """The frozen LM head the losses run through: the target's, or with ``loss_vocab`` its rows
+        of the data's most frequent tokens (EAGLE-3's reduced draft vocabulary). Both softmaxes are
+        then over that vocabulary, the target's renormalised: the head, which dominates the cost of a
+        step, shrinks by ``V / loss_vocab``; the draft then drafts best from the same vocabulary."""
+        head = self.draft.lm_head
+        vocab = head.weight.shape[0]
+        if self.config.loss_vocab is None or self.config.loss_vocab >= vocab:
+            return head
+        if self.config.loss_vocab < 1:
+            raise ValueError(f"jakiro train: loss_vocab must be >= 1, got {self.config.loss_vocab}")
+        rows = most_frequent_tokens(token_counts(self.dataset.directories, vocab), self.config.loss_vocab)
+        reduced = torch.nn.Linear(head.in_features, rows.numel(), bias=head.bias is not None,
+                                  device=head.weight.device, dtype=head.weight.dtype)
+        with torch.no_grad():
+            reduced.weight.copy_(head.weight[rows.to(head.weight.device)])
+            if head.bias is not None:
+                reduced.bias.copy_(head.bias[rows.to(head.weight.device)])
+        return reduced.requires_grad_(False)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> str:
@@ -162,39 +200,46 @@ class Trainer:
         positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
         contrastive = self.draft.config.contrastive
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(noisy[:, :-1], ids[:, 1:], positions, return_contrastive=contrastive)
+            passes = self.model(noisy[:, :-1], ids[:, 1:], positions, self.config.rounds,
+                                return_contrastive=contrastive)
         # Targets are the clean features: the noise only perturbs what the draft reads.
-        result = jakiro_loss(out.mixture, out.contrastive, clean, mask, self.draft.lm_head, self.config.loss_weights,
-                             head_dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        head_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        loss, metrics, total = 0.0, {}, 0.0
+        for r, out in enumerate(passes):
+            result = jakiro_loss(out.mixture, out.contrastive, clean, mask, self.loss_head, self.config.loss_weights,
+                                 head_dtype=head_dtype)
+            loss = loss + ROUND_DECAY ** r * result.loss
+            total += ROUND_DECAY ** r * result.metrics["loss"]
+            metrics.update(result.metrics if r == 0 else
+                           {f"{name}_pass{r}": result.metrics[name] for name in ("loss", "top1_mixture")})
+        metrics["loss"] = total     # what is minimised: pass 0's loss, plus the later passes' when rounds > 1
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_value_(self.draft.parameters(), self.config.grad_clip_value)
         self.optimizer.step()
         self.scheduler.step()
-        return result.metrics
+        return metrics
 
     @torch.no_grad()
     def k_step_accuracy(self, batch: dict, rounds: int) -> dict:
-        """Top-1 accuracy of the mixture branch when it reads its own features ``rounds`` times.
-
-        Round 1 reads the target's clean features; round ``j`` reads, at every position ``t >= 1``,
-        round ``j-1``'s prediction for ``f_t`` (a parallel rollout: the attention context is
-        predicted too, as at decoding time). Accuracy is against ``argmax head(f_{t+1})``.
+        """Top-1 accuracy of the mixture branch drafting ``1..rounds`` levels deep, as decoding does
+        (:meth:`jakiro.draft.JakiroDraft.rollout` over the clean features): level ``j`` reads the
+        draft's own predictions for its last ``j-1`` positions. Accuracy is against
+        ``argmax head(f_{t+1})``, both argmaxes over the loss's vocabulary.
         """
         ids, clean, mask = batch["input_ids"], batch["clean_states"], batch["loss_mask"]
         positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
-        head = self.draft.lm_head
+        head = self.loss_head
         expected = head(clean[:, 1:].to(head.weight.dtype)).argmax(-1)
         weight = mask[:, 1:].float()
-        features, result = clean[:, :-1], {}
         self.draft.eval()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for j in range(1, rounds + 1):
-                predicted = self.draft(features, ids[:, 1:], positions).mixture.float()
-                hits = (head(predicted.to(head.weight.dtype)).argmax(-1) == expected).float()
-                result[f"acc_{j}step"] = float((hits * weight).sum() / weight.sum().clamp_min(1.0))
-                features = torch.cat((clean[:, :1], predicted[:, :-1]), dim=1)
+            passes = self.draft.rollout(clean[:, :-1], ids[:, 1:], positions, rounds)
         self.draft.train()
+        result = {}
+        for j, out in enumerate(passes, 1):
+            hits = (head(out.mixture.float().to(head.weight.dtype)).argmax(-1) == expected).float()
+            result[f"acc_{j}step"] = float((hits * weight).sum() / weight.sum().clamp_min(1.0))
         return result
 
     def _global_metrics(self, metrics: dict) -> dict:

@@ -6,12 +6,12 @@
 #      (no generation: one target pass each, so ten times more data for the same time);
 #   3. features of every conversation in bf16 (one folder per source);
 #   4. `jakiro train` of the Jakiro draft and of the EAGLE-2 configuration on both folders, with
-#      the same steps, batch, learning rate and loss vocabulary, side by side (one thread each on
-#      a CPU);
+#      the same steps, batch, learning rate, loss vocabulary and training-time-test passes, side
+#      by side (one thread each on a CPU);
 #   5. the trained drafts (bfloat16) and their data's token counts go into jakiro/drafts/ (SHIP=1).
 # Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
 # Knobs: N_PROMPTS (600), N_SHAREGPT (4000), STEPS (6000), BATCH (4), LR (5e-4),
-#        LOSS_VOCAB (8192; 0: the whole vocabulary), DEVICE (cpu), SHIP (0).
+#        LOSS_VOCAB (8192; 0: the whole vocabulary), ROUNDS (2), DEVICE (cpu), SHIP (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/smollm2}
@@ -21,6 +21,7 @@ STEPS=${STEPS:-6000}
 BATCH=${BATCH:-4}
 LR=${LR:-5e-4}
 LOSS_VOCAB=${LOSS_VOCAB:-8192}
+ROUNDS=${ROUNDS:-2}
 DEVICE=${DEVICE:-cpu}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -51,7 +52,7 @@ train() {  # name, extra flags
   [ "$LOSS_VOCAB" != 0 ] && vocab=(--loss-vocab "$LOSS_VOCAB")
   OMP_NUM_THREADS=1 "$PY" -m jakiro.cli train --data "$OUT/features" "$OUT/features-sharegpt" --out "$OUT/$name" \
     --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup-steps 100 --max-len 1024 --precision bf16 \
-    --checkpoint-every 500 "${vocab[@]}" \
+    --rounds "$ROUNDS" --checkpoint-every 500 "${vocab[@]}" \
     --device "$DEVICE" --no-progress "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
 }
 start=$(date +%s)

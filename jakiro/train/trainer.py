@@ -1,5 +1,7 @@
 """Draft training loop (DESIGN.md §8): AdamW, warm-up + cosine, feature noise, value
-clipping, bf16 autocast on GPU, JSON-lines log, resumable checkpoints, torchrun DDP.
+clipping, bf16 autocast on GPU, JSON-lines log, resumable checkpoints, torchrun DDP; and two
+EAGLE-3 additions: the losses over a reduced vocabulary (``loss_vocab``) and the
+training-time test (``rounds``: later passes read the draft's own predictions).
 
 Determinism is by construction, so that a resumed run equals an uninterrupted one and K
 processes equal one process with the same global batch:
@@ -25,9 +27,9 @@ from jakiro.train.data import FeatureDataset, collate, token_counts
 from jakiro.train.loss import LossWeights, jakiro_loss
 
 CHECKPOINT_DIR = "checkpoints"
-ROUND_DECAY = 0.8   # weight of training-time-test pass r: ROUND_DECAY ** r (EAGLE-3's)
 LOG_NAME = "train_log.jsonl"
 FINAL_DIR = "draft"
+ROUND_DECAY = 0.8   # weight of training-time-test pass r: ROUND_DECAY ** r (EAGLE-3's)
 
 
 @dataclass

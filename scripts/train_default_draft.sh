@@ -11,7 +11,8 @@
 #   5. the trained drafts (bfloat16) and their data's token counts go into jakiro/drafts/ (SHIP=1).
 # Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
 # Knobs: N_PROMPTS (600), N_SHAREGPT (4000), STEPS (6000), BATCH (4), LR (5e-4),
-#        LOSS_VOCAB (8192; 0: the whole vocabulary), ROUNDS (2), DEVICE (cpu), SHIP (0).
+#        LOSS_VOCAB (8192; 0: the whole vocabulary), ROUNDS (2), TRAIN_LEN (512: tokens of a
+#        conversation trained on), DEVICE (cpu), SHIP (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/smollm2}
@@ -22,6 +23,7 @@ BATCH=${BATCH:-4}
 LR=${LR:-5e-4}
 LOSS_VOCAB=${LOSS_VOCAB:-8192}
 ROUNDS=${ROUNDS:-2}
+TRAIN_LEN=${TRAIN_LEN:-512}
 DEVICE=${DEVICE:-cpu}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -51,7 +53,7 @@ train() {  # name, extra flags
   local vocab=()
   [ "$LOSS_VOCAB" != 0 ] && vocab=(--loss-vocab "$LOSS_VOCAB")
   OMP_NUM_THREADS=1 "$PY" -m jakiro.cli train --data "$OUT/features" "$OUT/features-sharegpt" --out "$OUT/$name" \
-    --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup-steps 100 --max-len 1024 --precision bf16 \
+    --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup-steps 100 --max-len "$TRAIN_LEN" --precision bf16 \
     --rounds "$ROUNDS" --checkpoint-every 500 "${vocab[@]}" \
     --device "$DEVICE" --no-progress "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
 }

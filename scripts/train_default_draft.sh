@@ -10,7 +10,7 @@
 #      by side (one thread each on a CPU);
 #   5. the trained drafts (bfloat16) and their data's token counts go into jakiro/drafts/ (SHIP=1).
 # Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
-# Knobs: N_PROMPTS (600), N_SHAREGPT (4000), STEPS (6000), BATCH (4), LR (5e-4),
+# Knobs: N_PROMPTS (600), N_SHAREGPT (4000), STEPS (2800), BATCH (4), LR (5e-4),
 #        LOSS_VOCAB (8192; 0: the whole vocabulary), ROUNDS (2), TRAIN_LEN (512: tokens of a
 #        conversation trained on), DEVICE (cpu), SHIP (0).
 set -euo pipefail
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/smollm2}
 N_PROMPTS=${N_PROMPTS:-600}
 N_SHAREGPT=${N_SHAREGPT:-4000}
-STEPS=${STEPS:-6000}
+STEPS=${STEPS:-2800}
 BATCH=${BATCH:-4}
 LR=${LR:-5e-4}
 LOSS_VOCAB=${LOSS_VOCAB:-8192}

@@ -132,6 +132,25 @@ def most_frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
     return torch.sort(counts, descending=True, stable=True).indices[:size].sort().values
 
 
+def head_rows(head: nn.Module, token_ids: torch.Tensor) -> nn.Linear:
+    """A frozen copy of the rows ``token_ids`` of an LM head (its logits for those tokens only)."""
+    rows = token_ids.to(head.weight.device)
+    sub = nn.Linear(head.in_features, rows.numel(), bias=head.bias is not None, device=head.weight.device,
+                    dtype=head.weight.dtype).requires_grad_(False)
+    with torch.no_grad():
+        sub.weight.copy_(head.weight[rows])
+        if head.bias is not None:
+            sub.bias.copy_(head.bias[rows])
+    return sub
+
+
+def _attend(q, k, v, mask=None):
+    """Attention of ``q`` over GQA keys/values, causal when ``mask`` is None."""
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask, is_causal=mask is None)
+
+
 @dataclass
 class DraftOutput:
     """Features of one draft forward, all ``[B, T, H]`` (``experts``: ``[E, B, T, H]``)."""
@@ -241,15 +260,8 @@ class JakiroDraft(nn.Module):
                 int(token_ids[0]) < 0 or int(token_ids[-1]) >= self.config.vocab_size:
             raise ValueError("JakiroDraft.restrict_vocab: token_ids must be sorted, distinct ids in "
                              f"[0, {self.config.vocab_size})")
-        head = self.lm_head
-        rows = token_ids.to(head.weight.device)
-        sub = nn.Linear(head.in_features, rows.numel(), bias=head.bias is not None, device=head.weight.device,
-                        dtype=head.weight.dtype).requires_grad_(False)
-        sub.weight.copy_(head.weight.detach()[rows])
-        if head.bias is not None:
-            sub.bias.copy_(head.bias.detach()[rows])
-        self._shared["draft_head"] = sub
-        self._draft_vocab = rows
+        self._shared["draft_head"] = head_rows(self.lm_head, token_ids)
+        self._draft_vocab = token_ids.to(self.lm_head.weight.device)
         return self
 
     @property
@@ -335,9 +347,7 @@ class JakiroDraft(nn.Module):
         z = self._input(hidden, input_ids)
         q, k, v = self._qkv(z, position_ids)
         if cache is None:
-            group = q.shape[1] // k.shape[1]
-            attn = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                                  is_causal=True)
+            attn = _attend(q, k, v)
         else:
             attn = cache.attend(0, q, k, v, step)                                   # [B, Hq, T, D]
         return self._layer_output(z, attn, return_contrastive, return_experts)
@@ -371,10 +381,7 @@ class JakiroDraft(nn.Module):
             # [T, (r+1) T]: the causal prefix of pass 0 shifted by r, then one diagonal per later pass.
             mask = None if r == 0 else torch.cat([at[None, :] <= at[:, None] - r] +
                                                  [at[None, :] == at[:, None] - r + i for i in range(1, r + 1)], dim=1)
-            group = q.shape[1] // k.shape[1]
-            attn = F.scaled_dot_product_attention(q, torch.cat(keys, 2).repeat_interleave(group, 1),
-                                                  torch.cat(values, 2).repeat_interleave(group, 1),
-                                                  attn_mask=mask, is_causal=r == 0)
+            attn = _attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask)
             outputs.append(self._layer_output(z, attn, return_contrastive, False))
         return outputs
 

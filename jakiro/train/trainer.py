@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from jakiro.draft import most_frequent_tokens
+from jakiro.draft import head_rows, most_frequent_tokens
 from jakiro.train.data import FeatureDataset, collate, token_counts
 from jakiro.train.loss import LossWeights, jakiro_loss
 
@@ -127,14 +127,8 @@ class Trainer:
             return head
         if self.config.loss_vocab < 1:
             raise ValueError(f"jakiro train: loss_vocab must be >= 1, got {self.config.loss_vocab}")
-        rows = most_frequent_tokens(token_counts(self.dataset.directories, vocab), self.config.loss_vocab)
-        reduced = torch.nn.Linear(head.in_features, rows.numel(), bias=head.bias is not None,
-                                  device=head.weight.device, dtype=head.weight.dtype)
-        with torch.no_grad():
-            reduced.weight.copy_(head.weight[rows.to(head.weight.device)])
-            if head.bias is not None:
-                reduced.bias.copy_(head.bias[rows.to(head.weight.device)])
-        return reduced.requires_grad_(False)
+        return head_rows(head, most_frequent_tokens(token_counts(self.dataset.directories, vocab),
+                                                    self.config.loss_vocab))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> str:

@@ -27,4 +27,7 @@ TORCH_LIBRARY(jakiro, m) {
   // Rows of x pre-sorted by expert: out[p] = w[e] @ x[p] for offsets[e] <= p < offsets[e + 1].
   // validate=False skips the CUDA kernel's one host read of the offsets (the kernel clamps them).
   m.def("grouped_gemm(Tensor x, Tensor w, Tensor expert_offsets, bool validate=True) -> Tensor");
+  // y = x W^T + b, as at::linear; the CPU kernel streams each weight row once for
+  // all rows of x (decoding and tree-verify sizes).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }

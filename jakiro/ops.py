@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "tree_attention",
+    "build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "tree_attention",
     "TREE_ATTENTION_HEAD_DIMS", "tree_mask_words", "verify_greedy", "verify_sampling",
 ]
 
@@ -373,6 +373,57 @@ def _grouped_gemm_fake(x, w, expert_offsets, validate=True):
     torch._check(x.dim() == 2, lambda: f"grouped_gemm: x must have shape [T, K], got {tuple(x.shape)}")
     torch._check(w.dim() == 3, lambda: f"grouped_gemm: w must have shape [E, N, K], got {tuple(w.shape)}")
     return x.new_empty((x.shape[0], w.shape[1]))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, as ``torch.nn.functional.linear`` (DESIGN.md §5.4).
+
+    On the CPU, float32 inputs with at most 48 rows (``x.numel() // K``: decoding steps,
+    tree verification) run jakiro's kernel, which reads each weight row once for all rows
+    of ``x``, in ``nn.Linear``'s own layout, with AVX-512 or AVX2+FMA; everything else calls
+    ``at::linear``. The kernel is batch-invariant: a row's output does not depend on the
+    other rows of ``x``. ``JAKIRO_LINEAR_KERNEL=auto|avx512|avx2|aten`` picks the CPU path
+    (a named instruction set is used at every row count). Differentiable.
+
+    Args:
+        x: ``[..., K]`` floating point.
+        weight: ``[N, K]``, x's dtype and device.
+        bias: ``[N]`` or None.
+
+    Returns:
+        ``[..., N]`` in x's dtype.
+
+    Raises:
+        ValueError: naming the argument, for mismatched shapes, dtypes or devices.
+    """
+    return torch.ops.jakiro.linear(x, weight, bias)
+
+
+@torch.library.register_fake("jakiro::linear")
+def _linear_fake(x, weight, bias=None):
+    torch._check(weight.dim() == 2, lambda: f"linear: weight must have shape [N, K], got {tuple(weight.shape)}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                 lambda: f"linear: x's last dimension must equal weight's K ({weight.shape[1]})")
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight = inputs[:2]
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = len(inputs) > 2 and inputs[2] is not None
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_weight = ctx.needs_input_grad[:2]
+    need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    grad_x = grad_out @ weight if need_x else None
+    grad_weight = grad_out.reshape(-1, weight.shape[0]).T @ x.reshape(-1, weight.shape[1]) if need_weight else None
+    grad_bias = grad_out.reshape(-1, weight.shape[0]).sum(0) if need_bias else None
+    return (grad_x, grad_weight, grad_bias)[:len(ctx.needs_input_grad)]
+
+
+torch.library.register_autograd("jakiro::linear", _linear_backward, setup_context=_linear_setup_context)
 
 
 def _expert_mlp_setup_context(ctx, inputs, output):

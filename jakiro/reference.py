@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "build_tree_mask", "compact_kv", "expert_mlp", "filtered_distribution", "grouped_gemm",
+    "build_tree_mask", "compact_kv", "expert_mlp", "filtered_distribution", "grouped_gemm", "linear",
     "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling",
 ]
 
@@ -264,4 +264,12 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     for e in range(w.shape[0]):
         lo, hi = offsets[e], offsets[e + 1]
         out[lo:hi] = x[lo:hi].to(acc) @ w[e].to(acc).T
+    return out.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``jakiro.ops.linear`` (no validation): the product in float64."""
+    out = x.double() @ weight.double().T
+    if bias is not None:
+        out = out + bias.double()
     return out.to(x.dtype)

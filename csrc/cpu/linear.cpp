@@ -1,0 +1,146 @@
+// The linear op, y = x W^T + b: a CPU kernel for the few rows of decoding and
+// tree verification, at::linear everywhere else (DESIGN.md section 5.4).
+//
+// Why the CPU kernel exists: with 1 to a few dozen rows a model's weights
+// stream from DRAM once per forward pass, and the multiply is cheap next to
+// that stream. A GEMM library packs each weight matrix into its own layout
+// before multiplying (an extra pass over the weights), so on a 2-core AVX-512
+// machine a 16-token verify of SmolLM2 spent 1.65x a one-token step in matrix
+// products. The micro-kernel (csrc/cpu/linear_kernel.h) reads every weight row
+// once, in nn.Linear's own [N, K] layout, for all rows of x.
+//
+// JAKIRO_LINEAR_KERNEL (read on every call, so tests can switch it) picks the
+// CPU path: auto (default: the best instruction set this CPU has, at::linear
+// above kMaxRows rows), avx512, avx2, or aten (always at::linear).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "jakiro/checks.h"
+#include "jakiro/linear.h"
+#include "linear_kernel.h"
+
+namespace jakiro {
+namespace {
+
+constexpr const char* kOp = "linear";
+// Rows of x above which at::linear's compute-bound GEMM beats streaming (measured
+// on a 2-core AVX-512 EPYC, SmolLM2 shapes: benchmarks/bench_linear.py).
+constexpr int64_t kMaxRows = 48;
+constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
+constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
+
+enum class CpuPath { kAten, kAvx512, kAvx2 };
+
+struct CpuChoice {
+  CpuPath path;
+  bool forced;  // named by JAKIRO_LINEAR_KERNEL: used at every row count
+};
+
+bool compiled_x86_kernels() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has(const char* feature) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  if (std::strcmp(feature, "avx512f") == 0) return __builtin_cpu_supports("avx512f");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+CpuChoice cpu_choice() {
+  const char* v = std::getenv("JAKIRO_LINEAR_KERNEL");
+  const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
+  if (!any && std::strcmp(v, "aten") == 0) return {CpuPath::kAten, true};
+  const bool avx512 = !any && std::strcmp(v, "avx512") == 0;
+  const bool avx2 = !any && std::strcmp(v, "avx2") == 0;
+  JAKIRO_CHECK(any || avx512 || avx2, kOp,
+               "environment variable JAKIRO_LINEAR_KERNEL must be auto, avx512, avx2 or aten, got '", v, "'");
+  if (!compiled_x86_kernels()) {
+    JAKIRO_CHECK(any, kOp, "JAKIRO_LINEAR_KERNEL=", v, " needs an x86-64 build with GCC");
+    return {CpuPath::kAten, false};
+  }
+  if ((any || avx512) && cpu_has("avx512f")) return {CpuPath::kAvx512, !any};
+  JAKIRO_CHECK(!avx512, kOp, "JAKIRO_LINEAR_KERNEL=avx512 but this CPU has no AVX-512");
+  if (cpu_has("avx2")) return {CpuPath::kAvx2, !any};
+  JAKIRO_CHECK(any, kOp, "JAKIRO_LINEAR_KERNEL=avx2 but this CPU has no AVX2 and FMA");
+  return {CpuPath::kAten, false};
+}
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  JAKIRO_CHECK(x.dim() >= 1, kOp, "x must have shape [..., K], got a 0-dimensional tensor");
+  check_dim(weight, kOp, "weight", 2, "[N, K]");
+  JAKIRO_CHECK(x.size(-1) == weight.size(1), kOp, "x's last dimension (", x.size(-1),
+               ") must equal weight's K (weight is ", weight.sizes(), ")");
+  JAKIRO_CHECK(at::isFloatingType(x.scalar_type()), kOp, "x must be a floating-point tensor, got ",
+               x.scalar_type());
+  JAKIRO_CHECK(weight.scalar_type() == x.scalar_type(), kOp, "weight must have x's dtype ", x.scalar_type(),
+               ", got ", weight.scalar_type());
+  check_same_device(x, "x", weight, "weight", kOp);
+  if (bias.has_value()) {
+    check_dim(*bias, kOp, "bias", 1, "[N]");
+    JAKIRO_CHECK(bias->size(0) == weight.size(0), kOp, "bias must have weight's N = ", weight.size(0),
+                 " entries, got ", bias->size(0));
+    JAKIRO_CHECK(bias->scalar_type() == x.scalar_type(), kOp, "bias must have x's dtype ", x.scalar_type(),
+                 ", got ", bias->scalar_type());
+    check_same_device(x, "x", *bias, "bias", kOp);
+  }
+}
+
+at::Tensor linear_any_device(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_linear_args(x, weight, bias);
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_linear_args(x, weight, bias);
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  const CpuChoice choice = cpu_choice();
+  if (choice.path == CpuPath::kAten || x.scalar_type() != at::kFloat || M == 0 ||
+      (M > kMaxRows && !choice.forced)) {
+    return at::linear(x, weight, bias);
+  }
+  // Unit stride along K is all the kernel needs; rows of x and W may be strided.
+  const at::Tensor rows = x.reshape({M, K});
+  const at::Tensor x2 = rows.stride(1) == 1 ? rows : rows.contiguous();
+  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+
+  const LinearProblem p{x2.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                        b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
+                        M, N, K, x2.stride(0), w.stride(0)};
+  const int64_t tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
+  const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * K));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(N, end * kColumnsPerTask);
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    if (choice.path == CpuPath::kAvx512) {
+      linear_columns_avx512(p, n_begin, n_end);
+    } else {
+      linear_columns_avx2(p, n_begin, n_end);
+    }
+#endif
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jakiro, CompositeExplicitAutograd, m) { m.impl("linear", &linear_any_device); }
+TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("linear", &linear_cpu); }
+
+}  // namespace jakiro

@@ -1,0 +1,37 @@
+// The CPU linear micro-kernel compiled for AVX2 + FMA (8 floats per vector),
+// for x86 CPUs without AVX-512. See linear_avx512.cpp.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "linear_kernel.h"
+
+namespace jakiro {
+namespace {
+
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int kWidth = 8;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec load_first(const float* p, int count) {  // masked lanes are zero, never read
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane));
+  }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+}  // namespace
+
+void linear_columns_avx2(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  linear_kernel::columns<Avx2>(p, n_begin, n_end);
+}
+
+}  // namespace jakiro
+#endif

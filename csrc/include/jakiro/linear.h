@@ -1,0 +1,24 @@
+// The CPU linear kernel's problem description, shared by the op (csrc/cpu/linear.cpp)
+// and the per-instruction-set copies of its micro-kernel (csrc/cpu/linear_<isa>.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace jakiro {
+
+// y[M, N] = x[M, K] W[N, K]^T (+ bias[N]); unit stride along K, y contiguous.
+struct LinearProblem {
+  const float* x;
+  const float* w;
+  const float* bias;  // nullptr: no bias
+  float* y;
+  int64_t M, N, K;
+  int64_t ldx, ldw;  // row strides of x and W, in elements
+};
+
+// Computes the output columns [n_begin, n_end) for every row. Defined only where
+// the instruction set can be compiled (x86-64 with GCC); see linear_kernels_built().
+void linear_columns_avx512(const LinearProblem& p, int64_t n_begin, int64_t n_end);
+void linear_columns_avx2(const LinearProblem& p, int64_t n_begin, int64_t n_end);
+
+}  // namespace jakiro

@@ -264,6 +264,10 @@ class JakiroDraft(nn.Module):
         self._draft_vocab = token_ids.to(self.lm_head.weight.device)
         return self
 
+    def inference_modules(self) -> list[nn.Module]:
+        """The draft and the shared heads a tree expansion runs (what :mod:`jakiro.cpu_linear` routes)."""
+        return [self, self.lm_head] + ([self._shared["draft_head"]] if "draft_head" in self._shared else [])
+
     @property
     def drafting_vocab_size(self) -> int:
         """How many tokens trees are drafted from (the vocabulary, or the restricted set)."""

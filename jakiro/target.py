@@ -10,10 +10,8 @@ is the model's own code. Outside that call the model is untouched, so
 The model is called with ``use_cache=False`` and no ``attention_mask``: the cache and the
 tree mask live in the step, and positions come in as ``position_ids``.
 
-On the CPU the same call also routes the model's ``nn.Linear`` layers (the LM head
-included) through ``torch.ops.jakiro.linear``, whose kernel streams each weight row once
-for all the tokens of a decoding step or a tree: there a tree verify otherwise costs ~1.7x
-a one-token step, and a one-token step twice what it needs (BENCHMARKS.md, linear).
+On the CPU the same call also runs the model's ``nn.Linear`` layers (the LM head included)
+through ``torch.ops.jakiro.linear`` (:mod:`jakiro.cpu_linear`).
 """
 from __future__ import annotations
 
@@ -22,6 +20,7 @@ import contextlib
 import torch
 import transformers
 
+from jakiro.cpu_linear import cpu_routes, linear_kernels
 from jakiro.kv_cache import AttentionStep, KVCache
 
 BACKEND_NAME = "jakiro"
@@ -43,28 +42,6 @@ def _jakiro_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 transformers.AttentionInterface.register(BACKEND_NAME, _jakiro_attention)
-
-
-class _JakiroLinear:
-    """A forward for one nn.Linear that runs ``torch.ops.jakiro.linear`` on its weights."""
-
-    def __init__(self, module: torch.nn.Linear):
-        self.module = module
-
-    def __call__(self, x):
-        return torch.ops.jakiro.linear(x, self.module.weight, self.module.bias)
-
-
-@contextlib.contextmanager
-def _linear_kernels(routes):
-    """Runs each ``(nn.Linear, _JakiroLinear)`` pair's second as the first's forward for the call."""
-    for module, forward in routes:
-        module.forward = forward
-    try:
-        yield
-    finally:
-        for module, _ in routes:
-            del module.forward
 
 
 @contextlib.contextmanager
@@ -106,9 +83,7 @@ class TargetModel:
         self.hidden_size = config.hidden_size
         self.sliding_window = getattr(config, "sliding_window", None) if getattr(
             config, "use_sliding_window", True) else None
-        # Plain nn.Linear only: subclasses (quantised layers) keep their own forward.
-        self._linear_routes = [(m, _JakiroLinear(m)) for part in (self.decoder, self.lm_head)
-                               for m in part.modules() if type(m) is torch.nn.Linear]
+        self._linear_routes = cpu_routes((self.decoder, self.lm_head))
 
     @property
     def device(self) -> torch.device:
@@ -135,8 +110,7 @@ class TargetModel:
         output after the final norm (what the LM head reads, the draft's input feature).
         Does not change ``cache.lengths``.
         """
-        routes = self._linear_routes if self.device.type == "cpu" else ()
-        with _attention_backend(self.model.config), _linear_kernels(routes):
+        with _attention_backend(self.model.config), linear_kernels(self._linear_routes):
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                jakiro_cache=cache, jakiro_step=step)
             hidden = out.last_hidden_state

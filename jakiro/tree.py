@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from jakiro import ops
+from jakiro.cpu_linear import cpu_routes, linear_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
 from jakiro.kv_cache import KVCache
 
@@ -99,6 +100,7 @@ class TreeDrafter:
         self.contrastive = draft.config.contrastive
         self.per_expert = draft.config.candidate_mode == "per_expert"
         self._bits = None
+        self._linear_routes = cpu_routes(draft.inference_modules())
 
     @property
     def max_new_pairs(self) -> int:
@@ -123,9 +125,10 @@ class TreeDrafter:
         positions = (cache.lengths.to(torch.int64).unsqueeze(1) + torch.arange(width, device=tokens.device)
                      - pad.unsqueeze(1)).clamp(min=0)
         step = cache.step(width, pad=pad)
-        out = self.draft(hidden, tokens, positions, cache, step,
-                         return_contrastive=self.contrastive and self.levels == 2,
-                         return_experts=self.per_expert)
+        with linear_kernels(self._linear_routes):
+            out = self.draft(hidden, tokens, positions, cache, step,
+                             return_contrastive=self.contrastive and self.levels == 2,
+                             return_experts=self.per_expert)
         cache.lengths += count.to(torch.int32)
         last = slice(width - 1, width)
         return DraftOutput(out.mixture[:, last],
@@ -169,6 +172,10 @@ class TreeDrafter:
     @torch.no_grad()
     def expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
         """Grows one tree per row from ``context`` (see :meth:`advance`) under ``root`` int64 ``[B]``."""
+        with linear_kernels(self._linear_routes):
+            return self._expand(cache, context, root)
+
+    def _expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
         k, batch, device = self.top_k, root.shape[0], root.device
         if self._bits is None or self._bits.device != device:
             self._bits = _slot_bits(self.slots, self.words, device)

@@ -1,8 +1,8 @@
 """linear: the CPU kernel vs the float64 reference, batch invariance, layouts, the
 at::linear fallbacks, autograd, and bad input.
 
-Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5
-(the kernel sums in fp32 along K). The CPU paths tested are those this CPU can run
+Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5,
+bf16 8e-3 (the kernel sums in fp32 along K; bf16 output rounds). The CPU paths tested are those this CPU can run
 (torch.backends.cpu.get_cpu_capability()): avx512 and avx2 are forced at every row
 count, auto switches to at::linear above 48 rows, aten always calls it.
 """
@@ -32,7 +32,11 @@ def make(rows, k, n, bias=True, dtype=torch.float32, device="cpu", seed=0):
     return x, w, b
 
 
-def check(out, x, w, b, tolerance=1e-5):
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
+
+
+def check(out, x, w, b, tolerance=None):
+    tolerance = tolerance or TOLERANCE[x.dtype]
     ref = reference.linear(x.cpu(), w.cpu(), None if b is None else b.cpu())
     assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
     scale = ref.double().abs().max().item() if ref.numel() else 0.0
@@ -40,21 +44,23 @@ def check(out, x, w, b, tolerance=1e-5):
     assert err <= tolerance * max(scale, 1e-6), f"max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 7, 15, 16, 17, 33, 576, 1000])
 @pytest.mark.parametrize("rows, n", [(1, 1), (2, 3), (5, 4), (6, 5), (7, 17), (13, 192), (48, 33), (49, 9),
                                      (100, 70)])
-def test_matches_reference(cpu_path, rows, n, k, bias):
-    x, w, b = make(rows, k, n, bias, seed=rows * 1000 + n + k)
+def test_matches_reference(cpu_path, rows, n, k, bias, dtype):
+    x, w, b = make(rows, k, n, bias, dtype, seed=rows * 1000 + n + k)
     check(ops.linear(x, w, b), x, w, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", KERNEL_PATHS)
-def test_batch_invariant(path, monkeypatch):
+def test_batch_invariant(path, dtype, monkeypatch):
     # Every output element is summed in the same order whatever the other rows are,
     # so a tree verify and a one-token step agree bit for bit.
     monkeypatch.setenv("JAKIRO_LINEAR_KERNEL", path)
-    x, w, b = make(37, 576, 203, seed=3)
+    x, w, b = make(37, 576, 203, dtype=dtype, seed=3)
     whole = ops.linear(x, w, b)
     for start, count in [(0, 1), (5, 1), (36, 1), (3, 6), (10, 13), (30, 7)]:
         part = ops.linear(x[start:start + count], w, b)
@@ -77,7 +83,21 @@ def test_leading_dims_and_strided_layouts(cpu_path):
     check(ops.linear(vector, w, b), vector, w, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_bfloat16_rounds_like_torch(cpu_path):
+    # fp32 sums rounded once to bf16 (nearest even); specials pass through.
+    x, w, b = make(9, 64, 12, dtype=torch.bfloat16, seed=9)
+    x[0, 0], x[1, 0], x[2, 0] = float("inf"), float("nan"), -float("inf")
+    ref = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
+    out = ops.linear(x, w, b)
+    assert torch.equal(out.isnan(), ref.isnan())
+    finite = ~ref.isnan()
+    scale = ref[finite & ref.isfinite()].float().abs().max()
+    assert torch.equal(out[finite].isinf(), ref[finite].isinf())
+    close = (out.float() - ref.float())[finite & ref.isfinite()].abs().max()
+    assert close <= 8e-3 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_other_dtypes_match_torch(cpu_path, dtype):
     x, w, b = make(9, 40, 12, dtype=dtype, seed=5)
     assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))

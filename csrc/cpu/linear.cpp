@@ -107,7 +107,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = K == 0 ? 0 : x.numel() / K;
   const CpuChoice choice = cpu_choice();
-  if (choice.path == CpuPath::kAten || x.scalar_type() != at::kFloat || M == 0 ||
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (choice.path == CpuPath::kAten || !(bf16 || x.scalar_type() == at::kFloat) || M == 0 ||
       (M > kMaxRows && !choice.forced)) {
     return at::linear(x, weight, bias);
   }
@@ -118,9 +119,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options());
 
-  const LinearProblem p{x2.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                        b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
-                        M, N, K, x2.stride(0), w.stride(0)};
+  const LinearProblem p{x2.const_data_ptr(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
+                        out.mutable_data_ptr(), M, N, K, x2.stride(0), w.stride(0), bf16};
   const int64_t tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
   const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * K));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {

@@ -14,9 +14,9 @@ struct Avx2 {
   static constexpr int kWidth = 8;
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
-  static Vec load_first(const float* p, int count) {  // masked lanes are zero, never read
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane));
+  static Vec load(const uint16_t* p) {  // 8 bfloat16: widen to 32 bits, shift into the high half
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(Vec v) {
@@ -30,7 +30,11 @@ struct Avx2 {
 }  // namespace
 
 void linear_columns_avx2(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
-  linear_kernel::columns<Avx2>(p, n_begin, n_end);
+  if (p.bf16) {
+    linear_kernel::columns<Avx2, uint16_t>(p, n_begin, n_end);
+  } else {
+    linear_kernel::columns<Avx2, float>(p, n_begin, n_end);
+  }
 }
 
 }  // namespace jakiro

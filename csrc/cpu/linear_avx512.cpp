@@ -15,8 +15,9 @@ struct Avx512 {
   static constexpr int kWidth = 16;
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static Vec load_first(const float* p, int count) {  // lanes from `count` on are zero, never read
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
+  static Vec load(const uint16_t* p) {  // 16 bfloat16: widen to 32 bits, shift into the high half
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
@@ -25,7 +26,11 @@ struct Avx512 {
 }  // namespace
 
 void linear_columns_avx512(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
-  linear_kernel::columns<Avx512>(p, n_begin, n_end);
+  if (p.bf16) {
+    linear_kernel::columns<Avx512, uint16_t>(p, n_begin, n_end);
+  } else {
+    linear_kernel::columns<Avx512, float>(p, n_begin, n_end);
+  }
 }
 
 }  // namespace jakiro

@@ -7,13 +7,15 @@
 namespace jakiro {
 
 // y[M, N] = x[M, K] W[N, K]^T (+ bias[N]); unit stride along K, y contiguous.
+// Every tensor is float32, or every one bfloat16 (then bf16 = true); sums are fp32.
 struct LinearProblem {
-  const float* x;
-  const float* w;
-  const float* bias;  // nullptr: no bias
-  float* y;
+  const void* x;
+  const void* w;
+  const void* bias;  // nullptr: no bias
+  void* y;
   int64_t M, N, K;
   int64_t ldx, ldw;  // row strides of x and W, in elements
+  bool bf16;
 };
 
 // Computes the output columns [n_begin, n_end) for every row. Defined only where

@@ -376,7 +376,7 @@ def _grouped_gemm_fake(x, w, expert_offsets, validate=True):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``, as ``torch.nn.functional.linear`` (DESIGN.md §5.4).
+    """``x @ weight.T + bias``, as ``torch.nn.functional.linear``.
 
     On the CPU, float32 inputs with at most 48 rows (``x.numel() // K``: decoding steps,
     tree verification) run jakiro's kernel, which reads each weight row once for all rows

@@ -2,13 +2,31 @@
 // non-zero coefficient), run the SwiGLU MLP on them with two matrix products in
 // the accumulation type (fp32, or fp64 for double inputs), and add each routing
 // head's weighted result into an fp32/fp64 accumulator. Unrouted tokens cost nothing.
+// With few tokens (drafting) the products run on the linear kernel, which reads
+// float32 or bfloat16 weights as they are; otherwise the weights are converted.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "jakiro/linear.h"
 #include "jakiro/moe.h"
 
 namespace jakiro {
 namespace {
+
+// x_acc [n, K] float32 times the expert's weight rows w [N, K] (float32 or bfloat16,
+// unit stride along K) into float32 [n, N].
+at::Tensor expert_product(const at::Tensor& x_acc, const at::Tensor& w) {
+  const bool kernel_dtypes = x_acc.scalar_type() == at::kFloat &&
+                             (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16);
+  if (kernel_dtypes && w.stride(1) == 1) {
+    at::Tensor out = at::empty({x_acc.size(0), w.size(0)}, x_acc.options());
+    const LinearProblem p{x_acc.const_data_ptr(), w.const_data_ptr(), nullptr, out.mutable_data_ptr(),
+                          x_acc.size(0), w.size(0), w.size(1), x_acc.stride(0), w.stride(0),
+                          false, w.scalar_type() == at::kBFloat16};
+    if (run_linear_kernel(p, "expert_mlp")) return out;
+  }
+  return at::mm(x_acc, w.to(x_acc.scalar_type()).t());
+}
 
 at::Tensor expert_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                           const at::Tensor& coeff) {
@@ -23,10 +41,10 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, cons
     const at::Tensor rows = routed.select(1, e).nonzero().squeeze(1);  // int64 token ids
     if (rows.numel() == 0) continue;
     const at::Tensor xe = x.index_select(0, rows).to(acc_type);
-    const at::Tensor gate_up = at::mm(xe, w_gate_up.select(0, e).to(acc_type).t());  // [n, 2I]
+    const at::Tensor gate_up = expert_product(xe, w_gate_up.select(0, e));  // [n, 2I]
     const at::Tensor h = at::silu(gate_up.narrow(1, 0, s.intermediate)) *
                          gate_up.narrow(1, s.intermediate, s.intermediate);
-    const at::Tensor y = at::mm(h, w_down.select(0, e).to(acc_type).t());  // [n, H]
+    const at::Tensor y = expert_product(h, w_down.select(0, e));  // [n, H]
     const at::Tensor c = coeff_acc.index_select(0, rows).select(2, e);    // [n, R]
     for (int64_t r = 0; r < s.heads; ++r) {
       out.select(0, r).index_add_(0, rows, y * c.narrow(1, r, 1));

@@ -1,5 +1,5 @@
 // The linear op, y = x W^T + b: a CPU kernel for the few rows of decoding and
-// tree verification, at::linear everywhere else (DESIGN.md section 5.4).
+// tree verification, at::linear everywhere else (contract: jakiro.ops.linear).
 //
 // Why the CPU kernel exists: with 1 to a few dozen rows a model's weights
 // stream from DRAM once per forward pass, and the multiply is cheap next to
@@ -58,22 +58,22 @@ bool cpu_has(const char* feature) {
 #endif
 }
 
-CpuChoice cpu_choice() {
+CpuChoice cpu_choice(const char* op) {
   const char* v = std::getenv("JAKIRO_LINEAR_KERNEL");
   const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
   if (!any && std::strcmp(v, "aten") == 0) return {CpuPath::kAten, true};
   const bool avx512 = !any && std::strcmp(v, "avx512") == 0;
   const bool avx2 = !any && std::strcmp(v, "avx2") == 0;
-  JAKIRO_CHECK(any || avx512 || avx2, kOp,
+  JAKIRO_CHECK(any || avx512 || avx2, op,
                "environment variable JAKIRO_LINEAR_KERNEL must be auto, avx512, avx2 or aten, got '", v, "'");
   if (!compiled_x86_kernels()) {
-    JAKIRO_CHECK(any, kOp, "JAKIRO_LINEAR_KERNEL=", v, " needs an x86-64 build with GCC");
+    JAKIRO_CHECK(any, op, "JAKIRO_LINEAR_KERNEL=", v, " needs an x86-64 build with GCC");
     return {CpuPath::kAten, false};
   }
   if ((any || avx512) && cpu_has("avx512f")) return {CpuPath::kAvx512, !any};
-  JAKIRO_CHECK(!avx512, kOp, "JAKIRO_LINEAR_KERNEL=avx512 but this CPU has no AVX-512");
+  JAKIRO_CHECK(!avx512, op, "JAKIRO_LINEAR_KERNEL=avx512 but this CPU has no AVX-512");
   if (cpu_has("avx2")) return {CpuPath::kAvx2, !any};
-  JAKIRO_CHECK(any, kOp, "JAKIRO_LINEAR_KERNEL=avx2 but this CPU has no AVX2 and FMA");
+  JAKIRO_CHECK(any, op, "JAKIRO_LINEAR_KERNEL=avx2 but this CPU has no AVX2 and FMA");
   return {CpuPath::kAten, false};
 }
 
@@ -106,25 +106,31 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   check_linear_args(x, weight, bias);
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = K == 0 ? 0 : x.numel() / K;
-  const CpuChoice choice = cpu_choice();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (choice.path == CpuPath::kAten || !(bf16 || x.scalar_type() == at::kFloat) || M == 0 ||
-      (M > kMaxRows && !choice.forced)) {
-    return at::linear(x, weight, bias);
-  }
+  if (!(bf16 || x.scalar_type() == at::kFloat) || M == 0) return at::linear(x, weight, bias);
   // Unit stride along K is all the kernel needs; rows of x and W may be strided.
   const at::Tensor rows = x.reshape({M, K});
   const at::Tensor x2 = rows.stride(1) == 1 ? rows : rows.contiguous();
   const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options());
-
   const LinearProblem p{x2.const_data_ptr(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
-                        out.mutable_data_ptr(), M, N, K, x2.stride(0), w.stride(0), bf16};
-  const int64_t tasks = (N + kColumnsPerTask - 1) / kColumnsPerTask;
-  const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * K));
+                        out.mutable_data_ptr(), M, N, K, x2.stride(0), w.stride(0), bf16, bf16};
+  if (!run_linear_kernel(p, kOp)) return at::linear(x, weight, bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.view(shape);
+}
+
+}  // namespace
+
+bool run_linear_kernel(const LinearProblem& p, const char* op) {
+  const CpuChoice choice = cpu_choice(op);
+  if (choice.path == CpuPath::kAten || (p.M > kMaxRows && !choice.forced)) return false;
+  const int64_t tasks = (p.N + kColumnsPerTask - 1) / kColumnsPerTask;
+  const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * std::max<int64_t>(p.K, 1)));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(N, end * kColumnsPerTask);
+    const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(p.N, end * kColumnsPerTask);
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
     if (choice.path == CpuPath::kAvx512) {
       linear_columns_avx512(p, n_begin, n_end);
@@ -133,12 +139,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     }
 #endif
   });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.view(shape);
+  return true;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(jakiro, CompositeExplicitAutograd, m) { m.impl("linear", &linear_any_device); }
 TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("linear", &linear_cpu); }

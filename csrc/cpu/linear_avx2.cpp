@@ -30,11 +30,7 @@ struct Avx2 {
 }  // namespace
 
 void linear_columns_avx2(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bf16) {
-    linear_kernel::columns<Avx2, uint16_t>(p, n_begin, n_end);
-  } else {
-    linear_kernel::columns<Avx2, float>(p, n_begin, n_end);
-  }
+  linear_kernel::columns<Avx2>(p, n_begin, n_end);
 }
 
 }  // namespace jakiro

@@ -26,11 +26,7 @@ struct Avx512 {
 }  // namespace
 
 void linear_columns_avx512(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bf16) {
-    linear_kernel::columns<Avx512, uint16_t>(p, n_begin, n_end);
-  } else {
-    linear_kernel::columns<Avx512, float>(p, n_begin, n_end);
-  }
+  linear_kernel::columns<Avx512>(p, n_begin, n_end);
 }
 
 }  // namespace jakiro

@@ -1,10 +1,12 @@
 // The micro-kernel of the CPU linear op, written once over an instruction-set
 // struct `Isa` (Vec, kWidth, zero, load, fmadd, sum; load takes float32 or
-// bfloat16 bits) and an element type T (float, or uint16_t holding bfloat16).
+// bfloat16 bits) and the element types Tx of x, bias and y and Tw of W (float,
+// or uint16_t holding bfloat16).
 // Included by linear_avx512.cpp and linear_avx2.cpp, each compiled for its
 // instruction set.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -42,18 +44,18 @@ constexpr int64_t kPrefetchBlocks = 4;  // how many blocks of weight rows ahead 
 
 // y[m0 .. m0+R, n0 .. n0+C]: every accumulator runs along K for one (row of x, weight row),
 // so each output's sum is the same sequence whatever R and C are (batch invariance).
-template <class Isa, class T, int R, int C>
-inline void tile(const LinearProblem& p, int64_t m0, int64_t n0, const T* ahead) {
+template <class Isa, class Tx, class Tw, int R, int C>
+inline void tile(const LinearProblem& p, int64_t m0, int64_t n0, const Tw* ahead, int first, int step) {
   using Vec = typename Isa::Vec;
   Vec acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Isa::zero();
-  const T* x = static_cast<const T*>(p.x) + m0 * p.ldx;
-  const T* w = static_cast<const T*>(p.w) + n0 * p.ldw;
+  const Tx* x = static_cast<const Tx*>(p.x) + m0 * p.ldx;
+  const Tw* w = static_cast<const Tw*>(p.w) + n0 * p.ldw;
   int64_t k = 0;
   for (; k + Isa::kWidth <= p.K; k += Isa::kWidth) {
     if (ahead != nullptr)
-      for (int c = 0; c < kWeightRows; ++c) __builtin_prefetch(ahead + c * p.ldw + k, 0, 3);
+      for (int c = first; c < kWeightRows; c += step) __builtin_prefetch(ahead + c * p.ldw + k, 0, 2);
     Vec wv[C];
     for (int c = 0; c < C; ++c) wv[c] = Isa::load(w + c * p.ldw + k);
     for (int r = 0; r < R; ++r) {
@@ -70,42 +72,66 @@ inline void tile(const LinearProblem& p, int64_t m0, int64_t n0, const T* ahead)
       for (int c = 0; c < C; ++c) acc[r][c] = Isa::fmadd(xv, wv[c], acc[r][c]);
     }
   }
-  const T* bias = static_cast<const T*>(p.bias);
+  const Tx* bias = static_cast<const Tx*>(p.bias);
   for (int r = 0; r < R; ++r) {
-    T* y = static_cast<T*>(p.y) + (m0 + r) * p.N + n0;
+    Tx* y = static_cast<Tx*>(p.y) + (m0 + r) * p.N + n0;
     for (int c = 0; c < C; ++c) store(y + c, Isa::sum(acc[r][c]) + (bias ? to_float(bias[n0 + c]) : 0.0f));
   }
 }
 
-// Weight rows [n0, n0 + C) against every row of x: the C weight rows stay in L1
-// while the rows of x go by kInputRows at a time.
-template <class Isa, class T, int C>
-inline void column_block(const LinearProblem& p, int64_t n0, int64_t n_end) {
-  // The first tile also pulls a later block of weight rows into the cache, so the
-  // DRAM stream runs while the tiles compute (the hardware prefetcher alone lags).
-  const int64_t next = n0 + kPrefetchBlocks * kWeightRows;
-  const T* ahead = next + kWeightRows <= n_end ? static_cast<const T*>(p.w) + next * p.ldw : nullptr;
-  int64_t m = 0;
-  for (; m + kInputRows <= p.M; m += kInputRows, ahead = nullptr) tile<Isa, T, kInputRows, C>(p, m, n0, ahead);
-  switch (p.M - m) {
-    case 5: tile<Isa, T, 5, C>(p, m, n0, ahead); break;
-    case 4: tile<Isa, T, 4, C>(p, m, n0, ahead); break;
-    case 3: tile<Isa, T, 3, C>(p, m, n0, ahead); break;
-    case 2: tile<Isa, T, 2, C>(p, m, n0, ahead); break;
-    case 1: tile<Isa, T, 1, C>(p, m, n0, ahead); break;
-    default: break;
+// tile<R> for the `rows` (1..R) rows of x at m.
+template <class Isa, class Tx, class Tw, int C, int R = kInputRows>
+inline void rows_tile(const LinearProblem& p, int64_t m, int64_t n0, const Tw* ahead, int first, int step,
+                      int64_t rows) {
+  if constexpr (R > 0) {
+    if (rows == R) return tile<Isa, Tx, Tw, R, C>(p, m, n0, ahead, first, step);
+    rows_tile<Isa, Tx, Tw, C, R - 1>(p, m, n0, ahead, first, step, rows);
   }
 }
 
-template <class Isa, class T>
+// Weight rows [n0, n0 + C) against every row of x: the C weight rows stay in L1
+// while the rows of x go by in tiles of equal height (M = 8 runs as 4 + 4, not
+// 6 + 2: a short tile loads its weights for few multiplies).
+template <class Isa, class Tx, class Tw, int C>
+inline void column_block(const LinearProblem& p, int64_t n0, int64_t n_end) {
+  // The tiles also pull a later block of weight rows into the cache (tile t the
+  // rows t, t + tiles, ...), so the DRAM stream runs evenly while they compute:
+  // the hardware prefetcher alone lags.
+  const int64_t next = n0 + kPrefetchBlocks * kWeightRows;
+  const Tw* ahead = next + kWeightRows <= n_end ? static_cast<const Tw*>(p.w) + next * p.ldw : nullptr;
+  const int tiles = static_cast<int>((p.M + kInputRows - 1) / kInputRows);
+  for (int t = 0, m = 0; t < tiles; ++t) {
+    const int rows = static_cast<int>(p.M / tiles + (t < p.M % tiles ? 1 : 0));
+    rows_tile<Isa, Tx, Tw, C>(p, m, n0, t < kWeightRows ? ahead : nullptr, t, tiles, rows);
+    m += rows;
+  }
+}
+
+// column_block<C> for the `columns` (1..C) weight rows at n.
+template <class Isa, class Tx, class Tw, int C = kWeightRows>
+inline void columns_block(const LinearProblem& p, int64_t n, int64_t n_end, int64_t columns) {
+  if constexpr (C > 0) {
+    if (columns == C) return column_block<Isa, Tx, Tw, C>(p, n, n_end);
+    columns_block<Isa, Tx, Tw, C - 1>(p, n, n_end, columns);
+  }
+}
+
+template <class Isa, class Tx, class Tw>
 inline void columns(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  for (; n + kWeightRows <= n_end; n += kWeightRows) column_block<Isa, T, kWeightRows>(p, n, n_end);
-  switch (n_end - n) {
-    case 3: column_block<Isa, T, 3>(p, n, n_end); break;
-    case 2: column_block<Isa, T, 2>(p, n, n_end); break;
-    case 1: column_block<Isa, T, 1>(p, n, n_end); break;
-    default: break;
+  for (int64_t n = n_begin; n < n_end; n += kWeightRows) {
+    columns_block<Isa, Tx, Tw>(p, n, n_end, std::min<int64_t>(kWeightRows, n_end - n));
+  }
+}
+
+// Dispatches on the problem's dtypes.
+template <class Isa>
+inline void columns(const LinearProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.x_bf16) {
+    columns<Isa, uint16_t, uint16_t>(p, n_begin, n_end);
+  } else if (p.w_bf16) {
+    columns<Isa, float, uint16_t>(p, n_begin, n_end);
+  } else {
+    columns<Isa, float, float>(p, n_begin, n_end);
   }
 }
 

@@ -4,7 +4,7 @@ at::linear fallbacks, autograd, and bad input.
 Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5,
 bf16 8e-3 (the kernel sums in fp32 along K; bf16 output rounds). The CPU paths tested are those this CPU can run
 (torch.backends.cpu.get_cpu_capability()): avx512 and avx2 are forced at every row
-count, auto switches to at::linear above 48 rows, aten always calls it.
+count, auto switches to at::linear above 128 rows (bf16: 16), aten always calls it.
 """
 import pytest
 import torch
@@ -48,7 +48,7 @@ def check(out, x, w, b, tolerance=None):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 7, 15, 16, 17, 33, 576, 1000])
 @pytest.mark.parametrize("rows, n", [(1, 1), (2, 3), (5, 4), (6, 5), (7, 17), (13, 192), (48, 33), (49, 9),
-                                     (100, 70)])
+                                     (100, 70), (129, 5)])
 def test_matches_reference(cpu_path, rows, n, k, bias, dtype):
     x, w, b = make(rows, k, n, bias, dtype, seed=rows * 1000 + n + k)
     check(ops.linear(x, w, b), x, w, b)

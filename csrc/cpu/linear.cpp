@@ -3,11 +3,11 @@
 //
 // Why the CPU kernel exists: with 1 to a few dozen rows a model's weights
 // stream from DRAM once per forward pass, and the multiply is cheap next to
-// that stream. A GEMM library packs each weight matrix into its own layout
-// before multiplying (an extra pass over the weights), so on a 2-core AVX-512
-// machine a 16-token verify of SmolLM2 spent 1.65x a one-token step in matrix
-// products. The micro-kernel (csrc/cpu/linear_kernel.h) reads every weight row
-// once, in nn.Linear's own [N, K] layout, for all rows of x.
+// that stream. The GEMM library reached 12 GB/s of weights on a one-token
+// SmolLM2 pass on a 2-core AVX-512 machine, and a 16-token tree cost 1.8x that.
+// The micro-kernel (csrc/cpu/linear_kernel.h) reads every weight row once, in
+// nn.Linear's own [N, K] layout (float32 or bfloat16), for all rows of x, and
+// prefetches ahead so the stream overlaps the multiplies.
 //
 // JAKIRO_LINEAR_KERNEL (read on every call, so tests can switch it) picks the
 // CPU path: auto (default: the best instruction set this CPU has, at::linear
@@ -28,9 +28,12 @@ namespace jakiro {
 namespace {
 
 constexpr const char* kOp = "linear";
-// Rows of x above which at::linear's compute-bound GEMM beats streaming (measured
-// on a 2-core AVX-512 EPYC, SmolLM2 shapes: benchmarks/bench_linear.py).
-constexpr int64_t kMaxRows = 48;
+// Rows of x above which at::linear's compute-bound GEMM is as fast (measured on a
+// 2-core AVX-512 EPYC with SmolLM2's shapes, benchmarks/bench_linear.py: float32
+// still 1.4x at 128 rows, 1.1x at 256; bfloat16 weights, whose widening costs
+// instructions, break even near 24 rows).
+constexpr int64_t kMaxRows = 128;
+constexpr int64_t kMaxRowsBf16 = 16;
 constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
 constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
 
@@ -126,7 +129,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
 
 bool run_linear_kernel(const LinearProblem& p, const char* op) {
   const CpuChoice choice = cpu_choice(op);
-  if (choice.path == CpuPath::kAten || (p.M > kMaxRows && !choice.forced)) return false;
+  const int64_t max_rows = p.w_bf16 ? kMaxRowsBf16 : kMaxRows;
+  if (choice.path == CpuPath::kAten || (p.M > max_rows && !choice.forced)) return false;
   const int64_t tasks = (p.N + kColumnsPerTask - 1) / kColumnsPerTask;
   const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * std::max<int64_t>(p.K, 1)));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {

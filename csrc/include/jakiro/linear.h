@@ -21,7 +21,7 @@ struct LinearProblem {
 
 // Runs p on the kernel JAKIRO_LINEAR_KERNEL and this CPU select (in parallel over
 // N); returns false, doing nothing, where at::linear is to be used instead
-// (JAKIRO_LINEAR_KERNEL=aten, no kernel for this CPU, more than 48 rows under auto).
+// (JAKIRO_LINEAR_KERNEL=aten, no kernel for this CPU, more rows than it wins at under auto).
 // op names the caller in error messages.
 bool run_linear_kernel(const LinearProblem& p, const char* op);
 

@@ -100,7 +100,7 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10:
   }
 }
 
-at::Tensor linear_any_device(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_linear_args(x, weight, bias);
   return at::linear(x, weight, bias);
 }
@@ -146,7 +146,10 @@ bool run_linear_kernel(const LinearProblem& p, const char* op) {
   return true;
 }
 
-TORCH_LIBRARY_IMPL(jakiro, CompositeExplicitAutograd, m) { m.impl("linear", &linear_any_device); }
 TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("linear", &linear_cpu); }
+#if JAKIRO_WITH_CUDA
+// On a GPU the few-row products are cuBLAS's (weight-bandwidth bound already).
+TORCH_LIBRARY_IMPL(jakiro, CUDA, m) { m.impl("linear", &linear_cuda); }
+#endif
 
 }  // namespace jakiro

@@ -17,7 +17,7 @@ from jakiro import ops
 from jakiro.target import TargetModel
 from jakiro.tree import TreeDrafter
 
-CANDIDATES = (8, 12, 16, 24, 32, 40, 48, 60)
+CANDIDATES = (4, 6, 8, 12, 16, 24, 32, 40, 48, 60)
 GAIN_EXPONENT = 0.3
 
 

@@ -99,10 +99,11 @@ def test_generate_features_writes_shards_and_resumes(tmp_path):
     assert len(FeatureDataset(str(out))) == 8
 
 
-def test_regenerate_rewrites_answers_with_the_target_batched_like_one_by_one(tmp_path):
+@pytest.mark.parametrize("head_dim", [64, 16])   # 64: on jakiro's stack; 16: on HF generate (no kernel)
+def test_regenerate_rewrites_answers_with_the_target_batched_like_one_by_one(tmp_path, head_dim):
     tokenizer = make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE)
-    target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64,
-                              vocab=len(tokenizer), seed=8)
+    target = make_tiny_target("llama", hidden=2 * head_dim, heads=2, kv_heads=1, head_dim=head_dim,
+                              intermediate=64, vocab=len(tokenizer), seed=8)
     target.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     conversations = [CONVERSATION, CONVERSATION[2:], [{"role": "user", "content": "hello"}] + CONVERSATION[1:2]]
     batched = regenerate_answers(target, tokenizer, conversations, max_new_tokens=5, batch_size=3)

@@ -1,9 +1,8 @@
 // The micro-kernel of the CPU linear op, written once over an instruction-set
 // struct `Isa` (Vec, kWidth, zero, load, fmadd, sum; load takes float32 or
 // bfloat16 bits) and the element types Tx of x, bias and y and Tw of W (float,
-// or uint16_t holding bfloat16).
-// Included by linear_avx512.cpp and linear_avx2.cpp, each compiled for its
-// instruction set.
+// or uint16_t holding bfloat16). Included by linear_avx512.cpp and
+// linear_avx2.cpp, each compiled for its instruction set.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +16,8 @@ namespace linear_kernel {
 
 constexpr int kWeightRows = 4;  // weight rows per tile
 constexpr int kInputRows = 6;   // rows of x per tile: 4 x 6 accumulators + 5 loads fit 32 registers
+constexpr int64_t kPrefetchBlocks = 4;  // blocks of weight rows the prefetch runs ahead (2-16: same speed)
+
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t bf16) {
   const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
@@ -39,8 +40,6 @@ inline typename Isa::Vec load_tail(const T* p, int count) {
   std::memcpy(padded, p, count * sizeof(T));
   return Isa::load(padded);
 }
-
-constexpr int64_t kPrefetchBlocks = 4;  // how many blocks of weight rows ahead the prefetch runs (2-8: same speed)
 
 // y[m0 .. m0+R, n0 .. n0+C]: every accumulator runs along K for one (row of x, weight row),
 // so each output's sum is the same sequence whatever R and C are (batch invariance).

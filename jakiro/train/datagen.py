@@ -149,8 +149,22 @@ def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
 def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 512,
                        batch_size: int = 8, progress: bool = False) -> list[list[dict]]:
     """Self-distillation: every assistant turn rewritten by ``target`` (greedy), turn by turn, so
-    later turns see the target's own earlier answers. Prompts are batched (left padding)."""
+    later turns see the target's own earlier answers. Prompts are batched (left padding).
+
+    Decoding runs on jakiro's own stack (:func:`jakiro.generate.vanilla_generate`, the tokens
+    speculative decoding reproduces; on the CPU 2-3x Hugging Face ``generate``), or on
+    ``target.generate`` for a model the jakiro stack does not run (family or head size)."""
     from tqdm.auto import tqdm
+
+    from jakiro.generate import vanilla_generate
+    from jakiro.ops import TREE_ATTENTION_HEAD_DIMS
+    from jakiro.target import TargetModel
+    try:
+        stack = TargetModel(target)
+    except ValueError:
+        stack = None
+    if stack is not None and stack.head_dim not in TREE_ATTENTION_HEAD_DIMS:
+        stack = None
     conversations = [[dict(m) for m in messages] for messages in conversations]
     device = target.get_input_embeddings().weight.device
     eos = target.generation_config.eos_token_id if target.generation_config.eos_token_id is not None \
@@ -180,8 +194,12 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
             for row, prompt in enumerate(prompts):
                 ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
                 attention[row, width - len(prompt):] = 1
-            out = target.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            if stack is not None:
+                out = vanilla_generate(stack, ids.to(device), attention_mask=attention.to(device),
+                                       max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad).sequences
+            else:
+                out = target.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
+                                      max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
             for row, (c, i) in enumerate(chunk):
                 conversations[c][i]["content"] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
             bar.update(len(chunk))

@@ -8,7 +8,7 @@ of tokens (1: a decoding step, 8-32: a draft tree). "head" cases are the draft's
 process against (a) torch.nn.functional.linear (MKL / oneDNN), (b) MKL's prepacked
 sgemm (torch.ops.mkl._mkl_linear, as torch.compile's CPU freezing uses; float32 only,
 the packing done before timing). "jakiro_kernel" forces the kernel above the rows
-where "jakiro" (auto) hands over to at::linear (128; bfloat16: 16). On CUDA the op is
+where "jakiro" (auto) hands over to at::linear (128; bfloat16: 8). On CUDA the op is
 at::linear: nothing to compare, no rows.
 """
 import os

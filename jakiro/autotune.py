@@ -9,6 +9,7 @@ per cycle, which does not depend on N, so a slow draft pushes the choice to larg
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -26,22 +27,23 @@ def expected_gain(total_tokens: int) -> float:
     return (total_tokens / 40) ** GAIN_EXPONENT
 
 
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):                       # the first call warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    fn()                                               # warm-up
+    return statistics.median(_seconds(fn, device) for _ in range(repeats))
 
 
-@torch.no_grad()
-def time_verify(target: TargetModel, total_tokens: int, context: int = 256, repeats: int = 5) -> float:
-    """Seconds of one target pass over an N-node tree (a chain) after ``context`` cached tokens."""
+def _verify_pass(target: TargetModel, total_tokens: int, context: int):
+    """A call running one target pass over an N-node tree (a chain) after ``context`` cached tokens."""
     device = target.device
     cache = target.new_cache(1, context + total_tokens)
     cache.lengths.fill_(context)
@@ -50,10 +52,29 @@ def time_verify(target: TargetModel, total_tokens: int, context: int = 256, repe
     mask, depth = ops.build_tree_mask(parents)
     positions = context + depth.to(torch.int64)
 
+    @torch.no_grad()
     def verify():
         step = cache.step(total_tokens, tree_mask=mask, tree_len=total_tokens)
         target.forward(ids, positions, cache, step)
-    return _median_seconds(verify, device, repeats)
+    return verify
+
+
+def time_verify(target: TargetModel, total_tokens: int, context: int = 256, repeats: int = 5) -> float:
+    """Seconds of one target pass over an N-node tree (a chain) after ``context`` cached tokens."""
+    return _median_seconds(_verify_pass(target, total_tokens, context), target.device, repeats)
+
+
+def time_verify_all(target: TargetModel, sizes, context: int = 256, rounds: int = 7) -> dict[int, float]:
+    """:func:`time_verify` of every size, measured in turn ``rounds`` times (median per size),
+    so a slow spell of a shared machine spreads over the sizes instead of hitting one."""
+    passes = {n: _verify_pass(target, n, context) for n in sizes}
+    for verify in passes.values():
+        verify()                                       # warm-up
+    samples = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n, verify in passes.items():
+            samples[n].append(_seconds(verify, target.device))
+    return {n: statistics.median(times) for n, times in samples.items()}
 
 
 @torch.no_grad()
@@ -85,8 +106,7 @@ def choose_total_tokens(target, draft, depth: int = 5, top_k: int = 10,
         raise ValueError(f"choose_total_tokens: no candidate fits a tree of depth={depth}, top_k={top_k}")
     draft_seconds = time_draft(TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=usable[0]))
     table = []
-    for n in usable:
-        verify_seconds = time_verify(target, n)
+    for n, verify_seconds in time_verify_all(target, usable).items():
         table.append(dict(total_tokens=n, verify_ms=1e3 * verify_seconds, draft_ms=1e3 * draft_seconds,
                           cost=(verify_seconds + draft_seconds) / expected_gain(n)))
     best = min(table, key=lambda row: row["cost"])["total_tokens"]

@@ -4,7 +4,7 @@ at::linear fallbacks, autograd, and bad input.
 Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5,
 bf16 8e-3 (the kernel sums in fp32 along K; bf16 output rounds). The CPU paths tested are those this CPU can run
 (torch.backends.cpu.get_cpu_capability()): avx512 and avx2 are forced at every row
-count, auto switches to at::linear above 128 rows (bf16: 16), aten always calls it.
+count, auto switches to at::linear above 128 rows (bf16: 8), aten always calls it.
 """
 import pytest
 import torch

@@ -28,12 +28,12 @@ namespace jakiro {
 namespace {
 
 constexpr const char* kOp = "linear";
-// Rows of x above which at::linear's compute-bound GEMM is as fast (measured on a
-// 2-core AVX-512 EPYC with SmolLM2's shapes, benchmarks/bench_linear.py: float32
-// still 1.4x at 128 rows, 1.1x at 256; bfloat16 weights, whose widening costs
-// instructions, break even near 24 rows).
+// Rows of x above which at::linear is as fast (measured on a 2-core AVX-512 EPYC
+// with SmolLM2's shapes, benchmarks/bench_linear.py): float32 weights streamed
+// from memory still 1.2x at 128 rows, 1.0x at 256; with bfloat16 weights, whose
+// widening costs instructions, oneDNN's bf16 dot products win from 8-16 rows.
 constexpr int64_t kMaxRows = 128;
-constexpr int64_t kMaxRowsBf16 = 16;
+constexpr int64_t kMaxRowsBf16 = 8;
 constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
 constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
 

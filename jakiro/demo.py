@@ -36,7 +36,7 @@ def demo_command(args) -> int:
     if not 1 <= args.questions <= len(CATEGORIES):
         raise SystemExit(f"jakiro demo: --questions must be in [1, {len(CATEGORIES)}]")
     target, tokenizer, device, dtype = load_setup(args)
-    total_tokens, _ = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
+    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
     max_new = args.max_new_tokens or (256 if device.type == "cuda" else 128)
     questions = mtbench_questions()
     chosen = [next(q for q in questions if q["category"] == c) for c in CATEGORIES[:args.questions]]
@@ -73,7 +73,8 @@ def demo_command(args) -> int:
                    speedup=round(jakiro.tokens_per_s / max(vanilla.tokens_per_s, 1e-12), 3),
                    tau=round(jakiro.tau, 3), device=env["device"], dtype=env["dtype"], total_tokens=total_tokens,
                    questions=len(prompts), new_tokens=jakiro.new_tokens, temperature=args.temperature,
-                   lossless_checked=args.temperature == 0.0 and not jakiro.diverged)
+                   lossless_checked=args.temperature == 0.0 and not jakiro.diverged,
+                   verify_ms={row["total_tokens"]: round(row["verify_ms"], 1) for row in tuning})
     print("\n")
     print(markdown_table([summary], ["vanilla_tok_s", "jakiro_tok_s", "speedup", "tau", "device", "dtype"]))
     plural = "s" if summary["questions"] != 1 else ""

@@ -60,6 +60,18 @@ def test_cli_datagen_then_train(saved_target):
     both = token_counts([str(root / "features"), str(root / "regenerated")], target.config.vocab_size)
     shipped = JakiroDraft.from_pretrained(root / "both" / "draft", target, draft_vocab=12)
     assert torch.equal(shipped._draft_vocab, most_frequent_tokens(both, 12))
+    # Fine-tuning: --init starts from a saved draft, its configuration included; with a zero
+    # learning rate the weights come back unchanged.
+    assert cli.main(["train", "--target", str(root / "target"), "--data", str(root / "features"),
+                     "--out", str(root / "tuned"), "--init", str(root / "run" / "draft"), "--steps", "2",
+                     "--batch-size", "2", "--lr", "0", "--device", "cpu", "--no-progress"]) == 0
+    tuned = JakiroDraft.from_pretrained(root / "tuned" / "draft", target)
+    assert tuned.config.num_experts == 3
+    for name, value in draft.state_dict().items():
+        assert torch.equal(value, tuned.state_dict()[name]), name
+    with pytest.raises(SystemExit, match="--init takes the draft's configuration from its folder"):
+        cli.main(["train", "--target", str(root / "target"), "--data", str(root / "features"), "--out",
+                  str(root / "x"), "--init", str(root / "run" / "draft"), "--eagle2", "--device", "cpu"])
 
 
 def test_cli_train_under_torchrun(saved_target, tmp_path):

@@ -76,6 +76,9 @@ def add_train_parser(commands):
                         "about one more step). Default 1: the target's features only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--init", default=None, metavar="DRAFT",
+                   help="start from a saved draft's weights and configuration (a `jakiro train` output's "
+                        "draft/ folder or a shipped draft) instead of a fresh draft: fine-tuning")
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -136,10 +139,16 @@ def train_command(args) -> int:
         dataset = FeatureDataset(args.data, max_len=args.max_len)
         target, _ = _load_target(args.target, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
         torch.manual_seed(args.seed)
-        try:
-            draft = JakiroDraft.from_target(target, eagle2=args.eagle2, **_overrides(args.draft_config))
-        except TypeError as error:
-            raise SystemExit(f"jakiro train: bad --draft-config: {error}") from None
+        if args.init is not None:
+            if args.eagle2 or args.draft_config:
+                raise SystemExit("jakiro train: --init takes the draft's configuration from its folder; "
+                                 "drop --eagle2 and --draft-config")
+            draft = JakiroDraft.from_pretrained(args.init, target)   # float32 master weights, as the target
+        else:
+            try:
+                draft = JakiroDraft.from_target(target, eagle2=args.eagle2, **_overrides(args.draft_config))
+            except TypeError as error:
+                raise SystemExit(f"jakiro train: bad --draft-config: {error}") from None
         config = TrainConfig(lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, noise=args.noise, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,

@@ -26,9 +26,10 @@ class _KernelForward:
 
 def cpu_routes(modules) -> list[tuple[nn.Linear, _KernelForward]]:
     """The plain ``nn.Linear`` layers inside ``modules`` that sit on the CPU, each with its
-    kernel forward. Subclasses (quantised layers) keep their own forward."""
+    kernel forward. Subclasses (quantised layers) and layers whose forward was already
+    replaced on the instance (accelerate's hooks) keep their own."""
     linears = {id(m): m for module in modules for m in module.modules()
-               if type(m) is nn.Linear and m.weight.device.type == "cpu"}
+               if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in vars(m)}
     return [(m, _KernelForward(m)) for m in linears.values()]
 
 

@@ -44,23 +44,6 @@ struct CpuChoice {
   bool forced;  // named by JAKIRO_LINEAR_KERNEL: used at every row count
 };
 
-bool compiled_x86_kernels() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  return true;
-#else
-  return false;
-#endif
-}
-
-bool cpu_has(const char* feature) {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  if (std::strcmp(feature, "avx512f") == 0) return __builtin_cpu_supports("avx512f");
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 CpuChoice cpu_choice(const char* op) {
   const char* v = std::getenv("JAKIRO_LINEAR_KERNEL");
   const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
@@ -69,14 +52,17 @@ CpuChoice cpu_choice(const char* op) {
   const bool avx2 = !any && std::strcmp(v, "avx2") == 0;
   JAKIRO_CHECK(any || avx512 || avx2, op,
                "environment variable JAKIRO_LINEAR_KERNEL must be auto, avx512, avx2 or aten, got '", v, "'");
-  if (!compiled_x86_kernels()) {
-    JAKIRO_CHECK(any, op, "JAKIRO_LINEAR_KERNEL=", v, " needs an x86-64 build with GCC");
-    return {CpuPath::kAten, false};
-  }
-  if ((any || avx512) && cpu_has("avx512f")) return {CpuPath::kAvx512, !any};
-  JAKIRO_CHECK(!avx512, op, "JAKIRO_LINEAR_KERNEL=avx512 but this CPU has no AVX-512");
-  if (cpu_has("avx2")) return {CpuPath::kAvx2, !any};
-  JAKIRO_CHECK(any, op, "JAKIRO_LINEAR_KERNEL=avx2 but this CPU has no AVX2 and FMA");
+#if JAKIRO_LINEAR_X86_KERNELS
+  const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  JAKIRO_CHECK(any, op, "JAKIRO_LINEAR_KERNEL=", v, " needs an x86-64 build with GCC");
+  const bool has_avx512 = false, has_avx2 = false;
+#endif
+  JAKIRO_CHECK(!avx512 || has_avx512, op, "JAKIRO_LINEAR_KERNEL=avx512 but this CPU has no AVX-512");
+  JAKIRO_CHECK(!avx2 || has_avx2, op, "JAKIRO_LINEAR_KERNEL=avx2 but this CPU has no AVX2 and FMA");
+  if ((any || avx512) && has_avx512) return {CpuPath::kAvx512, !any};
+  if (has_avx2) return {CpuPath::kAvx2, !any};
   return {CpuPath::kAten, false};
 }
 
@@ -110,7 +96,9 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = K == 0 ? 0 : x.numel() / K;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (!(bf16 || x.scalar_type() == at::kFloat) || M == 0) return at::linear(x, weight, bias);
+  if (!(bf16 || x.scalar_type() == at::kFloat) || M == 0 || !linear_kernel_applies(M, bf16, kOp)) {
+    return at::linear(x, weight, bias);
+  }
   // Unit stride along K is all the kernel needs; rows of x and W may be strided.
   const at::Tensor rows = x.reshape({M, K});
   const at::Tensor x2 = rows.stride(1) == 1 ? rows : rows.contiguous();
@@ -119,7 +107,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   at::Tensor out = at::empty({M, N}, x.options());
   const LinearProblem p{x2.const_data_ptr(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
                         out.mutable_data_ptr(), M, N, K, x2.stride(0), w.stride(0), bf16, bf16};
-  if (!run_linear_kernel(p, kOp)) return at::linear(x, weight, bias);
+  run_linear_kernel(p, kOp);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return out.view(shape);
@@ -127,15 +115,18 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
 
 }  // namespace
 
-bool run_linear_kernel(const LinearProblem& p, const char* op) {
+bool linear_kernel_applies(int64_t rows, bool w_bf16, const char* op) {
   const CpuChoice choice = cpu_choice(op);
-  const int64_t max_rows = p.w_bf16 ? kMaxRowsBf16 : kMaxRows;
-  if (choice.path == CpuPath::kAten || (p.M > max_rows && !choice.forced)) return false;
+  return choice.path != CpuPath::kAten && (choice.forced || rows <= (w_bf16 ? kMaxRowsBf16 : kMaxRows));
+}
+
+void run_linear_kernel(const LinearProblem& p, const char* op) {
+  const CpuChoice choice = cpu_choice(op);
   const int64_t tasks = (p.N + kColumnsPerTask - 1) / kColumnsPerTask;
   const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * std::max<int64_t>(p.K, 1)));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(p.N, end * kColumnsPerTask);
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if JAKIRO_LINEAR_X86_KERNELS
     if (choice.path == CpuPath::kAvx512) {
       linear_columns_avx512(p, n_begin, n_end);
     } else {
@@ -143,7 +134,6 @@ bool run_linear_kernel(const LinearProblem& p, const char* op) {
     }
 #endif
   });
-  return true;
 }
 
 TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("linear", &linear_cpu); }

@@ -1,6 +1,7 @@
 // The CPU linear micro-kernel compiled for AVX2 + FMA (8 floats per vector),
 // for x86 CPUs without AVX-512. See linear_avx512.cpp.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include "jakiro/linear.h"
+#if JAKIRO_LINEAR_X86_KERNELS
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 

@@ -1,7 +1,8 @@
 // The CPU linear micro-kernel compiled for AVX-512 (16 floats per vector). The
 // pragma applies to everything below it, so the templates in linear_kernel.h
 // are instantiated with AVX-512 enabled; the op picks this copy at run time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include "jakiro/linear.h"
+#if JAKIRO_LINEAR_X86_KERNELS
 #pragma GCC target("avx512f")
 #include <immintrin.h>
 

@@ -152,7 +152,7 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
     later turns see the target's own earlier answers. Prompts are batched (left padding).
 
     Decoding runs on jakiro's own stack (:func:`jakiro.generate.vanilla_generate`, the tokens
-    speculative decoding reproduces; on the CPU 2-3x Hugging Face ``generate``), or on
+    speculative decoding reproduces; on the CPU ~1.4x Hugging Face ``generate``), or on
     ``target.generate`` for a model the jakiro stack does not run (family or head size)."""
     from tqdm.auto import tqdm
 

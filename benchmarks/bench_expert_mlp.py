@@ -11,7 +11,6 @@ grouped_gemm is timed against a per-expert torch.mm loop and torch._grouped_mm.
 On CUDA "jakiro" is the default implementation (JAKIRO_EXPERT_MLP_KERNEL=v1) and
 "jakiro_auto" the opt-in tensor-core / cuBLAS paths, side by side.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, finish, measure_copy_bandwidth, parser, time_fn  # noqa: E402
+from common import Report, finish, measure_copy_bandwidth, parser, time_fn, with_env  # noqa: E402
 from jakiro import ops  # noqa: E402
 from jakiro.testing import make_expert_mlp_inputs, make_expert_offsets  # noqa: E402
 
@@ -81,17 +80,7 @@ def jakiro_op(x, w_gate_up, w_down, coeff):
 
 def with_kernel(kernel, fn):
     """fn run with JAKIRO_EXPERT_MLP_KERNEL=kernel (read by the CUDA op on every call)."""
-    def call(*args, **kwargs):
-        previous = os.environ.get("JAKIRO_EXPERT_MLP_KERNEL")
-        os.environ["JAKIRO_EXPERT_MLP_KERNEL"] = kernel
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if previous is None:
-                del os.environ["JAKIRO_EXPERT_MLP_KERNEL"]
-            else:
-                os.environ["JAKIRO_EXPERT_MLP_KERNEL"] = previous
-    return call
+    return with_env("JAKIRO_EXPERT_MLP_KERNEL", kernel, fn)
 
 
 def jakiro_impls(fn, device):

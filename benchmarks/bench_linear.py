@@ -11,7 +11,6 @@ the packing done before timing). "jakiro_kernel" forces the kernel above the row
 where "jakiro" (auto) hands over to at::linear (128; bfloat16: 8). On CUDA the op is
 at::linear: nothing to compare, no rows.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, finish, measure_copy_bandwidth, parser, time_fn  # noqa: E402
+from common import Report, finish, measure_copy_bandwidth, parser, time_fn, with_env  # noqa: E402
 from jakiro import ops  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV, LAYERS, VOCAB, DRAFT_VOCAB = 576, 1536, 192, 30, 49152, 8192
@@ -41,21 +40,6 @@ def kernel_path():
     return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability)
 
 
-def with_kernel(value, fn):
-    """fn run with JAKIRO_LINEAR_KERNEL=value (read by the op on every call)."""
-    def call():
-        previous = os.environ.get("JAKIRO_LINEAR_KERNEL")
-        os.environ["JAKIRO_LINEAR_KERNEL"] = value
-        try:
-            return fn()
-        finally:
-            if previous is None:
-                del os.environ["JAKIRO_LINEAR_KERNEL"]
-            else:
-                os.environ["JAKIRO_LINEAR_KERNEL"] = previous
-    return call
-
-
 def impls_for(weights, rows, dtype, gen):
     """{name: fn} running every product of ``weights`` on ``rows`` tokens."""
     inputs = {k: torch.randn(rows, k, generator=gen).to(dtype) for k in {w.shape[1] for w in weights}}
@@ -68,7 +52,7 @@ def impls_for(weights, rows, dtype, gen):
     impls = {"jakiro": run(ops.linear)}
     path = kernel_path()
     if path is not None:
-        impls["jakiro_kernel"] = with_kernel(path, run(ops.linear))
+        impls["jakiro_kernel"] = with_env("JAKIRO_LINEAR_KERNEL", path, run(ops.linear))
     impls["F.linear"] = run(F.linear)
     if dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights}

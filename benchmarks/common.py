@@ -185,3 +185,19 @@ def finish(report: Report, args) -> None:
     print(f"\n## {report.name} on {device_name(report.device)}\n")
     print(report.markdown())
     print(f"\nresults: {path}")
+
+
+def with_env(name: str, value: str, fn):
+    """fn run with the environment variable ``name`` set to ``value`` (the jakiro ops read their
+    kernel switches, e.g. JAKIRO_LINEAR_KERNEL, on every call), restored afterwards."""
+    def call(*args, **kwargs):
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+    return call

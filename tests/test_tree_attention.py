@@ -96,6 +96,44 @@ def test_cpu_key_splits_match_reference(causal):
         torch.set_num_threads(threads)
 
 
+_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+CPU_COPIES = ["portable"] + (["avx2"] if _CAPABILITY in ("AVX2", "AVX512") else []) + \
+             (["avx512"] if _CAPABILITY == "AVX512" else [])
+
+
+@pytest.mark.parametrize("copy", CPU_COPIES)
+@pytest.mark.parametrize("nq, group, dtype", [(1, 3, torch.float32), (7, 3, torch.bfloat16), (60, 8, torch.float32),
+                                              (13, 1, torch.float16)])
+def test_every_cpu_copy_matches_reference(copy, nq, group, dtype, monkeypatch):
+    # JAKIRO_TREE_ATTENTION_CPU picks the block step: the portable one, the AVX2+FMA copy
+    # (4-row tiles), the AVX-512VL copy (8-row tiles); every one this CPU can run is tested.
+    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", copy)
+    gen = torch.Generator().manual_seed(nq + group)
+    inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=64, prefix_lens=[37, 130],
+                                        dtype=dtype, generator=gen)
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+@pytest.mark.skipif("avx512" not in CPU_COPIES, reason="needs a CPU with AVX-512")
+def test_avx2_and_avx512_copies_sum_alike(monkeypatch):
+    # The tile height differs, the order of every sum does not: bit-identical outputs.
+    gen = torch.Generator().manual_seed(5)
+    inputs = make_tree_attention_inputs(batch=2, hq=9, hkv=3, nq=11, head_dim=128, prefix_lens=[300, 64],
+                                        generator=gen)
+    outs = []
+    for copy in ("avx2", "avx512"):
+        monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", copy)
+        outs.append(call(inputs))
+    assert torch.equal(*outs)
+
+
+def test_cpu_copy_choice_is_explicit(monkeypatch):
+    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", "fastest")
+    inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=2, head_dim=64, prefix_lens=4)
+    with pytest.raises(ValueError, match="tree_attention: environment variable JAKIRO_TREE_ATTENTION_CPU must be"):
+        call(inputs)
+
+
 def chain_oracle(inputs):
     """Each tree query's output is causal attention over its root->node path (plus the prefix)."""
     q, k, v = inputs["q"].cpu().double(), inputs["k_cache"].cpu().double(), inputs["v_cache"].cpu().double()

@@ -13,19 +13,11 @@
 namespace jakiro {
 namespace {
 
-// x_acc [n, K] float32 times the expert's weight rows w [N, K] (float32 or bfloat16,
-// unit stride along K) into float32 [n, N].
+// x_acc [n, K] (float32 or float64) times the expert's weight rows w [N, K] into x_acc's dtype [n, N].
 at::Tensor expert_product(const at::Tensor& x_acc, const at::Tensor& w) {
-  const bool w_bf16 = w.scalar_type() == at::kBFloat16;
-  const bool kernel_dtypes = x_acc.scalar_type() == at::kFloat && (w_bf16 || w.scalar_type() == at::kFloat);
-  if (!kernel_dtypes || w.stride(1) != 1 || !linear_kernel_applies(x_acc.size(0), w_bf16, "expert_mlp")) {
-    return at::mm(x_acc, w.to(x_acc.scalar_type()).t());
-  }
-  at::Tensor out = at::empty({x_acc.size(0), w.size(0)}, x_acc.options());
-  const LinearProblem p{x_acc.const_data_ptr(), w.const_data_ptr(), nullptr, out.mutable_data_ptr(),
-                        x_acc.size(0), w.size(0), w.size(1), x_acc.stride(0), w.stride(0), false, w_bf16};
-  run_linear_kernel(p, "expert_mlp");
-  return out;
+  at::Tensor out;
+  if (linear_on_kernel(x_acc, w, at::Tensor(), out, "expert_mlp")) return out;
+  return at::mm(x_acc, w.to(x_acc.scalar_type()).t());
 }
 
 at::Tensor expert_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,

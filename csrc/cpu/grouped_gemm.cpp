@@ -22,21 +22,13 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 
   const int32_t* off = offsets.const_data_ptr<int32_t>();
   at::Tensor out = at::empty({s.rows, s.n}, x.options());
-  const bool kernel_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
-  const at::Tensor xc = kernel_dtype ? x.contiguous() : x;
-  const at::Tensor wc = kernel_dtype ? w.contiguous() : w;
   for (int64_t e = 0; e < s.experts; ++e) {
     const int64_t begin = off[e], count = off[e + 1] - off[e];
     if (count == 0) continue;
     at::Tensor rows_out = out.narrow(0, begin, count);
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    if (kernel_dtype && linear_kernel_applies(count, bf16, op)) {
-      const at::Tensor xe = xc.narrow(0, begin, count), we = wc.select(0, e);
-      run_linear_kernel({xe.const_data_ptr(), we.const_data_ptr(), nullptr, rows_out.mutable_data_ptr(), count,
-                         s.n, xe.size(1), xe.stride(0), we.stride(0), bf16, bf16}, op);
-    } else {
-      // at::mm accumulates reduced-precision inputs in fp32.
-      at::mm_out(rows_out, x.narrow(0, begin, count), w.select(0, e).t());
+    const at::Tensor rows = x.narrow(0, begin, count), weight = w.select(0, e);
+    if (!linear_on_kernel(rows, weight, at::Tensor(), rows_out, op)) {
+      at::mm_out(rows_out, rows, weight.t());  // accumulates reduced-precision inputs in fp32
     }
   }
   return out;

@@ -91,36 +91,12 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10:
   return at::linear(x, weight, bias);
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_linear_args(x, weight, bias);
-  const int64_t K = weight.size(1), N = weight.size(0);
-  const int64_t M = K == 0 ? 0 : x.numel() / K;
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (!(bf16 || x.scalar_type() == at::kFloat) || M == 0 || !linear_kernel_applies(M, bf16, kOp)) {
-    return at::linear(x, weight, bias);
-  }
-  // Unit stride along K is all the kernel needs; rows of x and W may be strided.
-  const at::Tensor rows = x.reshape({M, K});
-  const at::Tensor x2 = rows.stride(1) == 1 ? rows : rows.contiguous();
-  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const LinearProblem p{x2.const_data_ptr(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
-                        out.mutable_data_ptr(), M, N, K, x2.stride(0), w.stride(0), bf16, bf16};
-  run_linear_kernel(p, kOp);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.view(shape);
-}
-
-}  // namespace
-
-bool linear_kernel_applies(int64_t rows, bool w_bf16, const char* op) {
+bool kernel_applies(int64_t rows, bool w_bf16, const char* op) {
   const CpuChoice choice = cpu_choice(op);
   return choice.path != CpuPath::kAten && (choice.forced || rows <= (w_bf16 ? kMaxRowsBf16 : kMaxRows));
 }
 
-void run_linear_kernel(const LinearProblem& p, const char* op) {
+void run_kernel(const LinearProblem& p, const char* op) {
   const CpuChoice choice = cpu_choice(op);
   const int64_t tasks = (p.N + kColumnsPerTask - 1) / kColumnsPerTask;
   const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * std::max<int64_t>(p.K, 1)));
@@ -134,6 +110,37 @@ void run_linear_kernel(const LinearProblem& p, const char* op) {
     }
 #endif
   });
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_linear_args(x, weight, bias);
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  at::Tensor out;
+  if (!linear_on_kernel(x.reshape({M, K}), weight, bias.value_or(at::Tensor()), out, kOp)) {
+    return at::linear(x, weight, bias);
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.view(shape);
+}
+
+}  // namespace
+
+bool linear_on_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
+                      const char* op) {
+  const bool w_bf16 = w.scalar_type() == at::kBFloat16, x_bf16 = x.scalar_type() == at::kBFloat16;
+  const bool dtypes = x_bf16 ? w_bf16 : x.scalar_type() == at::kFloat && (w_bf16 || w.scalar_type() == at::kFloat);
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  if (!dtypes || M == 0 || K == 0 || !kernel_applies(M, w_bf16, op)) return false;
+  // Unit stride along K is all the kernel needs; rows of x and W may be strided.
+  const at::Tensor xk = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor wk = w.stride(1) == 1 ? w : w.contiguous();
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  if (!out.defined()) out = at::empty({M, N}, x.options());
+  run_kernel({xk.const_data_ptr(), wk.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
+              out.mutable_data_ptr(), M, N, K, xk.stride(0), wk.stride(0), x_bf16, w_bf16}, op);
+  return true;
 }
 
 TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("linear", &linear_cpu); }

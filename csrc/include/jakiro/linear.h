@@ -1,8 +1,13 @@
-// The CPU linear kernel's problem description, shared by the op (csrc/cpu/linear.cpp)
-// and the per-instruction-set copies of its micro-kernel (csrc/cpu/linear_<isa>.cpp).
+// The CPU linear kernel: its entry for the ops (linear, expert_mlp, grouped_gemm) and
+// its problem description, shared with the per-instruction-set copies of the
+// micro-kernel (csrc/cpu/linear_<isa>.cpp, which include no torch header).
 #pragma once
 
 #include <cstdint>
+
+namespace at {
+class Tensor;
+}
 
 // The micro-kernels are built where GCC can compile them per instruction set.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -26,14 +31,14 @@ struct LinearProblem {
   bool x_bf16, w_bf16;
 };
 
-// Whether the kernel takes a product of `rows` rows (w_bf16: bfloat16 weights), as
-// JAKIRO_LINEAR_KERNEL and this CPU decide; otherwise at::linear is the caller's
-// path (JAKIRO_LINEAR_KERNEL=aten, no kernel for this CPU, more rows than the kernel
-// wins at under auto). `op` names the caller in error messages.
-bool linear_kernel_applies(int64_t rows, bool w_bf16, const char* op);
-
-// Runs p on the kernel, in parallel over N. Only where linear_kernel_applies.
-void run_linear_kernel(const LinearProblem& p, const char* op);
+// out[M, N] = x[M, K] w[N, K]^T (+ bias[N]) on the kernel, in parallel over N. x, bias
+// and out float32 with w float32 or bfloat16, or all bfloat16; `bias` may be undefined;
+// `out` is allocated when undefined, else contiguous [M, N]. Returns false, touching
+// nothing, where the caller's own path (at::linear, at::mm) is to run: other dtypes, no
+// rows, JAKIRO_LINEAR_KERNEL=aten, no kernel for this CPU, more rows than the kernel wins
+// at under auto. `op` names the caller in error messages.
+bool linear_on_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
+                      const char* op);
 
 // The micro-kernel per instruction set, on output columns [n_begin, n_end).
 // Defined where JAKIRO_LINEAR_X86_KERNELS.

@@ -59,14 +59,10 @@ def _verify_pass(target: TargetModel, total_tokens: int, context: int):
     return verify
 
 
-def time_verify(target: TargetModel, total_tokens: int, context: int = 256, repeats: int = 5) -> float:
-    """Seconds of one target pass over an N-node tree (a chain) after ``context`` cached tokens."""
-    return _median_seconds(_verify_pass(target, total_tokens, context), target.device, repeats)
-
-
 def time_verify_all(target: TargetModel, sizes, context: int = 256, rounds: int = 7) -> dict[int, float]:
-    """:func:`time_verify` of every size, measured in turn ``rounds`` times (median per size),
-    so a slow spell of a shared machine spreads over the sizes instead of hitting one."""
+    """Seconds of one target pass over an N-node tree (a chain) after ``context`` cached tokens,
+    for every N of ``sizes``: each measured in turn ``rounds`` times (median per size), so a
+    slow spell of a shared machine spreads over the sizes instead of hitting one."""
     passes = {n: _verify_pass(target, n, context) for n in sizes}
     for verify in passes.values():
         verify()                                       # warm-up

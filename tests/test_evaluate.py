@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import jakiro
-from jakiro.autotune import CANDIDATES, choose_total_tokens, expected_gain, time_verify
+from jakiro.autotune import CANDIDATES, choose_total_tokens, expected_gain, time_verify_all
 from jakiro.evaluate import LosslessError, MethodStats, markdown_table, run_side_by_side
 from jakiro.target import TargetModel
 from jakiro.testing import make_prompts, make_target_and_draft, single_thread
@@ -25,7 +25,8 @@ def test_gain_curve_follows_the_authors_table():
 def test_choose_total_tokens_returns_the_cheapest_timed_candidate(rigged):
     target, draft = rigged
     with single_thread():
-        assert time_verify(TargetModel(target), 8, context=16, repeats=1) > 0
+        timed = time_verify_all(TargetModel(target), [8, 4], context=16, rounds=1)
+        assert timed.keys() == {8, 4} and all(seconds > 0 for seconds in timed.values())
         best, table = choose_total_tokens(target, draft, depth=2, top_k=3)
     # depth 2, top_k 3: a tree holds at most 3 + 2 * 9 + 1 = 22 nodes.
     assert [row["total_tokens"] for row in table] == [n for n in CANDIDATES if n <= 22]

@@ -16,11 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "jakiro/checks.h"
+#include "jakiro/cpu_isa.h"
 #include "jakiro/linear.h"
 #include "linear_kernel.h"
 
@@ -37,33 +36,8 @@ constexpr int64_t kMaxRowsBf16 = 8;
 constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
 constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
 
-enum class CpuPath { kAten, kAvx512, kAvx2 };
-
-struct CpuChoice {
-  CpuPath path;
-  bool forced;  // named by JAKIRO_LINEAR_KERNEL: used at every row count
-};
-
-CpuChoice cpu_choice(const char* op) {
-  const char* v = std::getenv("JAKIRO_LINEAR_KERNEL");
-  const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
-  if (!any && std::strcmp(v, "aten") == 0) return {CpuPath::kAten, true};
-  const bool avx512 = !any && std::strcmp(v, "avx512") == 0;
-  const bool avx2 = !any && std::strcmp(v, "avx2") == 0;
-  JAKIRO_CHECK(any || avx512 || avx2, op,
-               "environment variable JAKIRO_LINEAR_KERNEL must be auto, avx512, avx2 or aten, got '", v, "'");
-#if JAKIRO_LINEAR_X86_KERNELS
-  const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  JAKIRO_CHECK(any, op, "JAKIRO_LINEAR_KERNEL=", v, " needs an x86-64 build with GCC");
-  const bool has_avx512 = false, has_avx2 = false;
-#endif
-  JAKIRO_CHECK(!avx512 || has_avx512, op, "JAKIRO_LINEAR_KERNEL=avx512 but this CPU has no AVX-512");
-  JAKIRO_CHECK(!avx2 || has_avx2, op, "JAKIRO_LINEAR_KERNEL=avx2 but this CPU has no AVX2 and FMA");
-  if ((any || avx512) && has_avx512) return {CpuPath::kAvx512, !any};
-  if (has_avx2) return {CpuPath::kAvx2, !any};
-  return {CpuPath::kAten, false};
+CpuIsaChoice cpu_choice(const char* op) {
+  return choose_cpu_isa("JAKIRO_LINEAR_KERNEL", "aten", JAKIRO_LINEAR_X86_KERNELS, op);
 }
 
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -92,18 +66,18 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10:
 }
 
 bool kernel_applies(int64_t rows, bool w_bf16, const char* op) {
-  const CpuChoice choice = cpu_choice(op);
-  return choice.path != CpuPath::kAten && (choice.forced || rows <= (w_bf16 ? kMaxRowsBf16 : kMaxRows));
+  const CpuIsaChoice choice = cpu_choice(op);
+  return choice.isa != CpuIsa::kFallback && (choice.forced || rows <= (w_bf16 ? kMaxRowsBf16 : kMaxRows));
 }
 
 void run_kernel(const LinearProblem& p, const char* op) {
-  const CpuChoice choice = cpu_choice(op);
+  const CpuIsaChoice choice = cpu_choice(op);
   const int64_t tasks = (p.N + kColumnsPerTask - 1) / kColumnsPerTask;
   const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * std::max<int64_t>(p.K, 1)));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(p.N, end * kColumnsPerTask);
 #if JAKIRO_LINEAR_X86_KERNELS
-    if (choice.path == CpuPath::kAvx512) {
+    if (choice.isa == CpuIsa::kAvx512) {
       linear_columns_avx512(p, n_begin, n_end);
     } else {
       linear_columns_avx2(p, n_begin, n_end);

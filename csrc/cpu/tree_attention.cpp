@@ -19,12 +19,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "jakiro/checks.h"
+#include "jakiro/cpu_isa.h"
 #include "jakiro/tree_attention.h"
 
 // The micro-kernels pass 8-float vectors between always-inlined functions; GCC
@@ -218,29 +218,16 @@ __attribute__((target("avx512f,avx512vl"))) void key_block_step_avx512(const Key
 using KeyBlockFn = void (*)(const KeyBlock&);
 
 // The best copy this CPU runs, or the one JAKIRO_TREE_ATTENTION_CPU names
-// (auto, avx512, avx2, portable; read on every call so tests can compare them).
+// (auto, avx512, avx2, portable).
 template <int D>
 KeyBlockFn pick_key_block_step() {
-  const char* v = std::getenv("JAKIRO_TREE_ATTENTION_CPU");
-  const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
-  if (!any && std::strcmp(v, "portable") == 0) return &key_block_step_portable<D>;
-  const bool avx512 = !any && std::strcmp(v, "avx512") == 0, avx2 = !any && std::strcmp(v, "avx2") == 0;
-  JAKIRO_CHECK(any || avx512 || avx2, kOp,
-               "environment variable JAKIRO_TREE_ATTENTION_CPU must be auto, avx512, avx2 or portable, got '", v,
-               "'");
+  switch (choose_cpu_isa("JAKIRO_TREE_ATTENTION_CPU", "portable", JAKIRO_X86_COPIES, kOp).isa) {
 #if JAKIRO_X86_COPIES
-  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  const bool has_avx512 = false, has_avx2 = false;
+    case CpuIsa::kAvx512: return &key_block_step_avx512<D>;
+    case CpuIsa::kAvx2: return &key_block_step_avx2<D>;
 #endif
-  JAKIRO_CHECK(!avx512 || has_avx512, kOp, "JAKIRO_TREE_ATTENTION_CPU=avx512 but this build or CPU has no AVX-512VL");
-  JAKIRO_CHECK(!avx2 || has_avx2, kOp, "JAKIRO_TREE_ATTENTION_CPU=avx2 but this build or CPU has no AVX2 and FMA");
-#if JAKIRO_X86_COPIES
-  if ((any || avx512) && has_avx512) return &key_block_step_avx512<D>;
-  if (has_avx2) return &key_block_step_avx2<D>;
-#endif
-  return &key_block_step_portable<D>;
+    default: return &key_block_step_portable<D>;
+  }
 }
 
 template <typename scalar_t>

@@ -1,0 +1,44 @@
+// Which copy of a CPU kernel runs: the best instruction set this CPU has, or the
+// one an environment variable names (read on every call, so tests and benchmarks
+// can switch). Shared by linear (JAKIRO_LINEAR_KERNEL) and tree_attention
+// (JAKIRO_TREE_ATTENTION_CPU).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "jakiro/checks.h"
+
+namespace jakiro {
+
+enum class CpuIsa { kFallback, kAvx2, kAvx512 };
+
+struct CpuIsaChoice {
+  CpuIsa isa;
+  bool forced;  // named by the variable rather than picked
+};
+
+// `env` takes auto (or unset), avx512, avx2 or `fallback` (the kernel's other path);
+// `x86_copies`: whether the caller compiled its AVX2 and AVX-512 copies.
+inline CpuIsaChoice choose_cpu_isa(const char* env, const char* fallback, bool x86_copies, const char* op) {
+  const char* v = std::getenv(env);
+  const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
+  if (!any && std::strcmp(v, fallback) == 0) return {CpuIsa::kFallback, true};
+  const bool avx512 = !any && std::strcmp(v, "avx512") == 0, avx2 = !any && std::strcmp(v, "avx2") == 0;
+  JAKIRO_CHECK(any || avx512 || avx2, op, "environment variable ", env, " must be auto, avx512, avx2 or ",
+               fallback, ", got '", v, "'");
+  bool has_avx512 = false, has_avx2 = false;
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (x86_copies) {
+    has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+#endif
+  JAKIRO_CHECK(!avx512 || has_avx512, op, env, "=avx512 but this build or CPU has no AVX-512");
+  JAKIRO_CHECK(!avx2 || has_avx2, op, env, "=avx2 but this build or CPU has no AVX2 and FMA");
+  if ((any || avx512) && has_avx512) return {CpuIsa::kAvx512, !any};
+  if (has_avx2) return {CpuIsa::kAvx2, !any};
+  return {CpuIsa::kFallback, false};
+}
+
+}  // namespace jakiro

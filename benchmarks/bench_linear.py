@@ -8,7 +8,9 @@ of tokens (1: a decoding step, 8-32: a draft tree). "head" cases are the draft's
 process against (a) torch.nn.functional.linear (MKL / oneDNN), (b) MKL's prepacked
 sgemm (torch.ops.mkl._mkl_linear, as torch.compile's CPU freezing uses; float32 only,
 the packing done before timing). "jakiro_kernel" forces the kernel above the rows
-where "jakiro" (auto) hands over to at::linear (128; bfloat16: 8). On CUDA the op is
+where "jakiro" (auto) hands over to at::linear (128; bfloat16: 8, or 64 where the CPU has
+AVX512_BF16 and the kernel its bfloat16 dot products); "jakiro_kernel_widen" is, on such a
+CPU, the bfloat16 case on the avx512 copy, which widens to float32. On CUDA the op is
 at::linear: nothing to compare, no rows.
 """
 import sys
@@ -24,6 +26,7 @@ from jakiro import ops  # noqa: E402
 HIDDEN, INTERMEDIATE, KV, LAYERS, VOCAB, DRAFT_VOCAB = 576, 1536, 192, 30, 49152, 8192
 FORWARD_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 QUICK_FORWARD_ROWS = (1, 16)
+BF16_FORWARD_ROWS = (1, 4, 8, 16, 32, 64, 128)
 HEAD_ROWS = (1, 4, 16)
 
 
@@ -35,8 +38,10 @@ def forward_weights(dtype, gen):
     return [(torch.randn(n, k, generator=gen) * 0.02).to(dtype) for n, k in shapes]
 
 
-def kernel_path():
+def kernel_path(dtype):
     capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported():
+        return "avx512bf16"
     return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability)
 
 
@@ -50,9 +55,11 @@ def impls_for(weights, rows, dtype, gen):
                 product(inputs[w.shape[1]], w)
         return call
     impls = {"jakiro": run(ops.linear)}
-    path = kernel_path()
+    path = kernel_path(dtype)
     if path is not None:
         impls["jakiro_kernel"] = with_env("JAKIRO_LINEAR_KERNEL", path, run(ops.linear))
+    if path == "avx512bf16":
+        impls["jakiro_kernel_widen"] = with_env("JAKIRO_LINEAR_KERNEL", "avx512", run(ops.linear))
     impls["F.linear"] = run(F.linear)
     if dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights}
@@ -73,7 +80,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     warmup, iters = (1, 3) if args.quick else (2, 7)
     cases = [("forward", torch.float32, m) for m in (QUICK_FORWARD_ROWS if args.quick else FORWARD_ROWS)]
-    cases += [("forward", torch.bfloat16, m) for m in (QUICK_FORWARD_ROWS if args.quick else (1, 8, 16))]
+    cases += [("forward", torch.bfloat16, m) for m in (QUICK_FORWARD_ROWS if args.quick else BF16_FORWARD_ROWS)]
     cases += [("head", dtype, m) for dtype in (torch.float32, torch.bfloat16) for m in HEAD_ROWS]
     weights = {}
     for kind, dtype, rows in cases:

@@ -3,8 +3,9 @@ at::linear fallbacks, autograd, and bad input.
 
 Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5,
 bf16 8e-3 (the kernel sums in fp32 along K; bf16 output rounds). The CPU paths tested are those this CPU can run
-(torch.backends.cpu.get_cpu_capability()): avx512 and avx2 are forced at every row
-count, auto switches to at::linear above 128 rows (bf16: 8), aten always calls it.
+(torch.backends.cpu.get_cpu_capability(), AVX512_BF16): avx512bf16, avx512 and avx2 are
+forced at every row count, auto switches to at::linear above 128 rows (bf16: 8, or 64 with
+AVX512_BF16), aten always calls it. avx512bf16 runs float32 problems on the avx512 copy.
 """
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from jakiro import ops, reference
 
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
-KERNEL_PATHS = ([name for name, needs in (("avx512", ("AVX512",)), ("avx2", ("AVX2", "AVX512")))
+_HAS_AVX512_BF16 = _CAPABILITY == "AVX512" and torch.cpu._is_avx512_bf16_supported()
+KERNEL_PATHS = ((["avx512bf16"] if _HAS_AVX512_BF16 else []) +
+                [name for name, needs in (("avx512", ("AVX512",)), ("avx2", ("AVX2", "AVX512")))
                  if _CAPABILITY in needs])
 CPU_PATHS = KERNEL_PATHS + ["auto", "aten"]
 

@@ -11,7 +11,8 @@
 //
 // JAKIRO_LINEAR_KERNEL (read on every call, so tests can switch it) picks the
 // CPU path: auto (default: the best instruction set this CPU has, at::linear
-// above kMaxRows rows), avx512, avx2, or aten (always at::linear).
+// above kMaxRows rows), avx512bf16 (bfloat16 dot products for bfloat16 x and W,
+// the avx512 copy for the rest), avx512, avx2, or aten (always at::linear).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,14 +31,16 @@ constexpr const char* kOp = "linear";
 // Rows of x above which at::linear is as fast (measured on a 2-core AVX-512 EPYC
 // with SmolLM2's shapes, benchmarks/bench_linear.py): float32 weights streamed
 // from memory still 1.2x at 128 rows, 1.0x at 256; with bfloat16 weights, whose
-// widening costs instructions, oneDNN's bf16 dot products win from 8-16 rows.
+// widening costs instructions, oneDNN's bf16 dot products win from 8-16 rows;
+// with AVX512_BF16 dot products (bfloat16 x too) the kernel stays ahead to 64.
 constexpr int64_t kMaxRows = 128;
 constexpr int64_t kMaxRowsBf16 = 8;
+constexpr int64_t kMaxRowsBf16Dot = 64;
 constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
 constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
 
 CpuIsaChoice cpu_choice(const char* op) {
-  return choose_cpu_isa("JAKIRO_LINEAR_KERNEL", "aten", JAKIRO_LINEAR_X86_KERNELS, op);
+  return choose_cpu_isa("JAKIRO_LINEAR_KERNEL", "aten", JAKIRO_LINEAR_X86_KERNELS, op, /*bf16_copy=*/true);
 }
 
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -65,9 +68,12 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10:
   return at::linear(x, weight, bias);
 }
 
-bool kernel_applies(int64_t rows, bool w_bf16, const char* op) {
+bool kernel_applies(int64_t rows, bool x_bf16, bool w_bf16, const char* op) {
   const CpuIsaChoice choice = cpu_choice(op);
-  return choice.isa != CpuIsa::kFallback && (choice.forced || rows <= (w_bf16 ? kMaxRowsBf16 : kMaxRows));
+  const int64_t max_rows = !w_bf16 ? kMaxRows
+                           : x_bf16 && choice.isa == CpuIsa::kAvx512Bf16 ? kMaxRowsBf16Dot
+                                                                         : kMaxRowsBf16;
+  return choice.isa != CpuIsa::kFallback && (choice.forced || rows <= max_rows);
 }
 
 void run_kernel(const LinearProblem& p, const char* op) {
@@ -77,7 +83,9 @@ void run_kernel(const LinearProblem& p, const char* op) {
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(p.N, end * kColumnsPerTask);
 #if JAKIRO_LINEAR_X86_KERNELS
-    if (choice.isa == CpuIsa::kAvx512) {
+    if (choice.isa == CpuIsa::kAvx512Bf16 && p.x_bf16) {
+      linear_columns_avx512bf16(p, n_begin, n_end);
+    } else if (choice.isa == CpuIsa::kAvx512 || choice.isa == CpuIsa::kAvx512Bf16) {
       linear_columns_avx512(p, n_begin, n_end);
     } else {
       linear_columns_avx2(p, n_begin, n_end);
@@ -106,7 +114,7 @@ bool linear_on_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const bool w_bf16 = w.scalar_type() == at::kBFloat16, x_bf16 = x.scalar_type() == at::kBFloat16;
   const bool dtypes = x_bf16 ? w_bf16 : x.scalar_type() == at::kFloat && (w_bf16 || w.scalar_type() == at::kFloat);
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  if (!dtypes || M == 0 || K == 0 || !kernel_applies(M, w_bf16, op)) return false;
+  if (!dtypes || M == 0 || K == 0 || !kernel_applies(M, x_bf16, w_bf16, op)) return false;
   // Unit stride along K is all the kernel needs; rows of x and W may be strided.
   const at::Tensor xk = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor wk = w.stride(1) == 1 ? w : w.contiguous();

@@ -12,6 +12,7 @@ namespace {
 
 struct Avx2 {
   using Vec = __m256;
+  using Acc = Vec;
   static constexpr int kWidth = 8;
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }

@@ -13,6 +13,7 @@ namespace {
 
 struct Avx512 {
   using Vec = __m512;
+  using Acc = Vec;
   static constexpr int kWidth = 16;
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }

@@ -1,7 +1,8 @@
 // The micro-kernel of the CPU linear op, written once over an instruction-set
-// struct `Isa` (Vec, kWidth, zero, load, fmadd, sum; load takes float32 or
-// bfloat16 bits) and the element types Tx of x, bias and y and Tw of W (float,
-// or uint16_t holding bfloat16). Included by linear_avx512.cpp and
+// struct `Isa` and the element types Tx of x, bias and y and Tw of W (float, or
+// uint16_t holding bfloat16). `Isa` has Vec (kWidth elements as loaded), Acc (16
+// or 8 fp32 partial sums), zero, load (float32 or bfloat16 bits), fmadd (Vec x
+// Vec + Acc) and sum. Included by linear_avx512.cpp, linear_avx512bf16.cpp and
 // linear_avx2.cpp, each compiled for its instruction set.
 #pragma once
 
@@ -46,7 +47,7 @@ inline typename Isa::Vec load_tail(const T* p, int count) {
 template <class Isa, class Tx, class Tw, int R, int C>
 inline void tile(const LinearProblem& p, int64_t m0, int64_t n0, const Tw* ahead, int first, int step) {
   using Vec = typename Isa::Vec;
-  Vec acc[R][C];
+  typename Isa::Acc acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Isa::zero();
   const Tx* x = static_cast<const Tx*>(p.x) + m0 * p.ldx;

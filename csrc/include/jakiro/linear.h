@@ -43,6 +43,7 @@ bool linear_on_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 // The micro-kernel per instruction set, on output columns [n_begin, n_end).
 // Defined where JAKIRO_LINEAR_X86_KERNELS.
 void linear_columns_avx512(const LinearProblem& p, int64_t n_begin, int64_t n_end);
+void linear_columns_avx512bf16(const LinearProblem& p, int64_t n_begin, int64_t n_end);  // bfloat16 x and W only
 void linear_columns_avx2(const LinearProblem& p, int64_t n_begin, int64_t n_end);
 
 }  // namespace jakiro

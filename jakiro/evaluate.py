@@ -156,7 +156,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        name = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
     return dict(device=name, dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
                 cuda=torch.version.cuda, transformers=transformers.__version__, python=platform.python_version())
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from jakiro.train.loss import LossWeights, jakiro_loss
+from jakiro.train.loss import LossWeights, TargetDistribution, jakiro_loss
 
 
 def _smooth_l1(a, b):
@@ -82,6 +82,26 @@ def test_loss_gradients_flow_and_top1_is_measured():
     assert out.metrics["top1_mixture"] == 1.0 and out.metrics["top3_mixture"] == 1.0
     assert out.metrics["top1_contrastive"] < 1.0
     assert contrastive.grad.abs().sum() > 0 and contrastive.grad[:, -1].abs().sum() == 0
+
+
+def test_target_distribution_is_each_trained_positions_softmax_and_is_shared_by_passes():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 16, bias=False)
+    features = torch.randn(2, 7, 8)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 1, 1]], dtype=torch.float32)
+    dist = TargetDistribution.of(features, mask, head)
+    expected_rows = torch.tensor([[-1, 0, -1, 1, 2, -1, -1], [-1, 3, 4, 5, -1, 6, 7]])   # f_0 never predicted
+    assert torch.equal(dist.row, expected_rows)
+    for b, s in (mask[:, 1:] > 0).nonzero().tolist():
+        want = torch.softmax(head(features[b, s + 1]), dim=-1)
+        assert torch.allclose(dist.probs[dist.row[b, s + 1]], want, atol=1e-6)
+        assert dist.token[dist.row[b, s + 1]] == want.argmax()
+    # Two passes over the batch with one shared distribution: the same losses as computing it per call.
+    for _ in range(2):
+        mixture, contrastive = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+        shared = jakiro_loss(mixture, contrastive, features, mask, head, distribution=dist)
+        alone = jakiro_loss(mixture, contrastive, features, mask, head)
+        assert shared.metrics == alone.metrics
 
 
 def test_loss_rejects_bad_shapes():

@@ -13,6 +13,11 @@ training in bfloat16):
 The EAGLE-2 configuration (no contrastive head) uses ``v_w * v_mix + p_w * ce_mix``.
 Every term is averaged over the positions whose *predicted* feature belongs to an
 assistant token (``loss_mask`` of the token the compared feature sits on).
+
+Both branches, and every training-time-test pass, compare with the same target features, so
+the target's distributions (:class:`TargetDistribution`: a head matmul and a softmax per
+position, a quarter of a Jakiro step on the CPU when recomputed for each of its four
+comparisons) are computed once per batch and shared.
 """
 from __future__ import annotations
 
@@ -41,11 +46,33 @@ def _head_logits(head: torch.nn.Module, features: torch.Tensor, dtype: torch.dty
     return F.linear(features.to(dtype), head.weight.to(dtype), bias).float()
 
 
+@dataclass
+class TargetDistribution:
+    """The target's next-token distribution ``softmax(head(f_s))`` at every trained position
+    ``s >= 1`` of a batch (``loss_mask[b, s] > 0``), and its argmax."""
+    probs: torch.Tensor         # [N, V] float32, one row per trained position
+    token: torch.Tensor         # [N] int64
+    row: torch.Tensor           # [B, S] int64: the row of position (b, s), -1 where not trained
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, features: torch.Tensor, loss_mask: torch.Tensor, head: torch.nn.Module,
+           head_dtype: torch.dtype = torch.float32) -> "TargetDistribution":
+        trained = loss_mask > 0
+        trained[:, 0] = False                   # f_0 is read, never predicted
+        row = torch.full(trained.shape, -1, dtype=torch.int64, device=features.device)
+        row[trained] = torch.arange(int(trained.sum()), device=features.device)
+        logits = _head_logits(head, features[trained], head_dtype)
+        return cls(torch.softmax(logits, dim=-1), logits.argmax(-1), row)
+
+
 def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, head: torch.nn.Module,
+                 target_rows: torch.Tensor, distribution: TargetDistribution,
                  head_dtype: torch.dtype = torch.float32):
     """Feature loss, CE loss, top-1 and top-3 accuracy of one branch.
 
-    ``pred`` and ``target`` are ``[B, T, H]``, ``mask`` is ``[B, T]`` (0/1). Returns
+    ``pred`` and ``target`` are ``[B, T, H]``, ``mask`` is ``[B, T]`` (0/1), ``target_rows``
+    ``[B, T]`` the rows of ``distribution`` for the target features. Returns
     ``(smooth_l1, cross_entropy, top1, top3)``; the last two are detached fractions. The head's
     matmuls run in ``head_dtype`` (bfloat16 halves the cost of the step's dominant work).
     """
@@ -55,11 +82,8 @@ def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, h
     feature_loss = (regression * mask).sum() / count
     # The LM head (V x H per position) dominates the cost: run it on the trained positions only.
     keep = mask.flatten() > 0
-    pred, target = pred.flatten(0, -2)[keep], target.flatten(0, -2)[keep]
-    with torch.no_grad():
-        target_logits = _head_logits(head, target, head_dtype)
-        target_probs = torch.softmax(target_logits, dim=-1)
-        target_token = target_logits.argmax(-1)
+    pred, rows = pred.flatten(0, -2)[keep], target_rows.flatten()[keep]
+    target_probs, target_token = distribution.probs[rows], distribution.token[rows]
     logits = _head_logits(head, pred, head_dtype)
     ce_loss = -(target_probs * torch.log_softmax(logits, dim=-1)).sum() / count
     with torch.no_grad():
@@ -71,7 +95,8 @@ def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, h
 
 def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, features: torch.Tensor,
                 loss_mask: torch.Tensor, head: torch.nn.Module,
-                weights: LossWeights = LossWeights(), head_dtype: torch.dtype = torch.float32) -> LossOutput:
+                weights: LossWeights = LossWeights(), head_dtype: torch.dtype = torch.float32,
+                distribution: TargetDistribution | None = None) -> LossOutput:
     """The Jakiro loss (or the EAGLE loss when ``contrastive`` is None).
 
     Args:
@@ -81,6 +106,8 @@ def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, feature
         loss_mask: ``[B, S]`` 1 on the tokens whose features are trained on (assistant tokens,
             0 on padding).
         head: the target's LM head (frozen), run in ``head_dtype``; softmaxes are float32.
+        distribution: ``TargetDistribution.of(features, loss_mask, head, head_dtype)``, when the
+            caller already has it (it is the same for every pass over a batch); else computed here.
     """
     batch, length, hidden = features.shape
     if mixture.shape != (batch, length - 1, hidden):
@@ -90,15 +117,20 @@ def jakiro_loss(mixture: torch.Tensor, contrastive: torch.Tensor | None, feature
         raise ValueError(f"jakiro_loss: contrastive must be shaped like mixture, got {tuple(contrastive.shape)}")
     if loss_mask.shape != (batch, length):
         raise ValueError(f"jakiro_loss: loss_mask must be [B, S] = {(batch, length)}, got {tuple(loss_mask.shape)}")
+    if distribution is None:
+        distribution = TargetDistribution.of(features, loss_mask, head, head_dtype)
     next_features, next_mask = features[:, 1:], loss_mask[:, 1:]          # f_{t+1} for position t
-    v_mix, ce_mix, top1_mix, top3_mix = branch_terms(mixture, next_features, next_mask, head, head_dtype)
+    next_rows = distribution.row[:, 1:]
+    v_mix, ce_mix, top1_mix, top3_mix = branch_terms(mixture, next_features, next_mask, head, next_rows,
+                                                     distribution, head_dtype)
     loss = weights.feature * v_mix + weights.probability * ce_mix
     metrics = {"loss_feature_mixture": v_mix, "loss_ce_mixture": ce_mix,
                "top1_mixture": top1_mix, "top3_mixture": top3_mix}
     if contrastive is not None:
         # Position t of the contrastive branch predicts f_{t+2}: drop its last position.
         v_con, ce_con, top1_con, top3_con = branch_terms(contrastive[:, :-1], next_features[:, 1:],
-                                                         next_mask[:, 1:], head, head_dtype)
+                                                         next_mask[:, 1:], head, next_rows[:, 1:],
+                                                         distribution, head_dtype)
         loss = loss + weights.contrastive * (weights.feature * v_con + weights.probability * ce_con)
         metrics.update(loss_feature_contrastive=v_con, loss_ce_contrastive=ce_con,
                        top1_contrastive=top1_con, top3_contrastive=top3_con)

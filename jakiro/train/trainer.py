@@ -24,7 +24,7 @@ import torch
 
 from jakiro.draft import head_rows, most_frequent_tokens
 from jakiro.train.data import FeatureDataset, collate, token_counts
-from jakiro.train.loss import LossWeights, jakiro_loss
+from jakiro.train.loss import LossWeights, TargetDistribution, jakiro_loss
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
@@ -200,10 +200,11 @@ class Trainer:
                                 return_contrastive=contrastive)
         # Targets are the clean features: the noise only perturbs what the draft reads.
         head_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        distribution = TargetDistribution.of(clean, mask, self.loss_head, head_dtype)   # shared by all passes
         loss, metrics, total = 0.0, {}, 0.0
         for r, out in enumerate(passes):
             result = jakiro_loss(out.mixture, out.contrastive, clean, mask, self.loss_head, self.config.loss_weights,
-                                 head_dtype=head_dtype)
+                                 head_dtype=head_dtype, distribution=distribution)
             loss = loss + ROUND_DECAY ** r * result.loss
             total += ROUND_DECAY ** r * result.metrics["loss"]
             metrics.update(result.metrics if r == 0 else

@@ -28,10 +28,12 @@ TREE_SHAPES = {"cuda": (5, 10), "cpu": (3, 4)}
 # Default drafting vocabulary per device type (None: all tokens). On a CPU the draft's LM head
 # is most of a tree level's cost; 8192 of SmolLM2's 49152 tokens cover the training answers.
 DRAFT_VOCAB = {"cuda": None, "cpu": 8192}
-# float32 by default. A tree pass and a one-token pass multiply matrices of different shapes,
-# which GEMM libraries block differently: in float32 the results differ by ~1e-5, far below the
-# gap between the two best tokens in practice, so the greedy check holds token for token; in
-# bfloat16 they differ by ~1e-2 and do flip near-ties (the check then reports instead).
+# float32 by default. A tree pass and a one-token pass sum in different orders: on CUDA the GEMM
+# libraries block the two shapes differently, and everywhere attention visits a tree node's keys
+# in other blocks than a one-token step does (the CPU linear kernel alone is batch-invariant). In
+# float32 the logits then differ by ~1e-5, far below the gap between the two best tokens in
+# practice, so the greedy check holds token for token; in bfloat16 each layer's rounding can grow
+# that to ~1e-2 and flip a near-tie (the check then reports instead).
 DEFAULT_DTYPE = torch.float32
 
 

@@ -12,7 +12,9 @@
 # Usage: scripts/train_default_draft.sh [OUT]   (default runs/smollm2; reruns resume)
 # Knobs: N_PROMPTS (600), N_SHAREGPT (4000), STEPS (2800), BATCH (4), LR (5e-4),
 #        LOSS_VOCAB (8192; 0: the whole vocabulary), ROUNDS (2), TRAIN_LEN (512: tokens of a
-#        conversation trained on), DEVICE (cpu), SHIP (0).
+#        conversation trained on), JAKIRO_CONFIG (extra `--draft-config KEY=VALUE` of the Jakiro
+#        draft, space-separated, e.g. "expert_intermediate_size=768"; default none: the authors'
+#        shape), DEVICE (cpu), SHIP (0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/smollm2}
@@ -24,6 +26,7 @@ LR=${LR:-5e-4}
 LOSS_VOCAB=${LOSS_VOCAB:-8192}
 ROUNDS=${ROUNDS:-2}
 TRAIN_LEN=${TRAIN_LEN:-512}
+JAKIRO_CONFIG=${JAKIRO_CONFIG:-}
 DEVICE=${DEVICE:-cpu}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -58,7 +61,9 @@ train() {  # name, extra flags
     --device "$DEVICE" --no-progress "${resume[@]}" "$@" > "$OUT/$name.log" 2>&1
 }
 start=$(date +%s)
-train jakiro & jakiro_pid=$!
+jakiro_config=()
+for pair in $JAKIRO_CONFIG; do jakiro_config+=(--draft-config "$pair"); done
+train jakiro "${jakiro_config[@]}" & jakiro_pid=$!
 train eagle2 --eagle2 & eagle2_pid=$!
 wait $jakiro_pid && wait $eagle2_pid
 echo "train: both drafts in $(( $(date +%s) - start )) s (logs: $OUT/jakiro.log, $OUT/eagle2.log)"

@@ -127,6 +127,68 @@ def test_avx2_and_avx512_copies_sum_alike(monkeypatch):
     assert torch.equal(*outs)
 
 
+def path_keys(inputs, b, i):
+    """Cache positions of query i's keys, in order: row b's prefix, then its root->node path."""
+    tree_len, parents = inputs["tree_len"], inputs["parents"]
+    prefix = int(inputs["cache_seqlens"][b]) - tree_len
+    path, node = [], tree_len - inputs["q"].shape[2] + i
+    while node >= 0:
+        path.append(prefix + node)
+        node = int(parents[b, node])
+    return list(range(prefix)) + path[::-1]
+
+
+def one_query_call(inputs, b, keys, i):
+    """What vanilla decoding computes for query i of row b: one causal query over its keys, contiguous."""
+    k = inputs["k_cache"][b:b + 1, :, keys].contiguous()
+    v = inputs["v_cache"][b:b + 1, :, keys].contiguous()
+    q = inputs["q"][b:b + 1, :, i:i + 1]
+    seqlens = torch.tensor([len(keys)], dtype=torch.int32)
+    return ops.tree_attention(q, k, v, seqlens, None, 0, inputs["scale"])[0, :, 0]
+
+
+# (prefixes, tree nodes, threads): trees inside, across and past the 512-key splits, and
+# thread counts for which the tree call and the one-query calls split the work differently.
+INVARIANCE_CASES = [([0, 3], 9, 1), ([37, 300], 16, 2), ([500, 490], 23, 2), ([1020, 511], 60, 1),
+                    ([1100, 1500], 6, 8), ([2500, 100], 40, 3)]
+
+
+@pytest.mark.parametrize("copy", CPU_COPIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefixes, nodes, threads", INVARIANCE_CASES)
+def test_cpu_tree_rows_equal_one_query_decoding(prefixes, nodes, threads, dtype, copy, monkeypatch):
+    # Batch invariance, bit for bit: every tree query gets exactly the numbers a one-query
+    # causal call over its prefix and root->node path gives, the call vanilla decoding makes,
+    # so a verify pass reproduces greedy decoding in every dtype.
+    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", copy)
+    gen = torch.Generator().manual_seed(nodes)
+    inputs = make_tree_attention_inputs(batch=2, hq=9, hkv=3, nq=nodes, head_dim=64, prefix_lens=prefixes,
+                                        dtype=dtype, generator=gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = call(inputs)
+        for b in range(2):
+            for i in range(nodes):
+                expected = one_query_call(inputs, b, path_keys(inputs, b, i), i)
+                assert torch.equal(out[b, :, i], expected), f"row {b}, node {i}"
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq, prefix", [(70, 0), (9, 600), (40, 1000)])
+def test_cpu_causal_rows_equal_one_query_decoding(nq, prefix, dtype):
+    # The same for a causal block (prefill, a chain): query i equals a one-query call over keys < its end.
+    gen = torch.Generator().manual_seed(nq)
+    inputs = make_tree_attention_inputs(batch=1, hq=4, hkv=2, nq=nq, head_dim=128, prefix_lens=prefix,
+                                        tree_shape=None, dtype=dtype, generator=gen)
+    out = call(inputs)
+    for i in range(nq):
+        expected = one_query_call(inputs, 0, list(range(prefix + i + 1)), i)
+        assert torch.equal(out[0, :, i], expected), f"query {i}"
+
+
 def test_cpu_copy_choice_is_explicit(monkeypatch):
     monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", "fastest")
     inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=2, head_dim=64, prefix_lens=4)

@@ -1,15 +1,27 @@
 // CPU kernel of tree_attention (DESIGN.md section 5.2).
 //
-// Work units are (batch row, KV head, block of packed query rows). Packed row
-// r of KV head hkv is query i = r / G of query head hkv * G + r % G (G = GQA
-// group size), so every key block, converted once to fp32, serves all the
-// query heads that share it. Per key block: scores for all rows, online
-// softmax per row in fp32, then P·V. Scores and P·V are register-blocked
-// micro-kernels (4 rows x 16 keys or columns) on 8-float GCC/Clang vector
-// types, and exp is a branch-free polynomial, so no -ffast-math is needed; on
-// x86 two more copies of the block step are compiled and picked at run time:
-// AVX2+FMA, and AVX-512VL with 8-row tiles (its 32 vector registers hold them;
-// 1.2-1.3x the AVX2 copy on a 2-core EPYC, the same sums in the same order).
+// Work units are (batch row, KV head, block of packed query rows, key split).
+// Packed row r of KV head hkv is query i = r / G of query head hkv * G + r % G
+// (G = GQA group size), so every key block, converted once to fp32, serves all
+// the query heads that share it.
+//
+// Batch invariance: a query's output is bit-identical to what a one-query
+// causal call computes over the same keys laid out contiguously, so verifying
+// a tree reproduces vanilla decoding's numbers exactly in every dtype (greedy
+// stays lossless even in bfloat16). Three things make it so:
+// - a query's visible keys get virtual positions (the prefix keeps its own, its
+//   visible tree keys follow in tree order), and the keys are split into fixed
+//   chunks of kKeysPerSplit virtual positions, whatever the call's shape;
+// - within a split the softmax is two-pass: the exact maximum first, then every
+//   probability, its sum and P·V accumulated in key order, so hidden keys add
+//   exact zeros and block boundaries change nothing;
+// - splits merge by log-sum-exp in split order, and a single split is the same
+//   numbers as no merge.
+// Scores and P·V are register-blocked micro-kernels (4 rows x 16 keys or
+// columns) on 8-float GCC/Clang vector types, and exp is a branch-free
+// polynomial, so no -ffast-math is needed; on x86 two more copies of the split
+// step are compiled and picked at run time: AVX2+FMA, and AVX-512VL with 8-row
+// tiles (its 32 vector registers hold them; the same sums in the same order).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bitset>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -45,35 +58,12 @@ namespace jakiro {
 namespace {
 
 constexpr const char* kOp = "tree_attention";
-constexpr int64_t kRowBlock = 32;  // packed query rows per work unit
-constexpr int kKeyBlock = 64;      // keys converted to fp32 at a time
-constexpr int64_t kMinKeysPerSplit = 512;  // below this a key split is not worth its merge
+constexpr int64_t kRowBlock = 32;       // packed query rows per work unit
+constexpr int kKeyBlock = 64;           // keys converted to fp32 at a time
+constexpr int64_t kKeysPerSplit = 512;  // virtual key positions per split, fixed (see the top)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// One query row's view of the keys plus its running softmax state.
-struct RowState {
-  QueryKeyRange range;
-  const uint32_t* mask_row;  // nullptr without a tree mask
-  float max;                 // running max of the scores seen so far
-  float sum;                 // running sum of exp(score - max)
-};
-
-// What one key block step needs: fp32 copies of the block and of the rows.
-// Row arrays hold kRowBlock rows; rows past num_rows are zero padding.
-struct KeyBlock {
-  const float* q;       // [kRowBlock][D], already multiplied by the scale
-  const float* k_t;     // [D][kKeyBlock], transposed, zero past num_keys
-  const float* v;       // [kKeyBlock][D], rows past num_keys unused
-  float* scores;        // [kRowBlock][kKeyBlock] scratch: scores, then probabilities
-  float* acc;           // [kRowBlock][D] unnormalised outputs
-  RowState* rows;
-  int64_t num_rows;
-  int64_t first_key;    // absolute index of key 0 of the block
-  int num_keys;         // valid keys in the block
-  int64_t tree_start;   // first tree key of this batch row
-};
-
-static_assert(kRowBlock % 8 == 0 && kKeyBlock % 16 == 0, "micro-kernel tiles");
+static_assert(kRowBlock % 8 == 0 && kKeyBlock % 16 == 0 && kKeysPerSplit % kKeyBlock == 0, "tiles");
 
 // Eight floats; GCC/Clang lower it to AVX2 in the AVX2 copy and to SSE pairs otherwise.
 typedef float Vec8 __attribute__((vector_size(32)));
@@ -102,131 +92,180 @@ JAKIRO_ALWAYS_INLINE float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : poly * two_n;
 }
 
-// scores[r][j] = q[r] . k[j] for all kRowBlock rows and kKeyBlock keys: tiles
-// of kTileRows rows x 16 keys held in registers, one pass over D per tile.
+// One query row of a work unit.
+struct RowState {
+  QueryKeyRange range;
+  const uint32_t* mask_row;  // nullptr without a tree mask
+  int64_t tree_rank;         // visible tree keys counted so far (the next one's virtual offset)
+  float max;                 // exact maximum of the row's scores in the split
+  float sum;                 // sum of exp(score - max) over them
+};
+
+// One split of one row block: the keys [scan_begin, scan_end) are read; a row
+// counts those whose virtual position lies in [split_begin, split_end).
+template <typename scalar_t>
+struct SplitWork {
+  const float* q;  // [tiled_rows][D], already multiplied by the scale; padding rows zero
+  float* acc;      // [tiled_rows][D], zero on entry: unnormalised outputs on exit
+  RowState* rows;
+  int64_t num_rows, tiled_rows;
+  const scalar_t* k;  // key 0 of this (batch row, KV head)
+  const scalar_t* v;
+  int64_t k_stride, v_stride;  // between positions
+  int64_t scan_begin, scan_end, split_begin, split_end, tree_start;
+  float* k_t;            // [D][kKeyBlock] scratch, transposed
+  float* v_block;        // [kKeyBlock][D] scratch
+  float* scores;         // [tiled_rows][score_stride] scratch
+  int64_t score_stride;  // scan length rounded up to kKeyBlock
+};
+
+// scores[r][j] = q[r] . k[j] for all rows and kKeyBlock keys: tiles of
+// kTileRows rows x 16 keys held in registers, one pass over D per tile.
 template <int D, int kTileRows>
-JAKIRO_ALWAYS_INLINE void block_scores(const KeyBlock& blk) {
-  for (int64_t r0 = 0; r0 < blk.num_rows; r0 += kTileRows) {
+JAKIRO_ALWAYS_INLINE void block_scores(const float* q, const float* k_t, float* scores, int64_t stride,
+                                       int64_t rows) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     for (int j0 = 0; j0 < kKeyBlock; j0 += 16) {
       Vec8 acc[kTileRows][2] = {};
       for (int d = 0; d < D; ++d) {
-        const Vec8 k0 = load8(blk.k_t + d * kKeyBlock + j0), k1 = load8(blk.k_t + d * kKeyBlock + j0 + 8);
+        const Vec8 k0 = load8(k_t + d * kKeyBlock + j0), k1 = load8(k_t + d * kKeyBlock + j0 + 8);
         for (int rr = 0; rr < kTileRows; ++rr) {
-          const float qd = blk.q[(r0 + rr) * D + d];
+          const float qd = q[(r0 + rr) * D + d];
           acc[rr][0] += qd * k0;
           acc[rr][1] += qd * k1;
         }
       }
       for (int rr = 0; rr < kTileRows; ++rr) {
-        store8(blk.scores + (r0 + rr) * kKeyBlock + j0, acc[rr][0]);
-        store8(blk.scores + (r0 + rr) * kKeyBlock + j0 + 8, acc[rr][1]);
+        store8(scores + (r0 + rr) * stride + j0, acc[rr][0]);
+        store8(scores + (r0 + rr) * stride + j0 + 8, acc[rr][1]);
       }
     }
   }
 }
 
-// Masks one row's scores, updates its softmax state, turns the scores into
-// probabilities and returns the factor its accumulator must be scaled by.
-JAKIRO_ALWAYS_INLINE float row_softmax(const KeyBlock& blk, RowState& row, float* s) {
-  if (row.range.visible_end <= blk.first_key) {  // nothing visible in this block
-    for (int j = 0; j < kKeyBlock; ++j) s[j] = 0.f;
-    return 1.f;
-  }
-  // Keys past dense_end are tree keys (tested bit by bit) or do not exist.
-  if (blk.first_key + blk.num_keys > row.range.dense_end) {
-    for (int j = 0; j < blk.num_keys; ++j) {
-      const int64_t key = blk.first_key + j;
-      if (key < row.range.dense_end) continue;
-      const bool visible = key < row.range.visible_end && row.mask_row != nullptr &&
-                           tree_key_visible(row.mask_row, blk.tree_start, key);
-      if (!visible) s[j] = kNegInf;
-    }
-  }
-  for (int j = blk.num_keys; j < kKeyBlock; ++j) s[j] = kNegInf;
-  float block_max = kNegInf;
-  for (int j = 0; j < kKeyBlock; ++j) block_max = std::max(block_max, s[j]);
-  if (block_max == kNegInf) {
-    for (int j = 0; j < kKeyBlock; ++j) s[j] = 0.f;
-    return 1.f;
-  }
-  const float new_max = std::max(row.max, block_max);
-  const float rescale = row.max == kNegInf ? 0.f : exp_nonpositive(row.max - new_max);
-  // Two loops: the first vectorises; the second is a reduction, which would not.
-  for (int j = 0; j < kKeyBlock; ++j) s[j] = exp_nonpositive(s[j] - new_max);  // masked: exp(-inf) == 0
-  float block_sum = 0.f;
-  for (int j = 0; j < kKeyBlock; ++j) block_sum += s[j];
-  row.sum = row.sum * rescale + block_sum;
-  row.max = new_max;
-  return rescale;
-}
-
-// acc[r] = acc[r] * rescale[r] + sum_j p[r][j] v[j]: tiles of kTileRows rows x
-// 16 columns held in registers over the block's keys.
+// acc[r] += sum_j p[r][j] v[j], j in key order: tiles of kTileRows rows x 16
+// columns held in registers over the block's keys.
 template <int D, int kTileRows>
-JAKIRO_ALWAYS_INLINE void block_values(const KeyBlock& blk, const float* rescale) {
-  for (int64_t r0 = 0; r0 < blk.num_rows; r0 += kTileRows) {
+JAKIRO_ALWAYS_INLINE void block_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
+                                       int64_t rows) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     for (int d0 = 0; d0 < D; d0 += 16) {
-      Vec8 acc[kTileRows][2];
+      Vec8 sum[kTileRows][2];
       for (int rr = 0; rr < kTileRows; ++rr) {
-        float* a = blk.acc + (r0 + rr) * D + d0;
-        acc[rr][0] = load8(a) * rescale[r0 + rr];
-        acc[rr][1] = load8(a + 8) * rescale[r0 + rr];
+        sum[rr][0] = load8(acc + (r0 + rr) * D + d0);
+        sum[rr][1] = load8(acc + (r0 + rr) * D + d0 + 8);
       }
-      for (int j = 0; j < blk.num_keys; ++j) {
-        const Vec8 v0 = load8(blk.v + j * D + d0), v1 = load8(blk.v + j * D + d0 + 8);
+      for (int j = 0; j < num_keys; ++j) {
+        const Vec8 v0 = load8(v + j * D + d0), v1 = load8(v + j * D + d0 + 8);
         for (int rr = 0; rr < kTileRows; ++rr) {
-          const float p = blk.scores[(r0 + rr) * kKeyBlock + j];
-          acc[rr][0] += p * v0;
-          acc[rr][1] += p * v1;
+          const float pj = p[(r0 + rr) * stride + j];
+          sum[rr][0] += pj * v0;
+          sum[rr][1] += pj * v1;
         }
       }
       for (int rr = 0; rr < kTileRows; ++rr) {
-        store8(blk.acc + (r0 + rr) * D + d0, acc[rr][0]);
-        store8(blk.acc + (r0 + rr) * D + d0 + 8, acc[rr][1]);
+        store8(acc + (r0 + rr) * D + d0, sum[rr][0]);
+        store8(acc + (r0 + rr) * D + d0 + 8, sum[rr][1]);
       }
     }
   }
 }
 
-// Scores, masking, online softmax update and P·V for every row over one block;
-// kTileRows rows share each loaded K/V vector in the micro-kernels (4 fit the 16
-// vector registers of SSE/AVX2, 8 the 32 of AVX-512).
-template <int D, int kTileRows>
-JAKIRO_ALWAYS_INLINE void key_block_step(const KeyBlock& blk) {
-  block_scores<D, kTileRows>(blk);
-  float rescale[kRowBlock];
-  for (int64_t r = 0; r < kRowBlock; ++r) {
-    rescale[r] = r < blk.num_rows ? row_softmax(blk, blk.rows[r], blk.scores + r * kKeyBlock) : 1.f;
+// Sets the scores of keys a row does not count in this split to -inf and returns
+// the maximum of the others. Keys below dense_end are the row's own prefix (or
+// causal range); a visible tree key's virtual position is the tree start plus
+// the number of visible tree keys before it.
+template <typename scalar_t>
+JAKIRO_ALWAYS_INLINE float mask_row(const SplitWork<scalar_t>& w, RowState& row, float* s) {
+  const int64_t n = w.scan_end - w.scan_begin;
+  const int64_t dense = std::clamp<int64_t>(row.range.dense_end - w.scan_begin, 0, n);
+  const int64_t visible = std::clamp<int64_t>(row.range.visible_end - w.scan_begin, 0, n);
+  for (int64_t j = dense; j < visible; ++j) {
+    bool counted = false;
+    if (row.mask_row != nullptr && tree_key_visible(row.mask_row, w.tree_start, w.scan_begin + j)) {
+      const int64_t position = w.tree_start + row.tree_rank++;
+      counted = position >= w.split_begin && position < w.split_end;
+    }
+    if (!counted) s[j] = kNegInf;
   }
-  block_values<D, kTileRows>(blk, rescale);
+  for (int64_t j = visible; j < n; ++j) s[j] = kNegInf;
+  float max = kNegInf;
+  for (int64_t j = 0; j < n; ++j) max = std::max(max, s[j]);
+  return max;
 }
 
-template <int D>
-void key_block_step_portable(const KeyBlock& blk) { key_block_step<D, 4>(blk); }
+// The whole split for one row block: scores, exact softmax per row, P·V. Every
+// sum runs in key order, so keys a row does not count add exact zeros.
+template <typename scalar_t, int D, int kTileRows>
+JAKIRO_ALWAYS_INLINE void attend_split(const SplitWork<scalar_t>& w) {
+  const int64_t n = w.scan_end - w.scan_begin;
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, n - j0));
+    for (int j = 0; j < num_keys; ++j) {
+      const scalar_t* k = w.k + (w.scan_begin + j0 + j) * w.k_stride;
+      for (int d = 0; d < D; ++d) w.k_t[d * kKeyBlock + j] = static_cast<float>(k[d]);
+    }
+    for (int j = num_keys; j < kKeyBlock; ++j) {
+      for (int d = 0; d < D; ++d) w.k_t[d * kKeyBlock + j] = 0.f;
+    }
+    block_scores<D, kTileRows>(w.q, w.k_t, w.scores + j0, w.score_stride, w.tiled_rows);
+  }
+  for (int64_t r = 0; r < w.tiled_rows; ++r) {
+    float* s = w.scores + r * w.score_stride;
+    if (r >= w.num_rows) {  // padding
+      std::fill(s, s + n, 0.f);
+      continue;
+    }
+    // Locals, not the row's fields, so the compiler knows s does not alias them.
+    const float max = mask_row(w, w.rows[r], s);
+    float sum = 0.f;
+    if (max == kNegInf) {  // the row counts no key here
+      std::fill(s, s + n, 0.f);
+    } else {
+      // Two loops: the first vectorises; the second is an ordered sum, which must not.
+      for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - max);  // exp(-inf) == 0
+      for (int64_t j = 0; j < n; ++j) sum += s[j];
+    }
+    w.rows[r].max = max;
+    w.rows[r].sum = sum;
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, n - j0));
+    for (int j = 0; j < num_keys; ++j) {
+      const scalar_t* v = w.v + (w.scan_begin + j0 + j) * w.v_stride;
+      for (int d = 0; d < D; ++d) w.v_block[j * D + d] = static_cast<float>(v[d]);
+    }
+    block_values<D, kTileRows>(w.scores + j0, w.score_stride, w.v_block, num_keys, w.acc, w.tiled_rows);
+  }
+}
+
+template <typename scalar_t, int D>
+void attend_split_portable(const SplitWork<scalar_t>& w) { attend_split<scalar_t, D, 4>(w); }
 
 #if JAKIRO_X86_COPIES
-template <int D>
-__attribute__((target("avx2,fma"))) void key_block_step_avx2(const KeyBlock& blk) {
-  key_block_step<D, 4>(blk);
+template <typename scalar_t, int D>
+__attribute__((target("avx2,fma"))) void attend_split_avx2(const SplitWork<scalar_t>& w) {
+  attend_split<scalar_t, D, 4>(w);
 }
-template <int D>
-__attribute__((target("avx512f,avx512vl"))) void key_block_step_avx512(const KeyBlock& blk) {
-  key_block_step<D, 8>(blk);
+template <typename scalar_t, int D>
+__attribute__((target("avx512f,avx512vl"))) void attend_split_avx512(const SplitWork<scalar_t>& w) {
+  attend_split<scalar_t, D, 8>(w);
 }
 #endif
 
-using KeyBlockFn = void (*)(const KeyBlock&);
+template <typename scalar_t>
+using SplitFn = void (*)(const SplitWork<scalar_t>&);
 
 // The best copy this CPU runs, or the one JAKIRO_TREE_ATTENTION_CPU names
 // (auto, avx512, avx2, portable).
-template <int D>
-KeyBlockFn pick_key_block_step() {
+template <typename scalar_t, int D>
+SplitFn<scalar_t> pick_split_step() {
   switch (choose_cpu_isa("JAKIRO_TREE_ATTENTION_CPU", "portable", JAKIRO_X86_COPIES, kOp).isa) {
 #if JAKIRO_X86_COPIES
-    case CpuIsa::kAvx512: return &key_block_step_avx512<D>;
-    case CpuIsa::kAvx2: return &key_block_step_avx2<D>;
+    case CpuIsa::kAvx512: return &attend_split_avx512<scalar_t, D>;
+    case CpuIsa::kAvx2: return &attend_split_avx2<scalar_t, D>;
 #endif
-    default: return &key_block_step_portable<D>;
+    default: return &attend_split_portable<scalar_t, D>;
   }
 }
 
@@ -246,14 +285,34 @@ struct Inputs {
   float scale;
 };
 
-// How many splits of the keys: only when (batch row, KV head, row block) units
-// alone cannot keep every thread busy (decoding one sequence, say), and never
-// fewer than kMinKeysPerSplit keys per split.
-int64_t choose_splits(int64_t base_units, int64_t cache_size) {
-  const int64_t threads = at::get_num_threads();
-  if (base_units >= 2 * threads) return 1;
-  const int64_t by_threads = (2 * threads + base_units - 1) / base_units;
-  return std::max<int64_t>(1, std::min(by_threads, cache_size / kMinKeysPerSplit));
+// Set bits among the first `count` bits of a mask row.
+int64_t bits_before(const uint32_t* mask_row, int64_t count) {
+  int64_t bits = 0;
+  for (int64_t word = 0; word < count / 32; ++word) bits += std::bitset<32>(mask_row[word]).count();
+  if (count % 32 != 0) bits += std::bitset<32>(mask_row[count / 32] & ((1u << (count % 32)) - 1u)).count();
+  return bits;
+}
+
+// Merges one row's per-split results, weighting each by its share of the
+// softmax mass, exp(lse - max), in split order (splits that saw nothing skipped).
+template <typename scalar_t, int D>
+void merge_splits(const float* partial, int64_t partial_stride, const float* lse, int64_t lse_stride,
+                  int64_t splits, scalar_t* out) {
+  float lse_max = kNegInf;
+  for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, lse[sp * lse_stride]);
+  float value[D] = {};
+  float weight_sum = 0.f;
+  if (lse_max != kNegInf) {
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      if (lse[sp * lse_stride] == kNegInf) continue;
+      const float weight = std::exp(lse[sp * lse_stride] - lse_max);
+      weight_sum += weight;
+      const float* o = partial + sp * partial_stride;
+      for (int d = 0; d < D; ++d) value[d] += weight * o[d];
+    }
+  }
+  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+  for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(value[d] * inv);
 }
 
 template <typename scalar_t, int D>
@@ -263,37 +322,39 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
   const int64_t packed_rows = in.nq * group;
   const int64_t row_blocks = (packed_rows + kRowBlock - 1) / kRowBlock;
   const int64_t base_units = in.batch * in.hkv * row_blocks;
-  int64_t splits = choose_splits(base_units, in.cache_size);
-  const int64_t per_split = (in.cache_size + splits - 1) / splits;
-  const int64_t keys_per_split = std::max<int64_t>(kKeyBlock, (per_split + kKeyBlock - 1) / kKeyBlock * kKeyBlock);
-  splits = std::max<int64_t>(1, (in.cache_size + keys_per_split - 1) / keys_per_split);
-  // With several splits each writes its normalised output and log-sum-exp;
-  // a second pass merges them.
+  int64_t longest = 0;
+  for (int64_t b = 0; b < in.batch; ++b) longest = std::max(longest, clamped_kv_len(in.seqlens[b], in.cache_size));
+  const int64_t splits = std::max<int64_t>(1, (longest + kKeysPerSplit - 1) / kKeysPerSplit);
+  // Units are (batch row, KV head, row block); when those alone cannot keep every
+  // thread busy (decoding one sequence, say), each split is a unit of its own
+  // and a second pass merges, else a unit runs its splits and merges them.
+  const bool split_units = splits > 1 && base_units < 2 * at::get_num_threads();
   const int64_t total_rows = in.batch * in.hq * in.nq;
-  std::vector<float> partial_out(splits > 1 ? splits * total_rows * D : 0);
-  std::vector<float> partial_lse(splits > 1 ? splits * total_rows : 0);
-  const KeyBlockFn step = pick_key_block_step<D>();
+  std::vector<float> partial_out(split_units ? splits * total_rows * D : 0);
+  std::vector<float> partial_lse(split_units ? splits * total_rows : 0);
+  const SplitFn<scalar_t> attend = pick_split_step<scalar_t, D>();
 
-  at::parallel_for(0, base_units * splits, 1, [&](int64_t unit0, int64_t unit1) {
-    std::vector<float> q_buf(kRowBlock * D), acc(kRowBlock * D);
-    std::vector<float> k_t(D * kKeyBlock), v_buf(kKeyBlock * D), scores(kRowBlock * kKeyBlock);
+  at::parallel_for(0, split_units ? base_units * splits : base_units, 1, [&](int64_t unit0, int64_t unit1) {
+    std::vector<float> q_buf(kRowBlock * D), acc(kRowBlock * D), k_t(D * kKeyBlock), v_block(kKeyBlock * D);
+    std::vector<float> scores;
+    std::vector<float> own_out(!split_units && splits > 1 ? splits * kRowBlock * D : 0);
+    std::vector<float> own_lse(!split_units && splits > 1 ? splits * kRowBlock : 0);
     RowState rows[kRowBlock];
     for (int64_t unit = unit0; unit < unit1; ++unit) {
-      const int64_t split = unit % splits;
-      const int64_t row_block = (unit / splits) % row_blocks;
-      const int64_t hkv = (unit / (splits * row_blocks)) % in.hkv;
-      const int64_t b = unit / (splits * row_blocks * in.hkv);
+      const int64_t first_split = split_units ? unit % splits : 0;
+      const int64_t last_split = split_units ? first_split + 1 : splits;
+      const int64_t base = split_units ? unit / splits : unit;
+      const int64_t row_block = base % row_blocks;
+      const int64_t hkv = (base / row_blocks) % in.hkv;
+      const int64_t b = base / (row_blocks * in.hkv);
       const int64_t r0 = row_block * kRowBlock;
       const int64_t num_rows = std::min(kRowBlock, packed_rows - r0);
+      const int64_t tiled_rows = (num_rows + kMaxTileRows - 1) / kMaxTileRows * kMaxTileRows;
       const int64_t kv_len = clamped_kv_len(in.seqlens[b], in.cache_size);
-      const int64_t tree_start = query_key_range(kv_len, in.tree_len, true, in.nq, 0).dense_end;
+      const int64_t tree_start = in.has_mask ? query_key_range(kv_len, in.tree_len, true, in.nq, 0).dense_end : kv_len;
 
       int64_t end = 0;  // keys past every row's visible end are skipped
-      // The micro-kernels work on whole tiles of rows: zero the padding rows.
-      std::fill(q_buf.begin(), q_buf.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t tiled_rows = (num_rows + kMaxTileRows - 1) / kMaxTileRows * kMaxTileRows;
-      for (RowState& row : rows) row = RowState{{0, 0}, nullptr, kNegInf, 0.f};  // padding sees nothing
+      std::fill(q_buf.begin(), q_buf.end(), 0.f);  // the micro-kernels work on whole tiles of rows
       for (int64_t r = 0; r < num_rows; ++r) {
         const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
         rows[r].range = query_key_range(kv_len, in.tree_len, in.has_mask, in.nq, i);
@@ -303,65 +364,70 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
         for (int d = 0; d < D; ++d) q_buf[r * D + d] = static_cast<float>(q[d]) * in.scale;
       }
 
-      const int64_t begin = split * keys_per_split;
-      end = std::min(end, begin + keys_per_split);
-      const scalar_t* k_head = in.k + b * in.k_strides[0] + hkv * in.k_strides[1];
-      const scalar_t* v_head = in.v + b * in.v_strides[0] + hkv * in.v_strides[1];
-      for (int64_t key0 = begin; key0 < end; key0 += kKeyBlock) {
-        const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, end - key0));
-        for (int j = 0; j < kKeyBlock; ++j) {
-          if (j < num_keys) {
-            const scalar_t* k = k_head + (key0 + j) * in.k_strides[2];
-            const scalar_t* v = v_head + (key0 + j) * in.v_strides[2];
-            for (int d = 0; d < D; ++d) k_t[d * kKeyBlock + j] = static_cast<float>(k[d]);
-            for (int d = 0; d < D; ++d) v_buf[j * D + d] = static_cast<float>(v[d]);
-          } else {
-            for (int d = 0; d < D; ++d) k_t[d * kKeyBlock + j] = 0.f;
+      for (int64_t split = first_split; split < last_split; ++split) {
+        SplitWork<scalar_t> w{};
+        w.split_begin = split * kKeysPerSplit;
+        w.split_end = w.split_begin + kKeysPerSplit;
+        w.tree_start = tree_start;
+        // A tree key's virtual position is at most its own, so a split that
+        // reaches the tree reads all of it.
+        w.scan_begin = w.split_begin;
+        w.scan_end = in.has_mask && tree_start < w.split_end ? end : std::min(end, w.split_end);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        if (w.scan_begin < w.scan_end) {
+          w.score_stride = (w.scan_end - w.scan_begin + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+          if (static_cast<int64_t>(scores.size()) < tiled_rows * w.score_stride) scores.resize(tiled_rows * w.score_stride);
+          for (int64_t r = 0; r < num_rows; ++r) {
+            rows[r].tree_rank = in.has_mask && w.scan_begin > tree_start
+                                    ? bits_before(rows[r].mask_row, w.scan_begin - tree_start) : 0;
           }
-        }
-        step(KeyBlock{q_buf.data(), k_t.data(), v_buf.data(), scores.data(), acc.data(), rows, tiled_rows,
-                      key0, num_keys, tree_start});
-      }
-
-      for (int64_t r = 0; r < num_rows; ++r) {
-        const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
-        const int64_t out_row = (b * in.hq + h) * in.nq + i;
-        // A row that sees no key at all gets zeros.
-        const float inv = rows[r].sum > 0.f ? 1.f / rows[r].sum : 0.f;
-        if (splits == 1) {
-          scalar_t* out = in.out + out_row * D;
-          for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+          w.q = q_buf.data();
+          w.acc = acc.data();
+          w.rows = rows;
+          w.num_rows = num_rows;
+          w.tiled_rows = tiled_rows;
+          w.k = in.k + b * in.k_strides[0] + hkv * in.k_strides[1];
+          w.v = in.v + b * in.v_strides[0] + hkv * in.v_strides[1];
+          w.k_stride = in.k_strides[2];
+          w.v_stride = in.v_strides[2];
+          w.k_t = k_t.data();
+          w.v_block = v_block.data();
+          w.scores = scores.data();
+          attend(w);
         } else {
-          float* out = partial_out.data() + (split * total_rows + out_row) * D;
+          for (int64_t r = 0; r < num_rows; ++r) rows[r].sum = 0.f;
+        }
+
+        for (int64_t r = 0; r < num_rows; ++r) {
+          const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
+          const int64_t out_row = (b * in.hq + h) * in.nq + i;
+          // A row that sees no key at all gets zeros.
+          const float inv = rows[r].sum > 0.f ? 1.f / rows[r].sum : 0.f;
+          if (splits == 1) {
+            scalar_t* out = in.out + out_row * D;
+            for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+            continue;
+          }
+          float* out = split_units ? partial_out.data() + (split * total_rows + out_row) * D
+                                   : own_out.data() + (split * kRowBlock + r) * D;
           for (int d = 0; d < D; ++d) out[d] = acc[r * D + d] * inv;
-          partial_lse[split * total_rows + out_row] =
+          (split_units ? partial_lse[split * total_rows + out_row] : own_lse[split * kRowBlock + r]) =
               rows[r].sum > 0.f ? rows[r].max + std::log(rows[r].sum) : kNegInf;
         }
       }
+      if (split_units || splits == 1) continue;
+      for (int64_t r = 0; r < num_rows; ++r) {
+        const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
+        merge_splits<scalar_t, D>(own_out.data() + r * D, kRowBlock * D, own_lse.data() + r, kRowBlock, splits,
+                                  in.out + ((b * in.hq + h) * in.nq + i) * D);
+      }
     }
   });
-  if (splits == 1) return;
-
-  // Merge: weight each split by its share of the softmax mass, exp(lse - max).
+  if (!split_units) return;
   at::parallel_for(0, total_rows, 16, [&](int64_t row0, int64_t row1) {
     for (int64_t row = row0; row < row1; ++row) {
-      float lse_max = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, partial_lse[sp * total_rows + row]);
-      float value[D] = {};
-      float weight_sum = 0.f;
-      if (lse_max != kNegInf) {
-        for (int64_t sp = 0; sp < splits; ++sp) {
-          const float lse = partial_lse[sp * total_rows + row];
-          if (lse == kNegInf) continue;  // this split saw no key of the row
-          const float weight = std::exp(lse - lse_max);
-          weight_sum += weight;
-          const float* o = partial_out.data() + (sp * total_rows + row) * D;
-          for (int d = 0; d < D; ++d) value[d] += weight * o[d];
-        }
-      }
-      const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
-      scalar_t* out = in.out + row * D;
-      for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(value[d] * inv);
+      merge_splits<scalar_t, D>(partial_out.data() + row * D, total_rows * D, partial_lse.data() + row, total_rows,
+                                splits, in.out + row * D);
     }
   });
 }

@@ -32,12 +32,15 @@ from jakiro.testing import make_tree_attention_inputs  # noqa: E402
 
 HQ, D, N = 32, 128, 60
 KERNEL_ENV = "JAKIRO_TREE_ATTENTION_KERNEL"  # picks the CUDA kernel (see csrc/cuda/tree_attention.cu)
-# (B, Hkv, prefix): the issue's grid on CUDA, smaller shapes on the CPU.
-CUDA_CASES = [(b, hkv, prefix) for hkv in (8, 32) for b in (1, 8, 32) for prefix in (512, 2048, 8192, 32768)
-              if b * hkv * prefix <= 32 * 8 * 32768]
-CUDA_QUICK = [(1, 8, 8192), (8, 8, 2048)]
-CPU_CASES = [(1, 8, 512), (1, 8, 2048), (4, 8, 512), (1, 32, 512)]
-CPU_QUICK = [(1, 8, 256)]
+# (B, Hq, Hkv, head_dim, tree nodes, prefix): the issue's grid (Hq=32, D=128, 60 nodes) on CUDA,
+# smaller shapes on the CPU plus SmolLM2's decoding sizes there (9 query heads, 3 KV heads, D=64;
+# trees of 6 and 16 nodes, and 1: a vanilla decoding step).
+CUDA_CASES = [(b, HQ, hkv, D, N, prefix) for hkv in (8, 32) for b in (1, 8, 32)
+              for prefix in (512, 2048, 8192, 32768) if b * hkv * prefix <= 32 * 8 * 32768]
+CUDA_QUICK = [(1, HQ, 8, D, N, 8192), (8, HQ, 8, D, N, 2048)]
+CPU_CASES = [(1, HQ, 8, D, N, 512), (1, HQ, 8, D, N, 2048), (4, HQ, 8, D, N, 512), (1, HQ, 32, D, N, 512)] + \
+            [(1, 9, 3, 64, nodes, prefix) for prefix in (300, 1000) for nodes in (1, 6, 16)]
+CPU_QUICK = [(1, HQ, 8, D, N, 256), (1, 9, 3, 64, 16, 300)]
 REFERENCE_MAX_ELEMENTS = 1 << 26  # scores tensor B * Hq * Nq * S (fp64) that the reference may build
 SLOW_MAX_PREFIX = 2048  # longest prefix at which the scalar kernel and the reference are timed
 # JAKIRO_TREE_ATTENTION_KERNEL value of each timed variant of the op
@@ -56,7 +59,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = Report("tree_attention", device)
     report.meta["copy_bandwidth_GBps"] = peak = measure_copy_bandwidth(device)
-    report.meta.update(dtype=str(dtype), hq=HQ, head_dim=D, tree_nodes=N)
+    report.meta.update(dtype=str(dtype), default_shape=dict(hq=HQ, head_dim=D, tree_nodes=N))
     if device.type == "cuda":
         cases = CUDA_QUICK if args.quick else CUDA_CASES
     else:
@@ -64,20 +67,21 @@ def main(argv=None):
     iters = min(args.iters, 10) if args.quick else args.iters
     warmup = min(args.warmup, 2) if args.quick else args.warmup
     gen = torch.Generator().manual_seed(0)
-    for batch, hkv, prefix in cases:
-        # keys: prefix + N tree keys per row, no spare room so SDPA sees exactly the valid keys
-        inputs = make_tree_attention_inputs(batch=batch, hq=HQ, hkv=hkv, nq=N, head_dim=D, prefix_lens=prefix,
-                                            dtype=dtype, device=device, generator=gen, spare_keys=0)
+    for batch, hq, hkv, head_dim, nodes, prefix in cases:
+        # keys: prefix + tree keys per row, no spare room so SDPA sees exactly the valid keys
+        inputs = make_tree_attention_inputs(batch=batch, hq=hq, hkv=hkv, nq=nodes, head_dim=head_dim,
+                                            prefix_lens=prefix, dtype=dtype, device=device, generator=gen,
+                                            spare_keys=0)
         q, k, v = inputs["q"], inputs["k_cache"], inputs["v_cache"]
         mask = dense_mask(inputs)
-        causal = causal_lower_right(N, prefix + N)
-        kv_len = prefix + N
-        kv_bytes = 2 * batch * hkv * kv_len * D * k.element_size()
-        flops = 4 * batch * HQ * N * kv_len * D  # QK^T and PV, as dense
+        causal = causal_lower_right(nodes, prefix + nodes)
+        kv_len = prefix + nodes
+        kv_bytes = 2 * batch * hkv * kv_len * head_dim * k.element_size()
+        flops = 4 * batch * hq * nodes * kv_len * head_dim  # QK^T and PV, as dense
         scale = inputs["scale"]
         impls = {
             "jakiro": lambda: ops.tree_attention(q, k, v, inputs["cache_seqlens"], inputs["tree_mask"],
-                                                 N, scale, validate=False),
+                                                 nodes, scale, validate=False),
             "sdpa_dense_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                       enable_gqa=True),
             # bottom-right causal of the same size (flash backend on CUDA): a chain as long as the tree
@@ -89,10 +93,12 @@ def main(argv=None):
             impls["jakiro_mma_v1"] = impls["jakiro"]
             if prefix <= SLOW_MAX_PREFIX:
                 impls["jakiro_scalar"] = impls["jakiro"]
-        if prefix <= SLOW_MAX_PREFIX and batch * HQ * N * kv_len <= REFERENCE_MAX_ELEMENTS:
+        if prefix <= SLOW_MAX_PREFIX and batch * hq * nodes * kv_len <= REFERENCE_MAX_ELEMENTS:
             impls["reference"] = lambda: reference.tree_attention(q, k, v, inputs["cache_seqlens"],
-                                                                  inputs["tree_mask"], N, scale)
+                                                                  inputs["tree_mask"], nodes, scale)
         case = f"B={batch} Hkv={hkv} prefix={prefix}"
+        if (hq, head_dim, nodes) != (HQ, D, N):
+            case = f"B={batch} Hq={hq} Hkv={hkv} D={head_dim} nodes={nodes} prefix={prefix}"
         base = {}
         for impl, fn in impls.items():
             os.environ[KERNEL_ENV] = KERNEL_OF_IMPL.get(impl, "auto")

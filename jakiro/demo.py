@@ -30,7 +30,7 @@ def add_demo_parser(commands):
 def demo_command(args) -> int:
     from transformers import TextStreamer
 
-    from jakiro.bench_e2e import build_methods, load_draft, load_setup, resolve_total_tokens
+    from jakiro.bench_e2e import build_methods, greedy_must_match, load_draft, load_setup, resolve_total_tokens
     from jakiro.datasets import mtbench_questions
     from jakiro.evaluate import LosslessError, encode_prompt, environment, markdown_table, run_side_by_side
     if not 1 <= args.questions <= len(CATEGORIES):
@@ -63,7 +63,7 @@ def demo_command(args) -> int:
     try:
         stats = run_side_by_side(runners, prompts, max_new_tokens=max_new, temperature=args.temperature,
                                  seed=args.seed, eos_token_id=tokenizer.eos_token_id, reference="vanilla",
-                                 strict=dtype == torch.float32,
+                                 strict=greedy_must_match(device, dtype, total_tokens),
                                  on_prompt=note_vanilla, progress=False, warmup=False)
     except LosslessError as error:
         raise SystemExit(f"jakiro demo: NOT LOSSLESS: {error}") from None

@@ -1,12 +1,15 @@
 """Speculative generation: lossless greedy against Hugging Face generate, exact sampling,
 batching, stopping rules and errors (tiny random models)."""
+import copy
+
 import pytest
 import torch
 from scipy import stats
 
 import jakiro
-from jakiro import reference
-from jakiro.testing import make_prompts, make_tiny_target, single_thread
+from jakiro import ops, reference
+from jakiro.target import TargetModel
+from jakiro.testing import make_parents, make_prompts, make_tiny_target, single_thread
 from jakiro.testing import hf_greedy_continuation, make_target_and_draft
 
 
@@ -77,6 +80,52 @@ def test_greedy_is_lossless_rigged_draft(device, case):
     # The rig works: long accepted paths, so full paths and bonus tokens are exercised.
     assert result.mean_accepted_length > 2.0, result.mean_accepted_length
     assert int(result.accept_lengths.max()) >= min(depth, 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_verify_logits_equal_one_token_steps(family, dtype):
+    # What exact greedy output rests on: on the CPU every op of a verify pass is batch-invariant
+    # (the linear kernel, tree_attention), so each tree node's logits are bit for bit those of
+    # decoding its root->node path one token at a time, even in bfloat16, and past 512-key splits.
+    target = TargetModel(make_tiny_target(family, seed=5, hidden=256, heads=4, kv_heads=2, intermediate=704).to(dtype))
+    prefix, nodes = 500, 24
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 256, (1, prefix), generator=gen)
+    tree_ids = torch.randint(0, 256, (1, nodes), generator=gen)
+    parents = make_parents("random", 1, nodes, gen)
+    mask, depth = ops.build_tree_mask(parents)
+    prefilled = target.new_cache(1, prefix + nodes)
+    target.forward(prompt, torch.arange(prefix)[None], prefilled, prefilled.step(prefix))
+    prefilled.lengths += prefix
+
+    tree_cache = copy.deepcopy(prefilled)
+    step = tree_cache.step(nodes, tree_mask=mask, tree_len=nodes)
+    tree_logits, _ = target.forward(tree_ids, prefix + depth.long(), tree_cache, step)
+    for node in range(nodes):
+        path = [node]
+        while parents[0, path[-1]] >= 0:
+            path.append(int(parents[0, path[-1]]))
+        cache = copy.deepcopy(prefilled)
+        for position, n in enumerate(reversed(path), start=prefix):
+            logits, _ = target.forward(tree_ids[:, n:n + 1], torch.tensor([[position]]), cache, cache.step(1))
+            cache.lengths += 1
+        assert torch.equal(logits[0, 0], tree_logits[0, node]), f"node {node}"
+
+
+@pytest.mark.parametrize("family, kind, rigged", [("llama", "jakiro", True), ("qwen2", "eagle2", False),
+                                                  ("mistral", "jakiro", True)])
+def test_bfloat16_greedy_equals_vanilla_decoding_on_cpu(family, kind, rigged):
+    # The same end to end: speculative greedy decoding in bfloat16 gives vanilla decoding's tokens.
+    target, draft = make_target_and_draft(family, kind, "cpu", rigged=rigged, seed=7)
+    target, draft = target.to(torch.bfloat16), draft.to(torch.bfloat16)
+    gen = jakiro.SpeculativeGenerator(target, draft, depth=4, top_k=4, total_tokens=24)
+    ids, mask, _ = make_prompts(2, 256, 380, 700, torch.Generator().manual_seed(3))
+    result = gen.generate(ids, mask, max_new_tokens=64)
+    expected = jakiro.vanilla_generate(target, ids, mask, max_new_tokens=64)
+    assert torch.equal(result.sequences, expected.sequences)
+    if rigged:
+        assert result.mean_accepted_length > 2.0
 
 
 def test_rows_stop_at_eos_at_different_times(device):

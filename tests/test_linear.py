@@ -4,8 +4,8 @@ at::linear fallbacks, autograd, and bad input.
 Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5,
 bf16 8e-3 (the kernel sums in fp32 along K; bf16 output rounds). The CPU paths tested are those this CPU can run
 (torch.backends.cpu.get_cpu_capability(), AVX512_BF16): avx512bf16, avx512 and avx2 are
-forced at every row count, auto switches to at::linear above 128 rows (bf16: 8, or 64 with
-AVX512_BF16), aten always calls it. avx512bf16 runs float32 problems on the avx512 copy.
+forced at every row count, auto switches to at::linear above 128 rows (bfloat16 weights: 64),
+aten always calls it. avx512bf16 runs float32 problems on the avx512 copy.
 """
 import pytest
 import torch

@@ -30,12 +30,14 @@ namespace {
 constexpr const char* kOp = "linear";
 // Rows of x above which at::linear is as fast (measured on a 2-core AVX-512 EPYC
 // with SmolLM2's shapes, benchmarks/bench_linear.py): float32 weights streamed
-// from memory still 1.2x at 128 rows, 1.0x at 256; with bfloat16 weights, whose
-// widening costs instructions, oneDNN's bf16 dot products win from 8-16 rows;
-// with AVX512_BF16 dot products (bfloat16 x too) the kernel stays ahead to 64.
+// from memory still 1.2x at 128 rows, 1.0x at 256; with AVX512_BF16 dot
+// products bfloat16 stays ahead to 64. Bfloat16 keeps the kernel to 64 rows on
+// every CPU, so that every verify pass the commands pick (at most 60 tree nodes)
+// is batch-invariant and greedy decoding exact in bfloat16 too; where the CPU
+// lacks those dot products the widening copy costs instructions (on the EPYC,
+// forced: 1.3x oneDNN's native bf16 dot products at 32 rows, 1.7x at 64).
 constexpr int64_t kMaxRows = 128;
-constexpr int64_t kMaxRowsBf16 = 8;
-constexpr int64_t kMaxRowsBf16Dot = 64;
+constexpr int64_t kMaxRowsBf16 = 64;
 constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
 constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
 
@@ -68,11 +70,9 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10:
   return at::linear(x, weight, bias);
 }
 
-bool kernel_applies(int64_t rows, bool x_bf16, bool w_bf16, const char* op) {
+bool kernel_applies(int64_t rows, bool w_bf16, const char* op) {
   const CpuIsaChoice choice = cpu_choice(op);
-  const int64_t max_rows = !w_bf16 ? kMaxRows
-                           : x_bf16 && choice.isa == CpuIsa::kAvx512Bf16 ? kMaxRowsBf16Dot
-                                                                         : kMaxRowsBf16;
+  const int64_t max_rows = w_bf16 ? kMaxRowsBf16 : kMaxRows;
   return choice.isa != CpuIsa::kFallback && (choice.forced || rows <= max_rows);
 }
 
@@ -114,7 +114,7 @@ bool linear_on_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const bool w_bf16 = w.scalar_type() == at::kBFloat16, x_bf16 = x.scalar_type() == at::kBFloat16;
   const bool dtypes = x_bf16 ? w_bf16 : x.scalar_type() == at::kFloat && (w_bf16 || w.scalar_type() == at::kFloat);
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  if (!dtypes || M == 0 || K == 0 || !kernel_applies(M, x_bf16, w_bf16, op)) return false;
+  if (!dtypes || M == 0 || K == 0 || !kernel_applies(M, w_bf16, op)) return false;
   // Unit stride along K is all the kernel needs; rows of x and W may be strided.
   const at::Tensor xk = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor wk = w.stride(1) == 1 ? w : w.contiguous();

@@ -189,8 +189,17 @@ JAKIRO_ALWAYS_INLINE float mask_row(const SplitWork<scalar_t>& w, RowState& row,
     if (!counted) s[j] = kNegInf;
   }
   for (int64_t j = visible; j < n; ++j) s[j] = kNegInf;
+  // A maximum is exact in any order, so it can run in 8 lanes.
+  Vec8 lanes;
+  for (int l = 0; l < 8; ++l) lanes[l] = kNegInf;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const Vec8 x = load8(s + j);
+    lanes = x > lanes ? x : lanes;
+  }
   float max = kNegInf;
-  for (int64_t j = 0; j < n; ++j) max = std::max(max, s[j]);
+  for (int l = 0; l < 8; ++l) max = std::max(max, lanes[l]);
+  for (; j < n; ++j) max = std::max(max, s[j]);
   return max;
 }
 

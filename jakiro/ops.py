@@ -73,6 +73,10 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     The target's verify pass has ``Nq == tree_len == N`` and the tree's own mask; the draft's
     tree expansion passes the frontier's rows of the mask (``Nq`` < ``tree_len``).
 
+    On the CPU the op is batch-invariant: a query's output is bit for bit what a one-query
+    causal call over its own visible keys, laid out contiguously, returns (so a verify pass
+    reproduces one-token decoding exactly). On CUDA it is not.
+
     Args:
         q: ``[B, Hq, Nq, D]``, float16, bfloat16 or float32; any strides.
         k_cache, v_cache: ``[B, Hkv, S, D]`` of q's dtype and device; ``Hq % Hkv == 0``

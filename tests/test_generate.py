@@ -82,7 +82,7 @@ def test_greedy_is_lossless_rigged_draft(device, case):
     assert int(result.accept_lengths.max()) >= min(depth, 3)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_verify_logits_equal_one_token_steps(family, dtype):
     # What exact greedy output rests on: on the CPU every op of a verify pass is batch-invariant

@@ -136,38 +136,44 @@ class TreeDrafter:
                            None if out.experts is None else out.experts[:, :, last])
 
     # ------------------------------------------------------------------ tree growth
-    def _propose(self, out: DraftOutput, contrastive: bool = False):
+    def _propose(self, out: DraftOutput):
         """Top-k children of every row of ``out`` ``[B, R, H]``.
 
-        Returns ``(logp [B, R, k], tokens [B, R, k], child_hidden [B, R, k, H])``: the feature a
-        child is expanded with is the one that proposed it.
+        Returns ``(logp [B, R, k], tokens [B, R, k], child_hidden [B, R, k, H], ahead)``: the
+        feature a child is expanded with is the one that proposed it; ``ahead`` is ``(logp,
+        tokens)`` of ``out``'s contrastive feature (two steps ahead: CEPD), None without one.
+        All features go through the drafting head in one call, so its weights are read once.
         """
         k = self.top_k
-
-        def top(feature, count):
-            logits, vocab = self.draft.candidate_logits(feature)
-            best = F.log_softmax(logits.float(), dim=-1).topk(count, dim=-1)
-            return best.values, best.indices if vocab is None else vocab[best.indices]
-
-        if contrastive or not self.per_expert:
-            feature = out.contrastive if contrastive else out.mixture
-            values, tokens = top(feature, k)
-            return values, tokens, feature.unsqueeze(2).expand(-1, -1, k, -1)
-        experts = out.experts.shape[0]
-        values, tokens, hiddens = [], [], []
-        for e in range(experts):
-            share = k // experts + (1 if e < k % experts else 0)
-            expert_values, expert_tokens = top(out.experts[e], share)
-            values.append(expert_values)
-            tokens.append(expert_tokens)
-            hiddens.append(out.experts[e].unsqueeze(2).expand(-1, -1, share, -1))
-        values, tokens = torch.cat(values, dim=-1), torch.cat(tokens, dim=-1)
+        if self.per_expert:
+            experts = out.experts.shape[0]
+            features = list(out.experts)
+            shares = [k // experts + (1 if e < k % experts else 0) for e in range(experts)]
+        else:
+            features, shares = [out.mixture], [k]
+        if out.contrastive is not None:
+            features.append(out.contrastive)
+            shares.append(k)
+        rows = out.mixture.shape[1]
+        logits, vocab = self.draft.candidate_logits(torch.cat(features, dim=1) if len(features) > 1 else features[0])
+        logp = F.log_softmax(logits.float(), dim=-1)
+        proposals = []
+        for i, share in enumerate(shares):
+            best = logp[:, i * rows:(i + 1) * rows].topk(share, dim=-1)
+            proposals.append((best.values, best.indices if vocab is None else vocab[best.indices]))
+        ahead = proposals.pop() if out.contrastive is not None else None
+        if not self.per_expert:
+            values, tokens = proposals[0]
+            return values, tokens, out.mixture.unsqueeze(2).expand(-1, -1, k, -1), ahead
+        values = torch.cat([v for v, _ in proposals], dim=-1)
+        tokens = torch.cat([t for _, t in proposals], dim=-1)
+        hiddens = [out.experts[e].unsqueeze(2).expand(-1, -1, share, -1) for e, share in enumerate(shares[:experts])]
         # Two experts proposing the same token: keep the first, the copy can never be accepted.
         same = tokens.unsqueeze(-1) == tokens.unsqueeze(-2)                       # [B, R, k, k]
         earlier = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril(-1)
         repeated = (same & earlier).any(-1)
         values = values.masked_fill(repeated, float("-inf"))
-        return values, tokens, torch.cat(hiddens, dim=2)
+        return values, tokens, torch.cat(hiddens, dim=2), ahead
 
     @torch.no_grad()
     def expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
@@ -182,7 +188,7 @@ class TreeDrafter:
         base = cache.lengths.to(torch.int64).unsqueeze(1)                        # position of level 1
 
         # Level 1: the root's children, all of them expanded.
-        logp, tokens, child_hidden = self._propose(context)                      # [B, 1, k]
+        logp, tokens, child_hidden, ahead = self._propose(context)               # [B, 1, k]
         scores = logp[:, 0]
         cand_tokens, cand_scores = [tokens[:, 0]], [scores]
         cand_parent = [torch.zeros((batch, k), dtype=torch.int64, device=device)]
@@ -192,16 +198,14 @@ class TreeDrafter:
         front_scores = scores.gather(1, select)
         front_hidden = _gather_rows(child_hidden[:, 0], select)
         front_mask = self._bits[:k].unsqueeze(0).expand(batch, -1, -1)            # [B, k, W]
-        parent_row = torch.zeros((batch, k), dtype=torch.int64, device=device)   # row in `previous`
-        previous = context
+        parent_row = torch.zeros((batch, k), dtype=torch.int64, device=device)   # row in `ahead`
         next_id = 1 + k
 
         for level in range(1, self.levels):                                      # builds level + 1
             if self.contrastive and level == self.levels - 1:
                 # CEPD: the pass over level-1 nodes predicted two steps ahead; each node of
                 # this level takes the predictions of its own parent's context.
-                logp, tokens, _ = self._propose(previous, contrastive=True)
-                logp, tokens = _gather_rows(logp, parent_row), _gather_rows(tokens, parent_row)
+                logp, tokens = _gather_rows(ahead[0], parent_row), _gather_rows(ahead[1], parent_row)
                 child_hidden = None
             else:
                 step = cache.step(k, offset=(level - 1) * k, tree_mask=front_mask.contiguous(),
@@ -209,8 +213,7 @@ class TreeDrafter:
                 out = self.draft(front_hidden, front_tokens, (base + level - 1).expand(batch, k), cache, step,
                                  return_contrastive=self.contrastive and level == self.levels - 2,
                                  return_experts=self.per_expert)
-                logp, tokens, child_hidden = self._propose(out)                 # [B, k, k]
-                previous = out
+                logp, tokens, child_hidden, ahead = self._propose(out)          # [B, k, k]
             cumulative = (front_scores.unsqueeze(-1) + logp).flatten(1)           # [B, k*k]
             cand_tokens.append(tokens.flatten(1))
             cand_scores.append(cumulative)

@@ -148,9 +148,10 @@ def one_query_call(inputs, b, keys, i):
 
 
 # (prefixes, tree nodes, threads): trees inside, across and past the 512-key splits, and
-# thread counts for which the tree call and the one-query calls split the work differently.
-INVARIANCE_CASES = [([0, 3], 9, 1), ([37, 300], 16, 2), ([500, 490], 23, 2), ([1020, 511], 60, 1),
-                    ([1100, 1500], 6, 8), ([2500, 100], 40, 3)]
+# thread counts for which the tree call and the one-query calls split the work differently
+# (key splits as units or not, rows in smaller blocks or not).
+INVARIANCE_CASES = [([0, 3], 9, 1), ([0, 3], 9, 8), ([37, 300], 16, 2), ([37, 300], 16, 8), ([500, 490], 23, 2),
+                    ([1020, 511], 60, 1), ([1100, 1500], 6, 8), ([2500, 100], 40, 3)]
 
 
 @pytest.mark.parametrize("copy", CPU_COPIES)

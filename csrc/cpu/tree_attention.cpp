@@ -58,7 +58,7 @@ namespace jakiro {
 namespace {
 
 constexpr const char* kOp = "tree_attention";
-constexpr int64_t kRowBlock = 32;       // packed query rows per work unit
+constexpr int64_t kRowBlock = 32;       // packed query rows per work unit, at most
 constexpr int kKeyBlock = 64;           // keys converted to fp32 at a time
 constexpr int64_t kKeysPerSplit = 512;  // virtual key positions per split, fixed (see the top)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -67,7 +67,7 @@ static_assert(kRowBlock % 8 == 0 && kKeyBlock % 16 == 0 && kKeysPerSplit % kKeyB
 
 // Eight floats; GCC/Clang lower it to AVX2 in the AVX2 copy and to SSE pairs otherwise.
 typedef float Vec8 __attribute__((vector_size(32)));
-constexpr int kMaxTileRows = 8;  // rows are zero-padded to a multiple of the largest micro-kernel tile
+constexpr int kRowQuantum = 4;  // rows are zero-padded to a multiple of the smallest micro-kernel tile
 
 JAKIRO_ALWAYS_INLINE Vec8 load8(const float* p) {
   Vec8 v;
@@ -119,56 +119,69 @@ struct SplitWork {
   int64_t score_stride;  // scan length rounded up to kKeyBlock
 };
 
-// scores[r][j] = q[r] . k[j] for all rows and kKeyBlock keys: tiles of
-// kTileRows rows x 16 keys held in registers, one pass over D per tile.
+// scores[r][j] = q[r] . k[j] for kTileRows rows from r0 and kKeyBlock keys: tiles
+// of kTileRows rows x 16 keys held in registers, one pass over D per tile.
 template <int D, int kTileRows>
-JAKIRO_ALWAYS_INLINE void block_scores(const float* q, const float* k_t, float* scores, int64_t stride,
-                                       int64_t rows) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-    for (int j0 = 0; j0 < kKeyBlock; j0 += 16) {
-      Vec8 acc[kTileRows][2] = {};
-      for (int d = 0; d < D; ++d) {
-        const Vec8 k0 = load8(k_t + d * kKeyBlock + j0), k1 = load8(k_t + d * kKeyBlock + j0 + 8);
-        for (int rr = 0; rr < kTileRows; ++rr) {
-          const float qd = q[(r0 + rr) * D + d];
-          acc[rr][0] += qd * k0;
-          acc[rr][1] += qd * k1;
-        }
-      }
+JAKIRO_ALWAYS_INLINE void tile_scores(const float* q, const float* k_t, float* scores, int64_t stride, int64_t r0) {
+  for (int j0 = 0; j0 < kKeyBlock; j0 += 16) {
+    Vec8 acc[kTileRows][2] = {};
+    for (int d = 0; d < D; ++d) {
+      const Vec8 k0 = load8(k_t + d * kKeyBlock + j0), k1 = load8(k_t + d * kKeyBlock + j0 + 8);
       for (int rr = 0; rr < kTileRows; ++rr) {
-        store8(scores + (r0 + rr) * stride + j0, acc[rr][0]);
-        store8(scores + (r0 + rr) * stride + j0 + 8, acc[rr][1]);
+        const float qd = q[(r0 + rr) * D + d];
+        acc[rr][0] += qd * k0;
+        acc[rr][1] += qd * k1;
       }
+    }
+    for (int rr = 0; rr < kTileRows; ++rr) {
+      store8(scores + (r0 + rr) * stride + j0, acc[rr][0]);
+      store8(scores + (r0 + rr) * stride + j0 + 8, acc[rr][1]);
     }
   }
 }
 
-// acc[r] += sum_j p[r][j] v[j], j in key order: tiles of kTileRows rows x 16
-// columns held in registers over the block's keys.
+// acc[r] += sum_j p[r][j] v[j], j in key order, for kTileRows rows from r0:
+// tiles of kTileRows rows x 16 columns held in registers over the block's keys.
+template <int D, int kTileRows>
+JAKIRO_ALWAYS_INLINE void tile_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
+                                      int64_t r0) {
+  for (int d0 = 0; d0 < D; d0 += 16) {
+    Vec8 sum[kTileRows][2];
+    for (int rr = 0; rr < kTileRows; ++rr) {
+      sum[rr][0] = load8(acc + (r0 + rr) * D + d0);
+      sum[rr][1] = load8(acc + (r0 + rr) * D + d0 + 8);
+    }
+    for (int j = 0; j < num_keys; ++j) {
+      const Vec8 v0 = load8(v + j * D + d0), v1 = load8(v + j * D + d0 + 8);
+      for (int rr = 0; rr < kTileRows; ++rr) {
+        const float pj = p[(r0 + rr) * stride + j];
+        sum[rr][0] += pj * v0;
+        sum[rr][1] += pj * v1;
+      }
+    }
+    for (int rr = 0; rr < kTileRows; ++rr) {
+      store8(acc + (r0 + rr) * D + d0, sum[rr][0]);
+      store8(acc + (r0 + rr) * D + d0 + 8, sum[rr][1]);
+    }
+  }
+}
+
+// Every row (a multiple of kRowQuantum) in kTileRows tiles, the rest in one
+// kRowQuantum tile: a row's sums do not depend on its tile.
+template <int D, int kTileRows>
+JAKIRO_ALWAYS_INLINE void block_scores(const float* q, const float* k_t, float* scores, int64_t stride,
+                                       int64_t rows) {
+  int64_t r0 = 0;
+  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_scores<D, kTileRows>(q, k_t, scores, stride, r0);
+  if (r0 < rows) tile_scores<D, kRowQuantum>(q, k_t, scores, stride, r0);
+}
+
 template <int D, int kTileRows>
 JAKIRO_ALWAYS_INLINE void block_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
                                        int64_t rows) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-    for (int d0 = 0; d0 < D; d0 += 16) {
-      Vec8 sum[kTileRows][2];
-      for (int rr = 0; rr < kTileRows; ++rr) {
-        sum[rr][0] = load8(acc + (r0 + rr) * D + d0);
-        sum[rr][1] = load8(acc + (r0 + rr) * D + d0 + 8);
-      }
-      for (int j = 0; j < num_keys; ++j) {
-        const Vec8 v0 = load8(v + j * D + d0), v1 = load8(v + j * D + d0 + 8);
-        for (int rr = 0; rr < kTileRows; ++rr) {
-          const float pj = p[(r0 + rr) * stride + j];
-          sum[rr][0] += pj * v0;
-          sum[rr][1] += pj * v1;
-        }
-      }
-      for (int rr = 0; rr < kTileRows; ++rr) {
-        store8(acc + (r0 + rr) * D + d0, sum[rr][0]);
-        store8(acc + (r0 + rr) * D + d0 + 8, sum[rr][1]);
-      }
-    }
-  }
+  int64_t r0 = 0;
+  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_values<D, kTileRows>(p, stride, v, num_keys, acc, r0);
+  if (r0 < rows) tile_values<D, kRowQuantum>(p, stride, v, num_keys, acc, r0);
 }
 
 // Sets the scores of keys a row does not count in this split to -inf and returns
@@ -329,15 +342,25 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
   static_assert(D % 16 == 0, "the P·V micro-kernel takes 16 columns at a time");
   const int64_t group = in.hq / in.hkv;
   const int64_t packed_rows = in.nq * group;
-  const int64_t row_blocks = (packed_rows + kRowBlock - 1) / kRowBlock;
-  const int64_t base_units = in.batch * in.hkv * row_blocks;
+  const int64_t threads = at::get_num_threads();
   int64_t longest = 0;
   for (int64_t b = 0; b < in.batch; ++b) longest = std::max(longest, clamped_kv_len(in.seqlens[b], in.cache_size));
   const int64_t splits = std::max<int64_t>(1, (longest + kKeysPerSplit - 1) / kKeysPerSplit);
+  // Rows go in even blocks of at most kRowBlock; with a single key split and too
+  // few blocks to give every thread work, in more blocks of at least 8 rows. Rows
+  // are independent, so this only moves work around (a tree of 8 nodes is 3 KV
+  // heads x 24 rows: 6 blocks of 12 on 2 threads instead of 3 of 24).
+  int64_t row_blocks = (packed_rows + kRowBlock - 1) / kRowBlock;
+  while (splits == 1 && in.batch * in.hkv * row_blocks < 2 * threads && packed_rows >= 8 * (row_blocks + 1)) {
+    ++row_blocks;
+  }
+  const int64_t block_rows = ((packed_rows + row_blocks - 1) / row_blocks + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
+  row_blocks = (packed_rows + block_rows - 1) / block_rows;
+  const int64_t base_units = in.batch * in.hkv * row_blocks;
   // Units are (batch row, KV head, row block); when those alone cannot keep every
   // thread busy (decoding one sequence, say), each split is a unit of its own
   // and a second pass merges, else a unit runs its splits and merges them.
-  const bool split_units = splits > 1 && base_units < 2 * at::get_num_threads();
+  const bool split_units = splits > 1 && base_units < 2 * threads;
   const int64_t total_rows = in.batch * in.hq * in.nq;
   std::vector<float> partial_out(split_units ? splits * total_rows * D : 0);
   std::vector<float> partial_lse(split_units ? splits * total_rows : 0);
@@ -356,9 +379,9 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
       const int64_t row_block = base % row_blocks;
       const int64_t hkv = (base / row_blocks) % in.hkv;
       const int64_t b = base / (row_blocks * in.hkv);
-      const int64_t r0 = row_block * kRowBlock;
-      const int64_t num_rows = std::min(kRowBlock, packed_rows - r0);
-      const int64_t tiled_rows = (num_rows + kMaxTileRows - 1) / kMaxTileRows * kMaxTileRows;
+      const int64_t r0 = row_block * block_rows;
+      const int64_t num_rows = std::min(block_rows, packed_rows - r0);
+      const int64_t tiled_rows = (num_rows + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
       const int64_t kv_len = clamped_kv_len(in.seqlens[b], in.cache_size);
       const int64_t tree_start = in.has_mask ? query_key_range(kv_len, in.tree_len, true, in.nq, 0).dense_end : kv_len;
 

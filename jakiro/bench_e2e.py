@@ -31,8 +31,8 @@ TREE_SHAPES = {"cuda": (5, 10), "cpu": (3, 4)}
 DRAFT_VOCAB = {"cuda": None, "cpu": 8192}
 # float32 by default: the one dtype in which greedy output matches on every device (see below).
 DEFAULT_DTYPE = torch.float32
-# Tree nodes up to which the CPU verify pass is batch-invariant: the linear kernel's bfloat16
-# row limit (csrc/cpu/linear.cpp; float32: 128).
+# Tree nodes up to which a CPU verify pass of one sequence (the commands decode one at a time)
+# is batch-invariant: the linear kernel's bfloat16 row limit (csrc/cpu/linear.cpp; float32: 128).
 CPU_EXACT_BF16_NODES = 64
 
 

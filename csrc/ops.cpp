@@ -30,4 +30,6 @@ TORCH_LIBRARY(jakiro, m) {
   // y = x W^T + b, as at::linear; the CPU kernel streams each weight row once for
   // all rows of x (decoding and tree-verify sizes).
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Hugging Face's RMSNorm in one call: weight * to_dtype(x * rsqrt(mean(x^2) + eps)).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }

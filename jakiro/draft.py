@@ -265,7 +265,7 @@ class JakiroDraft(nn.Module):
         return self
 
     def inference_modules(self) -> list[nn.Module]:
-        """The draft and the shared heads a tree expansion runs (what :mod:`jakiro.cpu_linear` routes)."""
+        """The draft and the shared heads a tree expansion runs (what :mod:`jakiro.cpu_kernels` routes)."""
         return [self, self.lm_head] + ([self._shared["draft_head"]] if "draft_head" in self._shared else [])
 
     @property

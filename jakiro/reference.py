@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "build_tree_mask", "compact_kv", "expert_mlp", "filtered_distribution", "grouped_gemm", "linear",
+    "build_tree_mask", "compact_kv", "expert_mlp", "filtered_distribution", "grouped_gemm", "linear", "rms_norm",
     "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling",
 ]
 
@@ -273,3 +273,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference of ``jakiro.ops.rms_norm`` (no validation): Hugging Face's LlamaRMSNorm.forward."""
+    x32 = x.to(torch.float32)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)

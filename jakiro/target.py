@@ -11,7 +11,8 @@ The model is called with ``use_cache=False`` and no ``attention_mask``: the cach
 tree mask live in the step, and positions come in as ``position_ids``.
 
 On the CPU the same call also runs the model's ``nn.Linear`` layers (the LM head included)
-through ``torch.ops.jakiro.linear`` (:mod:`jakiro.cpu_linear`).
+through ``torch.ops.jakiro.linear`` and its RMSNorm layers through ``torch.ops.jakiro.rms_norm``
+(:mod:`jakiro.cpu_kernels`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import contextlib
 import torch
 import transformers
 
-from jakiro.cpu_linear import cpu_routes, linear_kernels
+from jakiro.cpu_kernels import cpu_routes, use_kernels
 from jakiro.kv_cache import AttentionStep, KVCache
 
 BACKEND_NAME = "jakiro"
@@ -83,7 +84,7 @@ class TargetModel:
         self.hidden_size = config.hidden_size
         self.sliding_window = getattr(config, "sliding_window", None) if getattr(
             config, "use_sliding_window", True) else None
-        self._linear_routes = cpu_routes((self.decoder, self.lm_head))
+        self._kernel_routes = cpu_routes((self.decoder, self.lm_head))
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +111,7 @@ class TargetModel:
         output after the final norm (what the LM head reads, the draft's input feature).
         Does not change ``cache.lengths``.
         """
-        with _attention_backend(self.model.config), linear_kernels(self._linear_routes):
+        with _attention_backend(self.model.config), use_kernels(self._kernel_routes):
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                jakiro_cache=cache, jakiro_step=step)
             hidden = out.last_hidden_state

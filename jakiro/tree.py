@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from jakiro import ops
-from jakiro.cpu_linear import cpu_routes, linear_kernels
+from jakiro.cpu_kernels import cpu_routes, use_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
 from jakiro.kv_cache import KVCache
 
@@ -100,7 +100,7 @@ class TreeDrafter:
         self.contrastive = draft.config.contrastive
         self.per_expert = draft.config.candidate_mode == "per_expert"
         self._bits = None
-        self._linear_routes = cpu_routes(draft.inference_modules())
+        self._kernel_routes = cpu_routes(draft.inference_modules())
 
     @property
     def max_new_pairs(self) -> int:
@@ -125,7 +125,7 @@ class TreeDrafter:
         positions = (cache.lengths.to(torch.int64).unsqueeze(1) + torch.arange(width, device=tokens.device)
                      - pad.unsqueeze(1)).clamp(min=0)
         step = cache.step(width, pad=pad)
-        with linear_kernels(self._linear_routes):
+        with use_kernels(self._kernel_routes):
             out = self.draft(hidden, tokens, positions, cache, step,
                              return_contrastive=self.contrastive and self.levels == 2,
                              return_experts=self.per_expert)
@@ -178,7 +178,7 @@ class TreeDrafter:
     @torch.no_grad()
     def expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
         """Grows one tree per row from ``context`` (see :meth:`advance`) under ``root`` int64 ``[B]``."""
-        with linear_kernels(self._linear_routes):
+        with use_kernels(self._kernel_routes):
             return self._expand(cache, context, root)
 
     def _expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:

@@ -1,0 +1,83 @@
+"""jakiro.cpu_kernels: which nn.Linear and RMSNorm layers run on the kernels, and only for the call."""
+import pytest
+import torch
+from torch import nn
+
+from jakiro.cpu_kernels import cpu_routes, use_kernels
+from jakiro.target import TargetModel
+from jakiro.testing import make_tiny_target
+
+
+class _QuantisedLinear(nn.Linear):
+    """A subclass stands for a quantised layer: it keeps its own forward."""
+
+
+def test_routes_plain_cpu_linears_only():
+    plain, sub, hooked = nn.Linear(8, 4), _QuantisedLinear(8, 4), nn.Linear(8, 4)
+    hooked.forward = lambda x: x                     # as accelerate's hooks replace it
+    model = nn.Sequential(plain, nn.ReLU(), sub, nn.Sequential(hooked, plain))
+    routes = cpu_routes([model])
+    assert [module for module, _ in routes] == [plain]
+
+
+def test_routing_lasts_for_the_call(monkeypatch):
+    layer = nn.Linear(16, 5)
+    x = torch.randn(3, 16)
+    calls = []
+    original = torch.ops.jakiro.linear
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return original(*args)
+    monkeypatch.setattr(torch.ops.jakiro, "linear", Spy())
+    with use_kernels(cpu_routes([layer])):
+        inside = layer(x)
+    outside = layer(x)
+    assert calls == [x.shape] and "forward" not in vars(layer)
+    torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_routed_norms_match_hugging_face(family, dtype):
+    # Every RMSNorm of the model (qwen3's q/k norms included) is routed, and gives Hugging Face's numbers.
+    model = make_tiny_target(family, hidden=128, heads=2, kv_heads=1, head_dim=64, seed=4).to(dtype)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    routed = [m for m, _ in cpu_routes([model]) if not isinstance(m, nn.Linear)]
+    assert routed == norms and len(norms) == 2 * 2 + 1 + (2 * 2 if family == "qwen3" else 0)
+    for norm in norms:
+        x = torch.randn(3, 5, norm.weight.shape[0]).to(dtype)
+        expected = norm(x)
+        with use_kernels(cpu_routes([norm])):
+            got = norm(x)
+        assert "forward" not in vars(norm)
+        torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+def test_norm_with_another_dtype_keeps_hugging_faces_forward():
+    model = make_tiny_target("llama", hidden=128, heads=2, kv_heads=1, head_dim=64, seed=4)
+    norm = model.model.norm
+    x = torch.randn(2, 128, dtype=torch.bfloat16)     # float32 weight: Hugging Face promotes
+    with use_kernels(cpu_routes([norm])):
+        got = norm(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, norm(x))
+
+
+def test_target_forward_on_the_kernels_matches_hugging_face(monkeypatch):
+    model = make_tiny_target("llama", hidden=128, heads=2, kv_heads=1, head_dim=64, seed=3)
+    target = TargetModel(model)
+    # q k v o gate up down and two norms per layer, the final norm, the LM head
+    assert len(target._kernel_routes) == (7 + 2) * 2 + 1 + 1
+    ids = torch.randint(0, target.vocab_size, (2, 6))
+    positions = torch.arange(6).expand(2, 6)
+
+    def run():
+        cache = target.new_cache(2, 8)
+        return target.forward(ids, positions, cache, cache.step(6))
+    kernel_logits, _ = run()
+    monkeypatch.setattr(target, "_kernel_routes", [])
+    plain_logits, _ = run()
+    torch.testing.assert_close(kernel_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert all("forward" not in vars(m) for m in model.modules())   # the model is untouched after the call

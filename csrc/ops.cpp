@@ -32,4 +32,6 @@ TORCH_LIBRARY(jakiro, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // Hugging Face's RMSNorm in one call: weight * to_dtype(x * rsqrt(mean(x^2) + eps)).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Hugging Face's apply_rotary_pos_emb in one call: x * cos + rotate_half(x) * sin for q and k.
+  m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }

@@ -1,27 +1,40 @@
-"""Running a model's ``nn.Linear`` and RMSNorm layers through jakiro's CPU kernels.
+"""Running a model's linear layers, RMSNorms and rotary embedding through jakiro's CPU kernels.
 
 - ``nn.Linear`` runs ``torch.ops.jakiro.linear``: with the few tokens of a decoding step or
   a draft tree, a CPU forward pass is a stream of the weights from memory, and the kernel
   reads each weight row once for all the tokens, where the GEMM library packs every matrix
   first (BENCHMARKS.md, linear).
-- Hugging Face's RMSNorm (Llama, Qwen2, Qwen3, Mistral) runs ``torch.ops.jakiro.rms_norm``:
-  one call instead of eight tensor ops, whose dispatch costs dominate rows of a few hundred
-  values (BENCHMARKS.md, rms_norm).
+- Hugging Face's RMSNorm and ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral) run
+  ``torch.ops.jakiro.rms_norm`` and ``torch.ops.jakiro.rotary_embedding``: one call each
+  instead of about eight and a dozen tensor ops, whose dispatch costs dominate rows of a few
+  hundred values (BENCHMARKS.md, rms_norm and rotary_embedding).
 
-Both kernels are batch-invariant, which keeps tree verification exact. Routing is done per
-call (:func:`use_kernels`), so the model is untouched outside jakiro's passes and
-``model.generate`` keeps its own code.
+All three kernels are batch-invariant, which keeps tree verification exact. Routing is done
+per call (:func:`use_kernels`), so the model is untouched outside jakiro's passes and
+``model.generate`` keeps its own code. A route is ``(owner, attribute, replacement)``: a
+layer instance's ``forward``, or the ``apply_rotary_pos_emb`` function of a model's
+``transformers`` module (that one is process-wide for the call; its numbers are Hugging
+Face's bit for bit, so a concurrent Hugging Face call is not affected).
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
 
+FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral")
 # Hugging Face classes whose forward is ``weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype)``
 # with the statistics in float32: what ``jakiro.ops.rms_norm`` computes.
-RMS_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+RMS_NORM_CLASSES = tuple(f"{family}RMSNorm" for family in FAMILIES)
+# Hugging Face attention classes that call their module's ``apply_rotary_pos_emb(q, k, cos, sin)``.
+ATTENTION_CLASSES = tuple(f"{family}Attention" for family in FAMILIES)
+# Half-precision queries above this many values keep Hugging Face's ops (the same numbers): the
+# kernel's conversions are scalar, so a long prompt's rotation is faster as tensor ops
+# (BENCHMARKS.md, rotary_embedding); decoding steps and trees are far below it.
+ROTARY_HALF_MAX_VALUES = 1 << 16
+_MISSING = object()
 
 
 class _LinearForward:
@@ -47,38 +60,61 @@ class _RmsNormForward:
         return torch.ops.jakiro.rms_norm(x, module.weight, module.variance_epsilon)
 
 
-def _is_hf_rms_norm(module: nn.Module) -> bool:
+class _RotaryFunction:
+    """``apply_rotary_pos_emb`` running ``torch.ops.jakiro.rotary_embedding`` on the CPU (the
+    module's own function for other devices, dtypes or layouts, and long half-precision blocks)."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim != 1 or q.device.type != "cpu" or not (q.dtype == k.dtype == cos.dtype == sin.dtype) \
+                or q.dim() != 4 or cos.dim() != 3 or (q.dtype != torch.float32 and q.numel() > ROTARY_HALF_MAX_VALUES):
+            return self.original(q, k, cos, sin, unsqueeze_dim)
+        return torch.ops.jakiro.rotary_embedding(q, k, cos, sin)
+
+
+def _from_transformers(module: nn.Module, names: tuple[str, ...]) -> bool:
     cls = type(module)
-    return (cls.__name__ in RMS_NORM_CLASSES and cls.__module__.startswith("transformers.")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon"))
+    return cls.__name__ in names and cls.__module__.startswith("transformers.")
 
 
-def cpu_routes(modules) -> list[tuple[nn.Module, object]]:
-    """The plain ``nn.Linear`` layers and Hugging Face RMSNorm layers (:data:`RMS_NORM_CLASSES`)
-    inside ``modules`` that sit on the CPU, each with its kernel forward. Subclasses
-    (quantised layers) and layers whose forward was already replaced on the instance
-    (accelerate's hooks) keep their own."""
+def cpu_routes(modules) -> list[tuple[object, str, object]]:
+    """The routes of the layers inside ``modules`` that sit on the CPU: plain ``nn.Linear``
+    layers, Hugging Face RMSNorms (:data:`RMS_NORM_CLASSES`) and the rotary embedding of
+    Hugging Face attention layers (:data:`ATTENTION_CLASSES`). Subclasses (quantised layers)
+    and layers whose forward was already replaced on the instance (accelerate's hooks) keep
+    their own."""
     routes = {}
     for module in modules:
         for m in module.modules():
             weight = getattr(m, "weight", None)
+            if _from_transformers(m, ATTENTION_CLASSES) and m.o_proj.weight.device.type == "cpu":
+                namespace = sys.modules[type(m).__module__]
+                original = namespace.__dict__.get("apply_rotary_pos_emb")
+                if original is not None and id(namespace) not in routes:
+                    routes[id(namespace)] = (namespace, "apply_rotary_pos_emb", _RotaryFunction(original))
             if id(m) in routes or "forward" in vars(m) or not isinstance(weight, torch.Tensor) \
                     or weight.device.type != "cpu":
                 continue
             if type(m) is nn.Linear:
-                routes[id(m)] = (m, _LinearForward(m))
-            elif _is_hf_rms_norm(m):
-                routes[id(m)] = (m, _RmsNormForward(m))
+                routes[id(m)] = (m, "forward", _LinearForward(m))
+            elif _from_transformers(m, RMS_NORM_CLASSES) and hasattr(m, "variance_epsilon"):
+                routes[id(m)] = (m, "forward", _RmsNormForward(m))
     return list(routes.values())
 
 
 @contextlib.contextmanager
 def use_kernels(routes):
-    """Runs each layer of ``routes`` (from :func:`cpu_routes`) through its kernel for the call."""
-    for module, forward in routes:
-        module.forward = forward
+    """Runs each route of ``routes`` (from :func:`cpu_routes`) through its kernel for the call."""
+    saved = [(owner, attribute, vars(owner).get(attribute, _MISSING)) for owner, attribute, _ in routes]
+    for owner, attribute, replacement in routes:
+        setattr(owner, attribute, replacement)
     try:
         yield
     finally:
-        for module, _ in routes:
-            del module.forward
+        for owner, attribute, previous in saved:
+            if previous is _MISSING:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, previous)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "rms_norm", "tree_attention",
+    "build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "rms_norm", "rotary_embedding",
+    "tree_attention",
     "TREE_ATTENTION_HEAD_DIMS", "tree_mask_words", "verify_greedy", "verify_sampling",
 ]
 
@@ -462,6 +463,38 @@ def _rms_norm_fake(x, weight, eps):
     torch._check(weight.dim() == 1 and x.dim() >= 1 and x.shape[-1] == weight.shape[0],
                  lambda: f"rms_norm: weight must have shape [H] with x's last dimension H, got {tuple(weight.shape)}")
     return torch.empty_like(x)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral) in one call:
+    ``x * cos + rotate_half(x) * sin`` for the queries and the keys, with
+    ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``.
+
+    Hugging Face runs it as about a dozen tensor ops per layer; on the CPU the kernel does
+    one pass per row and rounds exactly where they do (each product, then the sum, to the
+    input dtype), so its outputs are Hugging Face's bit for bit (``jakiro.cpu_kernels`` routes
+    a target's rotary embedding through it while decoding). On CUDA it is the same tensor
+    ops. Not differentiable (inference).
+
+    Args:
+        q: ``[B, Hq, T, D]``, float32, bfloat16 or float16, ``D`` even; any strides.
+        k: ``[B, Hkv, T, D]``, q's dtype and device.
+        cos, sin: ``[B, T, D]``, q's dtype and device (what the model's rotary embedding returns).
+
+    Returns:
+        ``(q_rotated, k_rotated)``, contiguous, in q's dtype.
+
+    Raises:
+        ValueError: naming the argument, for mismatched shapes, dtypes or devices.
+    """
+    return torch.ops.jakiro.rotary_embedding(q, k, cos, sin)
+
+
+@torch.library.register_fake("jakiro::rotary_embedding")
+def _rotary_embedding_fake(q, k, cos, sin):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rotary_embedding: q and k must have shape [B, H, T, D]")
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _expert_mlp_setup_context(ctx, inputs, output):

@@ -9,7 +9,7 @@ import torch
 
 __all__ = [
     "build_tree_mask", "compact_kv", "expert_mlp", "filtered_distribution", "grouped_gemm", "linear", "rms_norm",
-    "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling",
+    "rotary_embedding", "tree_attention", "tree_attention_visibility", "verify_greedy", "verify_sampling",
 ]
 
 
@@ -280,3 +280,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.to(torch.float32)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``jakiro.ops.rotary_embedding`` (no validation): Hugging Face's
+    ``apply_rotary_pos_emb`` with ``unsqueeze_dim=1``."""
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -4,8 +4,8 @@ import torch
 import jakiro
 
 # Every op schema in csrc/ops.cpp; a new op must be added here.
-ALL_OPS = ["build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "rms_norm", "tree_attention",
-           "verify_greedy", "verify_sampling"]
+ALL_OPS = ["build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "rms_norm", "rotary_embedding",
+           "tree_attention", "verify_greedy", "verify_sampling"]
 
 
 def test_build_info_reports_facts():

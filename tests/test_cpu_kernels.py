@@ -1,4 +1,5 @@
-"""jakiro.cpu_kernels: which nn.Linear and RMSNorm layers run on the kernels, and only for the call."""
+"""jakiro.cpu_kernels: which linear layers, RMSNorms and rotary embeddings run on the kernels, and only
+for the call."""
 import pytest
 import torch
 from torch import nn
@@ -6,6 +7,9 @@ from torch import nn
 from jakiro.cpu_kernels import cpu_routes, use_kernels
 from jakiro.target import TargetModel
 from jakiro.testing import make_tiny_target
+from transformers.models.llama import modeling_llama
+
+original_rotary = modeling_llama.apply_rotary_pos_emb
 
 
 class _QuantisedLinear(nn.Linear):
@@ -17,7 +21,7 @@ def test_routes_plain_cpu_linears_only():
     hooked.forward = lambda x: x                     # as accelerate's hooks replace it
     model = nn.Sequential(plain, nn.ReLU(), sub, nn.Sequential(hooked, plain))
     routes = cpu_routes([model])
-    assert [module for module, _ in routes] == [plain]
+    assert [owner for owner, _, _ in routes] == [plain]
 
 
 def test_routing_lasts_for_the_call(monkeypatch):
@@ -44,7 +48,7 @@ def test_routed_norms_match_hugging_face(family, dtype):
     # Every RMSNorm of the model (qwen3's q/k norms included) is routed, and gives Hugging Face's numbers.
     model = make_tiny_target(family, hidden=128, heads=2, kv_heads=1, head_dim=64, seed=4).to(dtype)
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
-    routed = [m for m, _ in cpu_routes([model]) if not isinstance(m, nn.Linear)]
+    routed = [m for m, attribute, _ in cpu_routes([model]) if attribute == "forward" and not isinstance(m, nn.Linear)]
     assert routed == norms and len(norms) == 2 * 2 + 1 + (2 * 2 if family == "qwen3" else 0)
     for norm in norms:
         x = torch.randn(3, 5, norm.weight.shape[0]).to(dtype)
@@ -68,8 +72,8 @@ def test_norm_with_another_dtype_keeps_hugging_faces_forward():
 def test_target_forward_on_the_kernels_matches_hugging_face(monkeypatch):
     model = make_tiny_target("llama", hidden=128, heads=2, kv_heads=1, head_dim=64, seed=3)
     target = TargetModel(model)
-    # q k v o gate up down and two norms per layer, the final norm, the LM head
-    assert len(target._kernel_routes) == (7 + 2) * 2 + 1 + 1
+    # q k v o gate up down and two norms per layer, the final norm, the LM head, the rotary function
+    assert len(target._kernel_routes) == (7 + 2) * 2 + 1 + 1 + 1
     ids = torch.randint(0, target.vocab_size, (2, 6))
     positions = torch.arange(6).expand(2, 6)
 
@@ -81,3 +85,42 @@ def test_target_forward_on_the_kernels_matches_hugging_face(monkeypatch):
     plain_logits, _ = run()
     torch.testing.assert_close(kernel_logits, plain_logits, rtol=1e-4, atol=1e-4)
     assert all("forward" not in vars(m) for m in model.modules())   # the model is untouched after the call
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_routed_rotary_embedding_is_hugging_faces_bit_for_bit(family, dtype):
+    # The rotary embedding alone routed: the numbers are exactly those of the model's own
+    # forward; with the norms routed too, within their float32 sums' reordering.
+    model = make_tiny_target(family, hidden=128, heads=2, kv_heads=1, head_dim=64, seed=6).to(dtype)
+    target = TargetModel(model)
+    rotary = [r for r in target._kernel_routes if r[1] == "apply_rotary_pos_emb"]
+    norms = [r for r in target._kernel_routes if r[1] == "forward" and not isinstance(r[0], nn.Linear)]
+    assert len(rotary) == 1 and norms
+    ids = torch.randint(0, target.vocab_size, (2, 7))
+    positions = torch.arange(3, 10).expand(2, 7)
+
+    def run(kernel_routes):
+        cache = target.new_cache(2, 12)
+        cache.lengths.fill_(3)
+        target._kernel_routes = kernel_routes
+        return target.forward(ids, positions, cache, cache.step(7))[0]
+    plain = run([])
+    assert torch.equal(run(rotary), plain)
+    torch.testing.assert_close(run(rotary + norms), plain, rtol=1e-5 if dtype == torch.float32 else 2e-2,
+                               atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_long_half_precision_blocks_keep_hugging_faces_rotary(monkeypatch):
+    # Above ROTARY_HALF_MAX_VALUES the tensor ops are faster (the kernel's conversions are
+    # scalar); both give the same numbers, so only the speed differs.
+    from jakiro import cpu_kernels
+    calls = []
+    rotary = cpu_kernels._RotaryFunction(lambda *args: calls.append(args[0].shape) or args[:2])
+    monkeypatch.setattr(cpu_kernels, "ROTARY_HALF_MAX_VALUES", 9 * 4 * 64)
+    for length, dtype in ((4, torch.bfloat16), (5, torch.bfloat16), (5, torch.float32)):
+        q, k = torch.randn(1, 9, length, 64).to(dtype), torch.randn(1, 3, length, 64).to(dtype)
+        cos, sin = torch.randn(1, length, 64).to(dtype), torch.randn(1, length, 64).to(dtype)
+        rotary(q, k, cos, sin)
+    assert calls == [(1, 9, 5, 64)]

@@ -86,7 +86,7 @@ def test_greedy_is_lossless_rigged_draft(device, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_verify_logits_equal_one_token_steps(family, dtype):
     # What exact greedy output rests on: on the CPU every op of a verify pass is batch-invariant
-    # (the linear kernel, tree_attention), so each tree node's logits are bit for bit those of
+    # (the linear, rms_norm, rotary_embedding and tree_attention kernels), so each tree node's logits are bit for bit those of
     # decoding its root->node path one token at a time, even in bfloat16, and past 512-key splits.
     target = TargetModel(make_tiny_target(family, seed=5, hidden=256, heads=4, kv_heads=2, intermediate=704).to(dtype))
     prefix, nodes = 500, 24

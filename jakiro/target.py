@@ -11,8 +11,8 @@ The model is called with ``use_cache=False`` and no ``attention_mask``: the cach
 tree mask live in the step, and positions come in as ``position_ids``.
 
 On the CPU the same call also runs the model's ``nn.Linear`` layers (the LM head included)
-through ``torch.ops.jakiro.linear`` and its RMSNorm layers through ``torch.ops.jakiro.rms_norm``
-(:mod:`jakiro.cpu_kernels`).
+through ``torch.ops.jakiro.linear``, its RMSNorm layers through ``torch.ops.jakiro.rms_norm`` and
+its rotary embedding through ``torch.ops.jakiro.rotary_embedding`` (:mod:`jakiro.cpu_kernels`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, finish, parser, time_fn  # noqa: E402
+from common import Report, call_counts, finish, parser, time_fn  # noqa: E402
 from jakiro import ops  # noqa: E402
 
 CASES = [(rows, hidden) for hidden in (576, 4096) for rows in (1, 8, 64, 512)]
@@ -28,8 +28,7 @@ def main(argv=None):
     device = torch.device(args.device)
     report = Report("rms_norm", device)
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
-    iters = min(args.iters, 20) if args.quick else args.iters
-    warmup = min(args.warmup, 2) if args.quick else args.warmup
+    warmup, iters = call_counts(args, quick_iters=20)
     gen = torch.Generator().manual_seed(0)
     for dtype in dtypes:
         for rows, hidden in QUICK_CASES if args.quick else CASES:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, finish, measure_copy_bandwidth, parser, time_fn  # noqa: E402
+from common import Report, call_counts, finish, measure_copy_bandwidth, parser, time_fn  # noqa: E402
 from jakiro import ops, reference  # noqa: E402
 from jakiro.testing import make_tree_attention_inputs  # noqa: E402
 
@@ -64,8 +64,7 @@ def main(argv=None):
         cases = CUDA_QUICK if args.quick else CUDA_CASES
     else:
         cases = CPU_QUICK if args.quick else CPU_CASES
-    iters = min(args.iters, 10) if args.quick else args.iters
-    warmup = min(args.warmup, 2) if args.quick else args.warmup
+    warmup, iters = call_counts(args, quick_iters=10)
     gen = torch.Generator().manual_seed(0)
     for batch, hq, hkv, head_dim, nodes, prefix in cases:
         # keys: prefix + tree keys per row, no spare room so SDPA sees exactly the valid keys

@@ -180,6 +180,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def call_counts(args, quick_iters: int) -> tuple[int, int]:
+    """``(warmup, iters)`` per case: the options', capped for a ``--quick`` smoke run."""
+    if args.quick:
+        return min(args.warmup, 2), min(args.iters, quick_iters)
+    return args.warmup, args.iters
+
+
 def finish(report: Report, args) -> None:
     path = report.save(args.out)
     print(f"\n## {report.name} on {device_name(report.device)}\n")

@@ -40,8 +40,8 @@ def greedy_must_match(device: torch.device, dtype: torch.dtype, total_tokens: in
     """Whether greedy speculative output is guaranteed to equal vanilla decoding's here.
 
     On the CPU every op of a verify pass is batch-invariant (the linear, rms_norm, rotary_embedding
-    and tree_attention kernels, and row-wise tensor ops),
-    so a tree node's logits are bit for bit those of a one-token step, in float32 and bfloat16.
+    and tree_attention kernels, and row-wise tensor ops), so a tree node's logits are bit for bit
+    those of a one-token step, in float32 and bfloat16.
     On CUDA the GEMM and attention kernels sum a tree and a single token in different orders; in
     float32 the logits differ by ~1e-5, far below the gap between the two best tokens in
     practice, but half precision can grow that to ~1e-2 and flip a near-tie.

@@ -19,7 +19,7 @@ Only the first tree level reads target features when decoding; deeper levels rea
 own predictions, which this probe does not train (EAGLE-3 pairs the fusion with its
 training-time test). A gain here is the upper bound of what the fusion gives level 1.
 
-    python scripts/probe_feature_layers.py --data runs/smollm2/features --steps 300
+    python scripts/probe_feature_layers.py --data DATAGEN_FOLDER   # the defaults are TRAINING.md's run
 """
 from __future__ import annotations
 
@@ -74,14 +74,14 @@ def batches(samples, batch_size, max_len, generator):
         yield ids, feats, mask
 
 
-def step_outputs(draft, fuse, ids, feats, hidden_size, width_used):
+def step_outputs(draft, fuse, ids, feats, width_used):
     """Draft predictions at positions 0..S-2 for f_{t+1}, from (fused feature at t, token t+1)."""
     inputs = fuse(feats[:, :-1, -width_used:])
     positions = torch.arange(ids.shape[1] - 1).expand(ids.shape[0], -1)
     return draft(inputs, ids[:, 1:], positions).mixture
 
 
-def losses(draft, head, out, feats, mask, hidden_size):
+def losses(head, out, feats, mask, hidden_size):
     """The authors' loss on pass 0: SmoothL1 to f_{t+1} + 0.1 x soft cross-entropy; and top-1 hits."""
     target_next = feats[:, 1:, -hidden_size:]
     m = mask[:, 1:]
@@ -98,17 +98,18 @@ def losses(draft, head, out, feats, mask, hidden_size):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a `jakiro datagen` folder (its tokens and loss masks are used)")
     parser.add_argument("--draft", default=None, help="draft to fine-tune (default: the shipped EAGLE-2 configuration)")
-    parser.add_argument("--layers", default="3,15", help="hidden_states indices fused with the last feature")
-    parser.add_argument("--conversations", type=int, default=600, help="conversations read from --data")
-    parser.add_argument("--held-out", type=int, default=60, help="the last N of them, never trained on")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--layers", default="3,16,28",
+                        help="hidden_states indices fused with the last feature (default: EAGLE-3's low/mid/high for 30 layers)")
+    parser.add_argument("--conversations", type=int, default=1000, help="conversations read from --data")
+    parser.add_argument("--held-out", type=int, default=100, help="the last N of them, never trained on")
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, after a warm-up of steps/10")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
@@ -148,8 +149,8 @@ def main():
                 for s in held_out:
                     ids, feats, mask = (s["ids"][:args.max_len].unsqueeze(0), s["features"][:args.max_len].unsqueeze(0),
                                         s["mask"][:args.max_len].unsqueeze(0))
-                    out = step_outputs(v["draft"], v["fuse"], ids, feats, hidden, v["width"])
-                    _, h, n = losses(v["draft"], head, out, feats, mask, hidden)
+                    out = step_outputs(v["draft"], v["fuse"], ids, feats, v["width"])
+                    _, h, n = losses(head, out, feats, mask, hidden)
                     hits, total = hits + float(h), total + float(n)
                 result[name] = round(hits / total, 4)
         return result
@@ -161,8 +162,8 @@ def main():
     while step < args.steps:
         for ids, feats, mask in batches(train, args.batch_size, args.max_len, generator):
             for name, v in variants.items():
-                out = step_outputs(v["draft"], v["fuse"], ids, feats, hidden, v["width"])
-                loss, h, n = losses(v["draft"], head, out, feats, mask, hidden)
+                out = step_outputs(v["draft"], v["fuse"], ids, feats, v["width"])
+                loss, h, n = losses(head, out, feats, mask, hidden)
                 for group in v["optimizer"].param_groups:   # linear warm-up over the first 10% of steps
                     group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.steps // 10))
                 v["optimizer"].zero_grad(set_to_none=True)

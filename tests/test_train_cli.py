@@ -128,6 +128,7 @@ DDP_SCRIPT = textwrap.dedent("""
     draft = JakiroDraft.from_target(target)
     config = TrainConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=2, checkpoint_every=100, noise=0.2, seed=3)
     Trainer(draft, FeatureDataset(data), out, config, progress=False).train()
+    JakiroDraft.from_pretrained(f"{out}/draft", target)   # train() returns once rank 0 has written it
     torch.save(draft.state_dict(), f"{out}/rank{torch.distributed.get_rank()}.pt")
     torch.distributed.destroy_process_group()
 """)

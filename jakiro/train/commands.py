@@ -156,10 +156,6 @@ def train_command(args) -> int:
                              loss_vocab=args.loss_vocab, rounds=args.rounds)
         trainer = Trainer(draft, dataset, args.out, config, progress=not args.no_progress)
         metrics = trainer.train(resume=args.resume)
-        if distributed:
-            # Every rank past its last collective before any tears down: a gloo rank whose peer
-            # closes its connections first can abort ("terminate called", seen once in CI).
-            torch.distributed.barrier()
     except ValueError as error:
         raise SystemExit(str(error)) from None
     finally:

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from jakiro.draft import JakiroDraft
 from jakiro.models import load_target, shipped_draft
 from jakiro.train.data import FeatureDataset
+from jakiro.train.loss import TargetDistribution, branch_terms
 
 
 class FusedInput(nn.Module):
@@ -82,19 +83,13 @@ def step_outputs(draft, fuse, ids, feats, width_used):
 
 
 def losses(head, out, feats, mask, hidden_size):
-    """The authors' loss on pass 0: SmoothL1 to f_{t+1} + 0.1 x soft cross-entropy; and top-1 hits."""
-    target_next = feats[:, 1:, -hidden_size:]
-    m = mask[:, 1:]
-    with torch.no_grad():
-        target_logits = head(target_next.to(head.weight.dtype)).float()
-        p_star = target_logits.softmax(-1)
-    logits = head(out.to(head.weight.dtype)).float()
-    ce = -(p_star * logits.log_softmax(-1)).sum(-1)
-    smooth = F.smooth_l1_loss(out.float(), target_next, reduction="none").mean(-1)
-    denom = m.sum().clamp(min=1)
-    loss = ((smooth + 0.1 * ce) * m).sum() / denom
-    hits = ((logits.argmax(-1) == target_logits.argmax(-1)).float() * m).sum()
-    return loss, hits, m.sum()
+    """The authors' loss on pass 0 (jakiro's training loss without the contrastive branch):
+    SmoothL1 to f_{t+1} + 0.1 x soft cross-entropy; and the count of top-1 hits, of positions."""
+    trained = mask[:, 1:]
+    last = feats[..., -hidden_size:]
+    distribution = TargetDistribution.of(last, F.pad(trained, (1, 0)), head)
+    smooth, ce, top1, _ = branch_terms(out, last[:, 1:], trained, head, distribution.row[:, 1:], distribution)
+    return smooth + 0.1 * ce, top1 * trained.sum().clamp(min=1), trained.sum()   # top1 is hits / clamped count
 
 
 def main():

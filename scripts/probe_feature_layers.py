@@ -6,10 +6,10 @@ asks whether the extra layers carry information a one-layer draft can use, on Sm
 
 1. the target (bfloat16) reruns the conversations of a ``jakiro datagen`` folder and keeps,
    per token, its last-layer feature (after the final norm, what jakiro trains on) and the
-   residual stream after two more layers (``--layers``), each RMS-normalised;
+   residual stream after the ``--layers`` (default: three), each RMS-normalised;
 2. two copies of a trained draft (default: the shipped EAGLE-2 configuration) are fine-tuned
    side by side on the same batches, one pass each, for ``--steps`` steps: the *baseline*
-   reads ``fuse(f_last)``, the *fused* copy reads ``fuse([h_low; h_mid; f_last])``, where
+   reads ``fuse(f_last)``, the *fused* copy reads ``fuse([h_low; h_mid; h_high; f_last])``, where
    ``fuse`` is a new linear layer that starts as the identity on ``f_last`` (so both start as
    the trained draft), trained with everything else;
 3. both are scored on held-out conversations: top-1 agreement with the target's next token
@@ -84,7 +84,7 @@ def step_outputs(draft, fuse, ids, feats, width_used):
 
 def losses(head, out, feats, mask, hidden_size):
     """The authors' loss on pass 0 (jakiro's training loss without the contrastive branch):
-    SmoothL1 to f_{t+1} + 0.1 x soft cross-entropy; and the count of top-1 hits, of positions."""
+    SmoothL1 to f_{t+1} + 0.1 x soft cross-entropy; and the numbers of top-1 hits and of positions."""
     trained = mask[:, 1:]
     last = feats[..., -hidden_size:]
     distribution = TargetDistribution.of(last, F.pad(trained, (1, 0)), head)

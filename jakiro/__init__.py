@@ -5,8 +5,24 @@ under ``torch.ops.jakiro``; ``jakiro.ops`` holds their Python wrappers.
 """
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
-from jakiro import _C  # registers torch.ops.jakiro.*
-from jakiro import ops  # noqa: F401  (fake implementations for torch.compile)
+
+def _check_built_against(running: str) -> None:
+    """Refuses, in one line naming both versions, compiled ops built against another torch: loading
+    them would fail with an undefined symbol at best and crash on a changed ABI at worst."""
+    try:
+        from jakiro._built_with import TORCH_VERSION as built
+    except ImportError:
+        raise ImportError("jakiro's compiled ops are missing: build them with `bash scripts/setup.sh` or "
+                          "`pip install --no-build-isolation .` in the checkout") from None
+    if built != running:
+        raise ImportError(f"jakiro's compiled ops were built against torch {built}, but torch {running} is "
+                          "installed: rebuild jakiro with this torch (`pip install --no-build-isolation` "
+                          "in the checkout, or `bash scripts/setup.sh`)")
+
+
+_check_built_against(torch.__version__)
+from jakiro import _C  # noqa: E402  (registers torch.ops.jakiro.*)
+from jakiro import ops  # noqa: F401,E402  (fake implementations for torch.compile)
 
 # The model-level API imports transformers: load it on first use, so op-only users don't pay.
 _LAZY = {"DraftConfig": "jakiro.draft", "JakiroDraft": "jakiro.draft", "GenerationResult": "jakiro.generate",

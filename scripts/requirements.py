@@ -2,7 +2,8 @@
 
 Used by scripts/setup.sh: build requirements, run-time dependencies and the
 given extras (default: test), so a --no-build-isolation install finds them;
-``data``: the packages to install with --no-deps (the default target and datasets).
+``data``: the packages to install with --no-deps (the default target and datasets);
+``build-tools``: only the tools a --no-build-isolation build needs beside torch.
 """
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ except ImportError:  # Python 3.10: pip vendors the same parser
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 extras = sys.argv[1:] or ["test"]
+if extras == ["build-tools"]:
+    print("\n".join(project["project"]["optional-dependencies"]["build"]))
+    sys.exit(0)
 if extras == ["data"]:
     print("\n".join(project["tool"]["jakiro"]["data-packages"]))
     sys.exit(0)

@@ -1,6 +1,8 @@
 """The draft trainer: data shards, learning, exact resume, torchrun DDP."""
 import json
 import os
+import pickle
+import shlex
 
 import pytest
 import torch
@@ -97,14 +99,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run(target, data_dir, tmp_path)
 
     interrupted = _draft(target)
     Trainer(interrupted, dataset, str(tmp_path / "resumed"), config, progress=False).train(stop_after=7)
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_00000005.pt", "step_00000007.pt"]
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_00000005.safetensors",
+                                                                       "step_00000007.safetensors"]
     torch.manual_seed(123)   # the resumed run must not depend on the state of the new process
     resumed = _draft(target, seed=99)
     Trainer(resumed, dataset, str(tmp_path / "resumed"), config, progress=False).train(resume=True)
     expected = _weights(straight)
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, expected[name]), name
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_00000010.pt", "step_00000012.pt"]
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["step_00000010.safetensors",
+                                                                       "step_00000012.safetensors"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / LOG_NAME).read_text().splitlines()]
     assert steps == list(range(1, 13))
 
@@ -114,6 +118,54 @@ def test_resume_without_checkpoint_is_an_error(target, data_dir, tmp_path):
                       progress=False)
     with pytest.raises(ValueError, match="holds no checkpoint"):
         trainer.train(resume=True)
+
+
+class _Payload:
+    """Unpickling this runs ``touch marker``: a hostile checkpoint's payload."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def test_checkpoint_is_safetensors_with_json_metadata(target, data_dir, tmp_path):
+    from safetensors import safe_open
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=2, k_step=0)
+    Trainer(_draft(target), FeatureDataset(str(data_dir)), str(tmp_path), config, progress=False).train()
+    with safe_open(str(tmp_path / "checkpoints" / "step_00000002.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["jakiro_checkpoint"])
+        names = list(f.keys())
+    assert meta["step"] == 2 and meta["format"] == 1
+    assert "rng/torch" in names and any(n.startswith("optimizer/") for n in names)
+
+
+def test_hostile_or_old_checkpoint_is_refused_without_running_it(target, data_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(_Payload(live)))     # the payload works when unpickled...
+    assert live.exists()
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    trainer = Trainer(_draft(target), FeatureDataset(str(data_dir)), str(tmp_path / "run"), TrainConfig(steps=2),
+                      progress=False)
+    # ...but never when resuming: an old torch.save checkpoint is named as such, not unpickled.
+    torch.save({"step": _Payload(marker)}, folder / "step_00000001.pt")
+    with pytest.raises(ValueError, match="step_00000001.pt is in the old pickle format"):
+        trainer.train(resume=True)
+    # The same pickle, or a bare one, under the current suffix.
+    (folder / "step_00000002.safetensors").write_bytes((folder / "step_00000001.pt").read_bytes())
+    with pytest.raises(ValueError, match="step_00000002.safetensors is in the old pickle format"):
+        trainer.train(resume=True)
+    (folder / "step_00000003.safetensors").write_bytes(pickle.dumps({"step": _Payload(marker)}, protocol=2))
+    with pytest.raises(ValueError, match="step_00000003.safetensors is in the old pickle format"):
+        trainer.train(resume=True)
+    (folder / "step_00000004.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="step_00000004.safetensors cannot be read"):
+        trainer.train(resume=True)
+    assert not marker.exists()
+    assert trainer.step == 0
 
 
 def test_expert_mlp_runs_in_the_autocast_dtype(device):

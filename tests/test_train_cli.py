@@ -45,7 +45,8 @@ def test_cli_datagen_then_train(saved_target):
                      "--draft-config", "num_experts=3", "--device", "cpu", "--no-progress"]) == 0
     draft = JakiroDraft.from_pretrained(root / "run" / "draft", target)
     assert draft.config.num_experts == 3
-    assert sorted(os.listdir(root / "run" / "checkpoints")) == ["step_00000002.pt", "step_00000003.pt"]
+    assert sorted(os.listdir(root / "run" / "checkpoints")) == ["step_00000002.safetensors",
+                                                                  "step_00000003.safetensors"]
     # The training data's token counts travel with the draft: they choose a reduced drafting vocabulary.
     counts = token_counts(str(root / "features"), target.config.vocab_size)
     assert int(counts.sum()) == sum(len(FeatureDataset(str(root / "features"))[i]["input_ids"]) for i in range(6))

@@ -11,6 +11,11 @@ processes equal one process with the same global batch:
 * the noise of a conversation depends only on (seed, epoch, its index), not on the rank,
   the batch it lands in or its padding;
 * a checkpoint holds the weights, the optimizer, the scheduler, the step and the RNG states.
+
+Checkpoints are safetensors files: the tensors (weights, optimizer moments, RNG states) as
+tensors and everything else (step, scheduler, optimizer settings, Python's RNG) as JSON in
+the file's metadata. Nothing is unpickled, so a checkpoint cannot run code when it is read;
+the pickled ``step_N.pt`` files of earlier versions are refused.
 """
 from __future__ import annotations
 
@@ -27,6 +32,10 @@ from jakiro.train.data import FeatureDataset, collate, token_counts
 from jakiro.train.loss import LossWeights, TargetDistribution, jakiro_loss
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_SUFFIX = ".safetensors"
+OLD_CHECKPOINT_SUFFIX = ".pt"     # torch.save pickles of earlier versions: refused, never unpickled
+CHECKPOINT_FORMAT = 1
+_METADATA_KEY = "jakiro_checkpoint"
 LOG_NAME = "train_log.jsonl"
 FINAL_DIR = "draft"
 ROUND_DECAY = 0.8   # weight of training-time-test pass r: ROUND_DECAY ** r (EAGLE-3's)
@@ -81,7 +90,7 @@ class _Rollout(torch.nn.Module):
 class Trainer:
     """Trains ``draft`` (a :class:`jakiro.draft.JakiroDraft` bound to its target) on ``dataset``.
 
-    Writes ``out_dir/train_log.jsonl``, ``out_dir/checkpoints/step_N.pt`` and, at the end,
+    Writes ``out_dir/train_log.jsonl``, ``out_dir/checkpoints/step_N.safetensors`` and, at the end,
     ``out_dir/draft`` (``save_pretrained``). Under torchrun (``torch.distributed`` initialised
     before construction) the draft is wrapped in DDP and only rank 0 writes files.
     """
@@ -132,46 +141,102 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> str:
-        return os.path.join(self.out_dir, CHECKPOINT_DIR, f"step_{step:08d}.pt")
+        return os.path.join(self.out_dir, CHECKPOINT_DIR, f"step_{step:08d}{CHECKPOINT_SUFFIX}")
 
     def save_checkpoint(self):
         if self.rank != 0:
             return
+        from safetensors.torch import save_file
         os.makedirs(os.path.join(self.out_dir, CHECKPOINT_DIR), exist_ok=True)
-        state = {"step": self.step, "draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        tensors = {f"draft/{name}": t for name, t in self.draft.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        values = {}   # the optimizer state's non-tensor entries (none for AdamW)
+        for index, entries in optimizer["state"].items():
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{name}"] = value
+                else:
+                    values.setdefault(str(index), {})[name] = value
+        tensors["rng/torch"] = torch.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        for i, state in enumerate(cuda_states):
+            tensors[f"rng/cuda/{i}"] = state
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "config": asdict(self.config),
+                "scheduler": self.scheduler.state_dict(),
+                "optimizer": {"param_groups": optimizer["param_groups"], "values": values},
+                "rng": {"python": random.getstate(), "cuda": len(cuda_states)}}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         path = self.checkpoint_path(self.step)
-        torch.save(state, path + ".tmp")
+        save_file(tensors, path + ".tmp", metadata={_METADATA_KEY: json.dumps(meta)})
         os.replace(path + ".tmp", path)
         if self.config.keep_checkpoints > 0:
-            for old in self._checkpoints()[:-self.config.keep_checkpoints]:
+            ours = [p for p in self._checkpoints() if p.endswith(CHECKPOINT_SUFFIX)]
+            for old in ours[:-self.config.keep_checkpoints]:
                 os.remove(old)
 
     def _checkpoints(self) -> list[str]:
+        """Checkpoint files in step order, old pickled ones included (so that resuming names them)."""
         folder = os.path.join(self.out_dir, CHECKPOINT_DIR)
         if not os.path.isdir(folder):
             return []
-        return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("step_") and n.endswith(".pt")]
+        suffixes = (CHECKPOINT_SUFFIX, OLD_CHECKPOINT_SUFFIX)
+        names = [n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(suffixes)]
+        # At the same step the current format sorts last, i.e. wins.
+        names.sort(key=lambda n: (n.rsplit(".", 1)[0], n.endswith(CHECKPOINT_SUFFIX)))
+        return [os.path.join(folder, n) for n in names]
 
     def latest_checkpoint(self) -> str | None:
         paths = self._checkpoints()
         return paths[-1] if paths else None
 
     def load_checkpoint(self, path: str):
+        """Restores a checkpoint written by :meth:`save_checkpoint`. Only safetensors is parsed:
+        a pickle (an old ``.pt`` checkpoint, or any file that is not safetensors) is refused
+        without being unpickled, so loading never runs code from the file."""
+        from safetensors import SafetensorError, safe_open
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
+            with open(path, "rb") as f:
+                start = f.read(9)
+        except OSError as error:
             raise ValueError(f"jakiro train: checkpoint {path} cannot be read: {error}") from None
-        self.draft.load_state_dict(state["draft"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # safetensors: an 8-byte header length, then the JSON header. torch.save: a zip archive
+        # (PK..) or, in its older format, a bare pickle (0x80).
+        pickled = start[8:9] != b"{" and start.startswith((b"PK\x03\x04", b"\x80"))
+        if path.endswith(OLD_CHECKPOINT_SUFFIX) or pickled:
+            raise ValueError(f"jakiro train: checkpoint {path} is in the old pickle format (torch.save), which "
+                             "is no longer loaded: unpickling can run arbitrary code. Checkpoints are now "
+                             f"step_N{CHECKPOINT_SUFFIX}; restart the run without --resume, or move the old "
+                             "checkpoints away")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = json.loads((f.metadata() or {})[_METADATA_KEY])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
+            draft = {name[len("draft/"):]: t for name, t in tensors.items() if name.startswith("draft/")}
+            state = {int(index): dict(entries) for index, entries in meta["optimizer"]["values"].items()}
+            for name, t in tensors.items():
+                if name.startswith("optimizer/"):
+                    _, index, key = name.split("/", 2)
+                    state.setdefault(int(index), {})[key] = t
+            # JSON has no tuples; AdamW's betas were one.
+            groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+                      for group in meta["optimizer"]["param_groups"]]
+            python_rng = meta["rng"]["python"]
+            python_rng = (python_rng[0], tuple(python_rng[1]), python_rng[2])
+            cuda_rng = [tensors[f"rng/cuda/{i}"] for i in range(meta["rng"]["cuda"])]
+            torch_rng, step, scheduler = tensors["rng/torch"], int(meta["step"]), meta["scheduler"]
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"jakiro train: checkpoint {path} cannot be read (not a jakiro safetensors "
+                             f"checkpoint): {error}") from None
+        self.draft.load_state_dict(draft)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.scheduler.load_state_dict(scheduler)
+        self.step = step
+        torch.set_rng_state(torch_rng)
+        random.setstate(python_rng)
+        if cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
 
     # ------------------------------------------------------------------ training
     def _noise(self, epoch: int, index: int, length: int) -> torch.Tensor:

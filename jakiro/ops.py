@@ -24,6 +24,18 @@ def tree_mask_words(num_nodes):
     return (num_nodes + 31) // 32
 
 
+def _check_devices(op: str, **tensors):
+    """The kernels' device check, repeated in the fake implementations: one meta tensor among
+    CPU or CUDA arguments routes the whole call to the fake (Meta outranks every other backend
+    in dispatch), which would otherwise return uninitialised memory or, for compact_kv, do
+    nothing. Every tensor must be on the first one's device."""
+    given = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = given[0]
+    for name, t in given[1:]:
+        torch._check_value(t.device == first.device, lambda: f"{op}: {first_name} and {name} must be on the same "
+                                                             f"device, got {first.device} and {t.device}")
+
+
 def build_tree_mask(parents: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Ancestor bitmask and depth of every node of a batch of trees (DESIGN.md §4, §5.1).
 
@@ -113,6 +125,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 @torch.library.register_fake("jakiro::tree_attention")
 def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len, scale, validate=True):
+    _check_devices("tree_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                   tree_mask=tree_mask)
     torch._check(q.dim() == 4, lambda: f"tree_attention: q must have shape [B, Hq, Nq, D], got {tuple(q.shape)}")
     torch._check(k_cache.dim() == 4 and v_cache.dim() == 4,
                  lambda: "tree_attention: k_cache and v_cache must have shape [B, Hkv, S, D]")
@@ -205,7 +219,9 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.T
     Args:
         tokens, parents: as in :func:`verify_greedy`.
         logits: float32/float16/bfloat16 ``[B, N, V]``, ``1 <= V <= 262144``; each visited
-            row must have a finite maximum (``-inf`` entries are fine: probability 0).
+            row must have a finite maximum (``-inf`` entries are fine: probability 0). A row
+            with NaN, ``+inf`` or only ``-inf`` has no distribution to sample: a ValueError when
+            validating (rows with temperature 0 are greedy and take NaN as the maximum).
         temperature: float32 ``[B]`` or a float, finite and ``>= 0``. ``0`` means greedy:
             that row is decided exactly as :func:`verify_greedy` (uniforms, top-k, top-p
             and draft_probs are ignored for it).
@@ -215,14 +231,20 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.T
             given (they should sum to 1).
         uniforms: float32 ``[B, N, 2]`` in ``[0, 1)``; drawn with ``torch.rand`` on the
             logits' device from ``generator`` (or a fresh one seeded with ``seed``) when None.
-        validate: as in :func:`verify_greedy`; also checks temperature, top_p and top_k.
+            At the boundary, ``0`` accepts exactly the tokens of positive probability and draws
+            the first token of positive weight; a value below 0, at or above 1, or NaN would
+            accept tokens the target cannot emit, and is a ValueError when validating.
+        validate: as in :func:`verify_greedy`; also checks temperature, top_p, top_k, the
+            uniforms and the visited logits rows (on CUDA the uniforms are checked on the
+            device and read back with the kernel's error flag: still one synchronisation).
 
     Returns:
         ``(accept_len, path, next_token)`` as in :func:`verify_greedy`.
 
     Raises:
         ValueError: naming the argument, for a wrong dtype, rank, size or device, an illegal
-        parent, an out-of-range token id or sampling setting.
+        parent, an out-of-range token id, sampling setting or uniform, or a visited logits
+        row without a finite maximum.
     """
     batch, n = parents.shape[0], parents.shape[1]
     device = logits.device
@@ -255,7 +277,8 @@ def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, a
 
     Args:
         kv: ``[L, 2, B, Hkv, S, D]`` of any dtype, contiguous in ``D`` (other strides free),
-            modified in place.
+            modified in place. Elements must not share memory (e.g. an ``expand``-ed batch
+            dimension): such a tensor is refused, as torch's own in-place ops refuse it.
         prefix_len: int32 ``[B]``, where each row's tree starts in the cache.
         path: int32 ``[B, N]`` as returned by :func:`verify_greedy` / :func:`verify_sampling`.
         accept_len: int32 ``[B]``, ``0 <= accept_len < N``.
@@ -264,8 +287,9 @@ def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, a
             silently (never out of bounds). The CPU kernel always validates.
 
     Raises:
-        ValueError: naming the argument, for a wrong dtype, rank, size or device, or a move
-        outside ``[0, S)``.
+        ValueError: naming the argument, for a wrong dtype, rank, size or device, a
+        self-overlapping ``kv`` (or index tensors that share its memory), or a move outside
+        ``[0, S)``.
     """
     torch.ops.jakiro.compact_kv(kv, prefix_len, path, accept_len, validate)
 
@@ -279,17 +303,21 @@ def _verify_outputs_fake(tokens, parents, logits):
 
 @torch.library.register_fake("jakiro::verify_greedy")
 def _verify_greedy_fake(tokens, parents, logits, validate=True):
+    _check_devices("verify_greedy", tokens=tokens, parents=parents, logits=logits)
     return _verify_outputs_fake(tokens, parents, logits)
 
 
 @torch.library.register_fake("jakiro::verify_sampling")
 def _verify_sampling_fake(tokens, parents, logits, uniforms, temperature, top_p, top_k, draft_probs=None,
                           validate=True):
+    _check_devices("verify_sampling", tokens=tokens, parents=parents, logits=logits, uniforms=uniforms,
+                   temperature=temperature, top_p=top_p, top_k=top_k, draft_probs=draft_probs)
     return _verify_outputs_fake(tokens, parents, logits)
 
 
 @torch.library.register_fake("jakiro::compact_kv")
 def _compact_kv_fake(kv, prefix_len, path, accept_len, validate=True):
+    _check_devices("compact_kv", kv=kv, prefix_len=prefix_len, path=path, accept_len=accept_len)
     return None
 def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts combined per routing head, in one pass over the experts (DESIGN.md §5.3).
@@ -368,6 +396,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
 
 @torch.library.register_fake("jakiro::expert_mlp")
 def _expert_mlp_fake(x, w_gate_up, w_down, coeff):
+    _check_devices("expert_mlp", x=x, w_gate_up=w_gate_up, w_down=w_down, coeff=coeff)
     torch._check(x.dim() == 2, lambda: f"expert_mlp: x must have shape [T, H], got {tuple(x.shape)}")
     torch._check(coeff.dim() == 3, lambda: f"expert_mlp: coeff must have shape [T, R, E], got {tuple(coeff.shape)}")
     return x.new_empty((coeff.shape[1], x.shape[0], x.shape[1]))
@@ -375,6 +404,7 @@ def _expert_mlp_fake(x, w_gate_up, w_down, coeff):
 
 @torch.library.register_fake("jakiro::grouped_gemm")
 def _grouped_gemm_fake(x, w, expert_offsets, validate=True):
+    _check_devices("grouped_gemm", x=x, w=w, expert_offsets=expert_offsets)
     torch._check(x.dim() == 2, lambda: f"grouped_gemm: x must have shape [T, K], got {tuple(x.shape)}")
     torch._check(w.dim() == 3, lambda: f"grouped_gemm: w must have shape [E, N, K], got {tuple(w.shape)}")
     return x.new_empty((x.shape[0], w.shape[1]))
@@ -408,6 +438,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 @torch.library.register_fake("jakiro::linear")
 def _linear_fake(x, weight, bias=None):
+    _check_devices("linear", x=x, weight=weight, bias=bias)
     torch._check(weight.dim() == 2, lambda: f"linear: weight must have shape [N, K], got {tuple(weight.shape)}")
     torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
                  lambda: f"linear: x's last dimension must equal weight's K ({weight.shape[1]})")
@@ -460,6 +491,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @torch.library.register_fake("jakiro::rms_norm")
 def _rms_norm_fake(x, weight, eps):
+    _check_devices("rms_norm", x=x, weight=weight)
     torch._check(weight.dim() == 1 and x.dim() >= 1 and x.shape[-1] == weight.shape[0],
                  lambda: f"rms_norm: weight must have shape [H] with x's last dimension H, got {tuple(weight.shape)}")
     return torch.empty_like(x)
@@ -493,6 +525,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 @torch.library.register_fake("jakiro::rotary_embedding")
 def _rotary_embedding_fake(q, k, cos, sin):
+    _check_devices("rotary_embedding", q=q, k=k, cos=cos, sin=sin)
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rotary_embedding: q and k must have shape [B, H, T, D]")
     return q.new_empty(q.shape), k.new_empty(k.shape)
 

@@ -138,6 +138,35 @@ def test_bad_input_raises_clear_error(device, make_bad, message):
         assert torch.equal(kv, before)
 
 
+def test_overlapping_kv_is_refused(device):
+    # An expanded batch dimension: both rows are the same memory, so row 1's moves would
+    # overwrite row 0's. Refused, as torch's in-place ops refuse it, with nothing written.
+    kv, prefix_len, path, accept_len = (t.to(device) for t in good_inputs())
+    kv = torch.randn_like(kv)
+    shared = kv[:, :, :1].expand(-1, -1, 2, -1, -1, -1)
+    before = kv.clone()
+    with pytest.raises(ValueError, match="compact_kv: kv has elements that share memory"):
+        ops.compact_kv(shared, prefix_len, path, accept_len)
+    assert torch.equal(kv, before)
+    # An index tensor inside kv's memory would change under the moves.
+    flat = torch.zeros(2 * 2 * 2 * 12 * 4, dtype=torch.int32, device=device)
+    kv_int = flat.view(2, 2, 2, 1, 12, 4)
+    with pytest.raises(ValueError, match="compact_kv: path shares memory with kv"):
+        ops.compact_kv(kv_int, prefix_len, flat[:8].view(2, 4), accept_len)
+
+
+@pytest.mark.parametrize("arg", [0, 1, 2, 3])
+def test_meta_tensor_with_cpu_tensors_is_refused(arg):
+    args = good_inputs()
+    args[0] = torch.randn_like(args[0])
+    before = args[0].clone()
+    args[arg] = args[arg].to("meta")
+    with pytest.raises(ValueError, match="compact_kv: kv and .* must be on the same device, got"):
+        ops.compact_kv(*args)
+    if arg != 0:
+        assert torch.equal(args[0], before)
+
+
 @pytest.mark.cuda
 def test_mixed_devices_rejected():
     kv, prefix_len, path, accept_len = good_inputs()

@@ -122,6 +122,58 @@ def test_top_k_one_is_greedy(device):
         assert torch.equal(g.cpu(), w)
 
 
+@pytest.mark.parametrize("drafts", ["point", "sampled"])
+def test_uniforms_at_the_boundaries_with_top_k_one(device, drafts):
+    # top_k = 1 leaves token 3 alone at the root: child 1 (token 5) has probability 0, child 2
+    # (token 3) probability 1. At both ends of [0, 1) the first is refused, the second accepted,
+    # and the leaf's token is its row's top-1.
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(1, 3, 8, generator=gen)
+    logits[0, 0, 3] = 10.0
+    tokens = torch.tensor([[0, 5, 3]])
+    parents = torch.tensor([[-1, 0, 0]], dtype=torch.int32)
+    q = torch.full((1, 3, 8), 1 / 8) if drafts == "sampled" else None
+    for u in (0.0, 1.0 - 2.0 ** -24):
+        uniforms = torch.full((1, 3, 2), u)
+        got = ops.verify_sampling(tokens.to(device), parents.to(device), logits.to(device), 0.8, 1.0, 1,
+                                  draft_probs=None if q is None else q.to(device), uniforms=uniforms.to(device))
+        accept_len, path, next_token = (t.cpu() for t in got)
+        assert accept_len.tolist() == [1] and path.tolist() == [[0, 2, -1]], u
+        assert next_token.tolist() == [int(logits[0, 2].argmax())], u
+    # Outside [0, 1) the same call would accept token 5 (u < 0) or draw past the survivors.
+    for u in (-1e-3, 1.0, float("nan")):
+        uniforms = torch.full((1, 3, 2), 0.5)
+        uniforms[0, 1, 0] = u
+        with pytest.raises(ValueError, match=r"verify_sampling: uniforms\[0, 1, 0\] = .* must be in \[0, 1\)"):
+            ops.verify_sampling(tokens.to(device), parents.to(device), logits.to(device), 0.8, 1.0, 1,
+                                uniforms=uniforms.to(device))
+
+
+def test_logits_without_a_finite_maximum(device):
+    # A visited node of a sampled row needs a finite maximum; a greedy row (temperature 0) takes
+    # NaN as its maximum, and a node the walk never visits is not read.
+    logits = torch.zeros(2, 3, 8)
+    logits[:, 0, 3] = 5.0
+    tokens = torch.tensor([[0, 6, 3], [0, 6, 3]])
+    parents = torch.tensor([[-1, 0, 0], [-1, 0, 1]], dtype=torch.int32)
+    dev = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    for bad in (float("nan"), float("inf")):
+        row = logits.clone()
+        row[1, 0, 0] = bad
+        with pytest.raises(ValueError, match=rf"verify_sampling: logits\[1, 0\] has no finite maximum \(max = {bad}\)"):
+            ops.verify_sampling(*dev(tokens, parents, row), 1.0, 1.0, 0, seed=0)
+    row = logits.clone()
+    row[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"logits\[0, 0\] has no finite maximum \(max = -inf\)"):
+        ops.verify_sampling(*dev(tokens, parents, row), 1.0, 1.0, 0, seed=0)
+    # Row 0 is greedy: it visits node 2, whose NaN row's argmax is its first NaN (token 0). Row 1
+    # samples, but token 6 has probability 0 under top_k = 1: nodes 1 and 2 are never visited.
+    row = logits.clone()
+    row[:, 1:] = float("nan")
+    got = ops.verify_sampling(*dev(tokens, parents, row), torch.tensor([0.0, 1.0], device=device), 1.0, 1, seed=0)
+    assert [t.cpu().tolist() for t in got] == [[1, 0], [[0, 2, -1], [0, -1, -1]], [0, 3]]
+
+
 def test_generator_and_seed_are_reproducible(device):
     gen = torch.Generator().manual_seed(14)
     tokens, parents, logits = (t.to(device) for t in make_verify_inputs(16, 20, 30, scale=1.0, generator=gen))
@@ -325,6 +377,10 @@ BAD_INPUTS = [
     (_with(parents=lambda p: p.index_fill(1, torch.tensor([2]), 5)), r"parents\[0, 2\] = 5"),
     (_with(logits=lambda l: l.double()), "logits must be Float, Half or BFloat16"),
     (_with(tokens=lambda t: t[:1]), r"tokens must have shape \[B, N\]"),
+    (_with(uniforms=lambda u: u.index_fill(2, torch.tensor([0]), -0.25)), r"uniforms\[0, 0, 0\] = -0.25 must be in \[0, 1\)"),
+    (_with(uniforms=lambda u: u.index_fill(1, torch.tensor([4]), 1.0)), r"uniforms\[0, 4, 0\] = 1 must be in \[0, 1\)"),
+    (_with(uniforms=lambda u: u.index_fill(1, torch.tensor([5]), float("nan"))), r"uniforms\[0, 5, 0\] = nan"),
+    (_with(logits=lambda l: l.index_fill(1, torch.tensor([0]), float("nan"))), r"logits\[0, 0\] has no finite maximum"),
 ]
 
 

@@ -104,6 +104,7 @@ struct NodeDistribution {
   std::vector<float> s, w;
   uint32_t threshold = 0;  // x survives the filters iff key(s(x)) >= threshold
   double z = 0.0;          // sum of the survivors' w
+  float max_z = 0.0f;      // NaN-propagating: not finite means no distribution
 
   bool kept(int64_t x) const { return key_of(s[x]) >= threshold; }
   double p(int64_t x) const { return kept(x) ? static_cast<double>(w[x]) / z : 0.0; }
@@ -130,8 +131,8 @@ struct NodeDistribution {
 
   template <typename T>
   void compute(const T* row, int64_t vocab, float temperature, float top_p, int32_t top_k) {
-    float max_z = static_cast<float>(row[0]);
-    for (int64_t x = 1; x < vocab; ++x) max_z = std::max(max_z, static_cast<float>(row[x]));
+    max_z = row_max(row, vocab);
+    if (!std::isfinite(max_z)) return;  // the walk stops and the op raises
     for (int64_t x = 0; x < vocab; ++x) {
       s[x] = scaled_logit(static_cast<float>(row[x]), max_z, temperature);
       w[x] = std::exp(s[x]);
@@ -175,7 +176,7 @@ template <typename T>
 int64_t sampling_walk(const T* logits_b, const float* draft_b, const float* unif, const int32_t* par,
                       const int64_t* tok, int64_t n, int64_t vocab, float temperature, float top_p,
                       int32_t top_k, NodeDistribution& dist, std::vector<uint8_t>& rejected,
-                      int32_t* path, int32_t* accept_len) {
+                      int32_t* path, int32_t* accept_len, int64_t* bad_node) {
   for (int64_t j = 0; j < n; ++j) path[j] = -1;
   path[0] = 0;
   int64_t node = 0, len = 0;
@@ -183,6 +184,11 @@ int64_t sampling_walk(const T* logits_b, const float* draft_b, const float* unif
   while (true) {
     const T* row = logits_b + node * vocab;
     dist.compute(row, vocab, temperature, top_p, top_k);
+    if (!std::isfinite(dist.max_z)) {
+      *bad_node = node;
+      *accept_len = static_cast<int32_t>(len);
+      return 0;
+    }
     int64_t accepted = -1;
     int64_t token;
     if (draft_b == nullptr) {
@@ -258,7 +264,9 @@ Outputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor& paren
   const int64_t vocab = logits.size(2), n = parents.size(1), batch = parents.size(0);
   check_token_values(tokens, vocab, op);
   check_sampling_values(temperature, top_p, top_k, op);
+  check_uniform_values(uniforms, op);
   auto [accept_len, path, next_token] = make_outputs(parents);
+  std::vector<int64_t> bad_node(batch, -1);  // per row: a visited node without a finite max
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     const scalar_t* lg = logits.const_data_ptr<scalar_t>();
     const float* dp = draft_probs.defined() ? draft_probs.const_data_ptr<float>() : nullptr;
@@ -285,9 +293,13 @@ Outputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor& paren
         }
         out_next[b] = sampling_walk(lg_b, dp ? dp + b * n * vocab : nullptr, un + b * n * 2,
                                     par + b * n, tok + b * n, n, vocab, temp[b], tp[b], tk[b], dist,
-                                    rejected, out_path + b * n, out_len + b);
+                                    rejected, out_path + b * n, out_len + b, &bad_node[b]);
       }
     });
+    for (int64_t b = 0; b < batch; ++b) {
+      if (bad_node[b] >= 0)
+        fail_no_finite_max(b, bad_node[b], row_max(lg + (b * n + bad_node[b]) * vocab, vocab), op);
+    }
   });
   return {accept_len, path, next_token};
 }

@@ -256,7 +256,7 @@ template <typename T, typename StatsOf>
 __device__ int64_t block_sampling_walk(StatsOf&& stats_of, const T* logits_b, const float* q_b, const float* unif,
                                        const int32_t* par, const int64_t* tok, int64_t n, int64_t vocab,
                                        float temperature, int32_t* path, int64_t& len, int32_t* children,
-                                       uint32_t* rejected, SamplingShared& sh) {
+                                       uint32_t* rejected, SamplingShared& sh, int32_t* error) {
   const bool point_drafts = q_b == nullptr;
   if (point_drafts) {
     for (int64_t w = threadIdx.x; w < (vocab + 31) / 32; w += blockDim.x) rejected[w] = 0;
@@ -266,6 +266,10 @@ __device__ int64_t block_sampling_walk(StatsOf&& stats_of, const T* logits_b, co
   len = 0;
   while (true) {
     const NodeStats st = stats_of(node);
+    if (!isfinite(st.max_z)) {  // no distribution (NaN, +inf, all -inf): flag it, stop here
+      if (threadIdx.x == 0) atomicOr(error, kBadLogits);
+      return st.argmax;
+    }
     NodeDist<T> dist;
     dist.row = logits_b + node * vocab;
     dist.temperature = temperature;
@@ -389,7 +393,7 @@ __device__ void block_verify_row(const SamplingArgs<T>& a, int64_t b, StatsOf&& 
   if (row_samples(temp, tp, tk)) {
     token = block_sampling_walk(stats_of, logits_b, a.draft_probs ? a.draft_probs + b * n * vocab : nullptr,
                                 a.uniforms + b * n * 2, par, tok, n, vocab, temp, path_b, len, children,
-                                rejected, sh);
+                                rejected, sh, a.error);
   } else {  // temperature 0: greedy (also the memory-safe path for flagged settings)
     token = block_greedy_walk([&](int64_t node) { return stats_of(node).argmax; }, par, tok, n, path_b, len,
                               sh.scratch);
@@ -503,10 +507,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (validate && !capturing && flags[0].item<int32_t>() != 0) {
+  if (!validate || capturing) return {accept_len, path, next_token};
+  // The uniforms are checked on the device and read back with the kernel's flags:
+  // still one synchronisation.
+  const at::Tensor uniforms_bad = uniforms.ge(0.0).logical_and_(uniforms.lt(1.0)).all().logical_not();
+  const int32_t error = flags[0].add(uniforms_bad.to(at::kInt).mul_(static_cast<int>(kBadUniform))).item<int32_t>();
+  if (error != 0) {
     check_parents_values(parents.cpu(), op);
     check_token_values(tokens.cpu(), vocab, op);
     check_sampling_values(temperature.cpu(), top_p.cpu(), top_k.cpu(), op);
+    check_uniform_values(uniforms.cpu(), op);
+    if (error & kBadLogits) {
+      // A sampled row's walk stopped at its first visited node without a finite
+      // maximum: path[b, accept_len[b]].
+      const at::Tensor maxima = logits.amax(-1).to(at::kFloat).cpu().contiguous();
+      const at::Tensor temp_cpu = temperature.cpu(), len_cpu = accept_len.cpu(), path_cpu = path.cpu().contiguous();
+      for (int64_t b = 0; b < batch; ++b) {
+        if (!(temp_cpu.const_data_ptr<float>()[b] > 0.0f)) continue;
+        const int64_t node = path_cpu.const_data_ptr<int32_t>()[b * n + len_cpu.const_data_ptr<int32_t>()[b]];
+        const float max_z = maxima.const_data_ptr<float>()[b * n + node];
+        if (!std::isfinite(max_z)) fail_no_finite_max(b, node, max_z, op);
+      }
+    }
     TORCH_CHECK(false, op, ": the CUDA kernel flagged an input error that the CPU checks did not find");
   }
   return {accept_len, path, next_token};

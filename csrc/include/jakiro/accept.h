@@ -104,6 +104,8 @@ enum AcceptError : int32_t {
   kBadToken = 2,
   kBadSampling = 4,  // temperature, top_p or top_k out of range
   kBadMove = 8,      // compact_kv: a row outside the cache or accept_len out of range
+  kBadUniform = 16,  // verify_sampling: a uniform outside [0, 1)
+  kBadLogits = 32,   // verify_sampling: a visited node of a sampled row without a finite max
 };
 
 }  // namespace jakiro

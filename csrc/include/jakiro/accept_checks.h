@@ -3,9 +3,11 @@
 // touch no data; the *_values checks read CPU tensors and name the first bad entry.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <utility>
 
 #include "jakiro/accept.h"
 #include "jakiro/checks.h"
@@ -103,6 +105,38 @@ inline void check_uniforms_and_drafts(const at::Tensor& uniforms,
   }
 }
 
+// Every uniform must lie in [0, 1): one below 0 (or NaN, which compares false)
+// accepts a token of probability 0, one at or above 1 draws past the last
+// survivor (uniforms on the CPU).
+inline void check_uniform_values(const at::Tensor& uniforms_cpu, const char* op) {
+  const at::Tensor u = uniforms_cpu.contiguous();
+  const float* data = u.const_data_ptr<float>();
+  const int64_t n = u.size(1);
+  for (int64_t k = 0; k < u.numel(); ++k) {
+    JAKIRO_CHECK(data[k] >= 0.0f && data[k] < 1.0f, op, "uniforms[", k / (2 * n), ", ", (k / 2) % n, ", ",
+                 k % 2, "] = ", data[k], " must be in [0, 1)");
+  }
+}
+
+// The message for a sampled row's visited node whose logits have no finite
+// maximum (NaN, +inf, or every entry -inf): there is no distribution to sample.
+inline void fail_no_finite_max(int64_t b, int64_t node, float max_z, const char* op) {
+  JAKIRO_CHECK(false, op, "logits[", b, ", ", node, "] has no finite maximum (max = ", max_z,
+               "): a row sampled with temperature > 0 needs one (NaN, +inf or all -inf is not a distribution)");
+}
+
+// The NaN-propagating maximum of a logits row (what torch.max returns).
+template <typename T>
+float row_max(const T* row, int64_t vocab) {
+  float best = static_cast<float>(row[0]);
+  for (int64_t x = 1; x < vocab; ++x) {
+    const float v = static_cast<float>(row[x]);
+    if (v > best || v != v) best = v;
+    if (best != best) break;
+  }
+  return best;
+}
+
 // kv [L, 2, B, Hkv, S, D] (last dim contiguous), prefix_len/accept_len int32 [B],
 // path int32 [B, N].
 inline void check_compact_kv_shapes(const at::Tensor& kv, const at::Tensor& prefix_len,
@@ -125,6 +159,19 @@ inline void check_compact_kv_shapes(const at::Tensor& kv, const at::Tensor& pref
   check_same_device(prefix_len, "prefix_len", kv, "kv", op);
   check_same_device(path, "path", kv, "kv", op);
   check_same_device(accept_len, "accept_len", kv, "kv", op);
+  // kv is written in place: like torch's in-place ops, refuse elements that share
+  // memory (an expanded dimension), where moves would overwrite one another, and
+  // index tensors that live in kv's memory, which the moves would change.
+  JAKIRO_CHECK(at::has_internal_overlap(kv) != at::MemOverlap::Yes, op,
+               "kv has elements that share memory (e.g. an expanded dimension, strides ", kv.strides(),
+               "); it is written in place, so pass a tensor whose elements are distinct (.contiguous())");
+  const std::pair<const at::Tensor*, const char*> indices[] = {
+      {&prefix_len, "prefix_len"}, {&path, "path"}, {&accept_len, "accept_len"}};
+  for (const auto& [t, name] : indices) {
+    const at::MemOverlapStatus status = at::get_overlap_status(kv, *t);
+    JAKIRO_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, name,
+                 " shares memory with kv, which is written in place");
+  }
 }
 
 // Every move must stay inside the cache: 0 <= accept_len < N, and for

@@ -46,7 +46,7 @@ def _verify_pass(target: TargetModel, total_tokens: int, context: int):
     """A call running one target pass over an N-node tree (a chain) after ``context`` cached tokens."""
     device = target.device
     cache = target.new_cache(1, context + total_tokens)
-    cache.lengths.fill_(context)
+    cache.advance(context)
     ids = torch.randint(0, target.vocab_size, (1, total_tokens), device=device)
     parents = torch.arange(-1, total_tokens - 1, dtype=torch.int32, device=device).unsqueeze(0)
     mask, depth = ops.build_tree_mask(parents)
@@ -95,7 +95,7 @@ def choose_total_tokens(target, draft, depth: int = 5, top_k: int = 10,
     Returns ``(N, table)``; ``table`` has one ``{"total_tokens", "verify_ms", "draft_ms",
     "cost"}`` row per candidate (candidates larger than the tree can hold are skipped).
     """
-    target = target if isinstance(target, TargetModel) else TargetModel(target)
+    target = TargetModel.of(target)
     limit = top_k + depth * top_k * top_k + 1
     usable = [n for n in candidates if 2 <= n <= limit]
     if not usable:

@@ -9,17 +9,21 @@
   instead of about eight and a dozen tensor ops, whose dispatch costs dominate rows of a few
   hundred values (BENCHMARKS.md, rms_norm and rotary_embedding).
 
-All three kernels are batch-invariant, which keeps tree verification exact. Routing is done
-per call (:func:`use_kernels`), so the model is untouched outside jakiro's passes and
-``model.generate`` keeps its own code. A route is ``(owner, attribute, replacement)``: a
-layer instance's ``forward``, or the ``apply_rotary_pos_emb`` function of a model's
-``transformers`` module (that one is process-wide for the call; its numbers are Hugging
-Face's bit for bit, so a concurrent Hugging Face call is not affected).
+All three kernels are batch-invariant, which keeps tree verification exact. A route is
+``(owner, attribute, replacement)``: a layer instance's ``forward``, or the
+``apply_rotary_pos_emb`` function of a model's ``transformers`` module. The target adapter
+installs its layer routes for good on its own copy of the model's modules
+(:mod:`jakiro.target`), so the user's model is never changed; the draft's routes and the rotary
+function are installed for the duration of a call (:func:`use_kernels`), counted across threads:
+the first call in installs them, the last one out restores what was there. The rotary route is
+the one process-wide change; its numbers are Hugging Face's bit for bit, so a concurrent Hugging
+Face call gives what it gives alone.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 
 import torch
 from torch import nn
@@ -104,17 +108,46 @@ def cpu_routes(modules) -> list[tuple[object, str, object]]:
     return list(routes.values())
 
 
-@contextlib.contextmanager
-def use_kernels(routes):
-    """Runs each route of ``routes`` (from :func:`cpu_routes`) through its kernel for the call."""
-    saved = [(owner, attribute, vars(owner).get(attribute, _MISSING)) for owner, attribute, _ in routes]
+def route_kind(route) -> str:
+    """``"linear"``, ``"rms_norm"`` or ``"rotary_embedding"``: the op a route runs."""
+    return {_LinearForward: "linear", _RmsNormForward: "rms_norm", _RotaryFunction: "rotary_embedding"}[
+        type(route[2])]
+
+
+def install(routes) -> None:
+    """Installs ``routes`` for good (on modules that only jakiro calls)."""
     for owner, attribute, replacement in routes:
         setattr(owner, attribute, replacement)
+
+
+_installed_lock = threading.Lock()
+_installed: dict[tuple[int, str], list] = {}    # (id(owner), attribute) -> [calls inside, what was there]
+
+
+@contextlib.contextmanager
+def use_kernels(routes):
+    """Runs each route of ``routes`` (from :func:`cpu_routes`) through its kernel for the call.
+
+    Thread-safe: overlapping calls share one installation (routes of the same owner and attribute
+    compute the same thing), and the last call to leave restores the original."""
+    with _installed_lock:
+        for owner, attribute, replacement in routes:
+            entry = _installed.get((id(owner), attribute))
+            if entry is None:
+                _installed[(id(owner), attribute)] = [1, vars(owner).get(attribute, _MISSING)]
+                setattr(owner, attribute, replacement)
+            else:
+                entry[0] += 1
     try:
         yield
     finally:
-        for owner, attribute, previous in saved:
-            if previous is _MISSING:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, previous)
+        with _installed_lock:
+            for owner, attribute, _ in routes:
+                entry = _installed[(id(owner), attribute)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _installed[(id(owner), attribute)]
+                    if entry[1] is _MISSING:
+                        delattr(owner, attribute)
+                    else:
+                        setattr(owner, attribute, entry[1])

@@ -203,12 +203,54 @@ class _Acceptor:
         return self(root.unsqueeze(1), parents, logits.unsqueeze(1))[2]
 
 
-def _prefill(target: TargetModel, prompt: _Prompt, capacity: int):
-    cache = target.new_cache(prompt.ids.shape[0], capacity)
-    step = cache.step(prompt.width, pad=prompt.pad)
-    logits, hidden = target.forward(prompt.model_ids, prompt.positions, cache, step)
-    cache.lengths += prompt.lengths
-    return cache, logits, hidden
+class _Decoding:
+    """What speculative and vanilla generation share: the checked inputs, the prefill and the first
+    token, emission (with the streamer) and the result. ``extra_capacity``: cache slots per row
+    beyond the prompt and ``max_new_tokens`` (the tree's scratch)."""
+
+    def __init__(self, target: TargetModel, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k,
+                 eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len):
+        _check_sampling(temperature, top_p, top_k, max_new_tokens)
+        device = target.device
+        self.start = time.perf_counter()
+        self.prompt = prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)
+        capacity = prompt.width + max_new_tokens + extra_capacity
+        _check_capacity(target, capacity, max_cache_len)
+        self.accept = _Acceptor(temperature, top_p, top_k, generator)
+        self.output = _Output(prompt.ids.shape[0], max_new_tokens, eos_token_id,
+                              _pad_id(target.model, eos_token_id, pad_token_id), device)
+        self.streamer = streamer
+        if streamer is not None:
+            streamer.put(prompt.ids[0].cpu())
+        self.clock = _Clock(device, profile)
+        self.cache = target.new_cache(prompt.ids.shape[0], capacity)
+        logits, self.prefill_hidden = target.forward(prompt.model_ids, prompt.positions, self.cache,
+                                                     self.cache.step(prompt.width, pad=prompt.pad))
+        self.cache.advance(prompt.lengths)
+        self.token = self.accept.next_token(prompt.ids[:, -1], logits[:, -1])
+        self.emit(self.token.unsqueeze(1), torch.ones_like(self.output.count))
+        self.clock.mark("prefill")
+        self.accepted = []                 # accepted draft tokens per cycle, int32 [B] (-1: row done)
+
+    def finished(self) -> bool:
+        return bool(self.output.done.all())           # a host read
+
+    def emit(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Emits the first ``count[b]`` of ``new[b]`` per live row (streamed: a host read per call)."""
+        kept = self.output.emit(new, count)
+        if self.streamer is not None and int(kept[0]):
+            self.streamer.put(new[0, :int(kept[0])].cpu())
+        return kept
+
+    def result(self) -> GenerationResult:
+        if self.streamer is not None:
+            self.streamer.end()
+        timings = dict(self.clock.totals, total=time.perf_counter() - self.start)
+        batch = self.prompt.ids.shape[0]
+        accepted = (torch.stack(self.accepted) if self.accepted
+                    else torch.zeros((0, batch), dtype=torch.int32, device=self.prompt.ids.device))
+        return GenerationResult(self.output.sequences(self.prompt.ids), self.output.count.clone(),
+                                len(self.accepted), accepted.to(torch.int32), timings)
 
 
 def _check_capacity(target: TargetModel, needed: int, max_cache_len: int | None):
@@ -230,13 +272,40 @@ class SpeculativeGenerator:
 
     def __init__(self, target, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60,
                  max_cache_len: int | None = None):
-        self.target = target if isinstance(target, TargetModel) else TargetModel(target)
+        self.target = TargetModel.of(target)
         if draft.config.vocab_size != self.target.vocab_size or draft.config.hidden_size != self.target.hidden_size:
             raise ValueError("SpeculativeGenerator: the draft was not built for this target "
                              "(hidden size or vocabulary differ)")
         self.draft = draft
         self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens)
         self.max_cache_len = max_cache_len
+        self._check_ops()
+
+    @torch.no_grad()
+    def _check_ops(self):
+        """Runs the ops of a cycle once on tiny inputs with this generator's head sizes,
+        vocabulary and tree size, so that what they cannot serve fails here, with the op's own
+        message, instead of at the first generate call."""
+        target, draft, nodes = self.target, self.draft, self.drafter.total_tokens
+        device = target.device
+        config = draft.config
+        for heads, kv_heads, head_dim, dtype in (
+                (target.config.num_attention_heads, target.kv_heads, target.head_dim, target.dtype),
+                (config.num_attention_heads, config.num_key_value_heads, config.head_dim, draft.fc.weight.dtype)):
+            q = torch.zeros((1, heads, 1, head_dim), dtype=dtype, device=device)
+            cache = torch.zeros((1, kv_heads, 1, head_dim), dtype=dtype, device=device)
+            ops.tree_attention(q, cache, cache, torch.ones(1, dtype=torch.int32, device=device))
+        # The tree as a chain of N nodes; logits rows of one entry (expanded: nothing allocated).
+        parents = torch.arange(-1, nodes - 1, dtype=torch.int32, device=device).unsqueeze(0)
+        tokens = torch.zeros((1, nodes), dtype=torch.int64, device=device)
+        ops.build_tree_mask(parents)
+        _, path, _ = ops.verify_greedy(tokens, parents, torch.zeros((1, 1, 1), device=device).expand(1, nodes, 1))
+        zero = torch.zeros(1, dtype=torch.int32, device=device)
+        ops.compact_kv(torch.zeros((1, 2, 1, 1, nodes, 1), device=device), zero, path, zero)
+        # The vocabulary: a one-node tree over the target's logits row, greedy and sampled.
+        row = torch.zeros((1, 1, 1), device=device).expand(1, 1, target.vocab_size)
+        ops.verify_greedy(tokens[:, :1], parents[:, :1], row)
+        ops.verify_sampling(tokens[:, :1], parents[:, :1], row, seed=0)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -252,59 +321,34 @@ class SpeculativeGenerator:
         receives the prompt, then the new tokens of every cycle (a host read per cycle).
         ``profile=True`` synchronises the device at phase boundaries so the timings are exact.
         """
-        _check_sampling(temperature, top_p, top_k, max_new_tokens)
         target, drafter = self.target, self.drafter
-        device = target.device
-        start = time.perf_counter()
-        prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)
-        batch = prompt.ids.shape[0]
-        nodes = drafter.total_tokens
-        capacity = prompt.width + max_new_tokens + drafter.max_new_pairs + nodes
-        _check_capacity(target, capacity, self.max_cache_len)
-        accept = _Acceptor(temperature, top_p, top_k, generator)
-        output = _Output(batch, max_new_tokens, eos_token_id, _pad_id(target.model, eos_token_id, pad_token_id),
-                         device)
-        if streamer is not None:
-            streamer.put(prompt.ids[0].cpu())
-
-        clock = _Clock(device, profile)
-        cache, logits, hidden = _prefill(target, prompt, capacity)
-        root = accept.next_token(prompt.ids[:, -1], logits[:, -1])
-        self._stream(streamer, root.unsqueeze(1), output.emit(root.unsqueeze(1), torch.ones_like(output.count)))
-        clock.mark("prefill")
-        draft_cache = drafter.new_cache(batch, capacity)
-        pair_tokens = torch.cat((prompt.model_ids[:, 1:], root.unsqueeze(1)), dim=1)
-        context = drafter.advance(draft_cache, hidden, pair_tokens, prompt.lengths)
+        run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
+                        generator, streamer, pad_token_id, profile,
+                        extra_capacity=drafter.max_new_pairs + drafter.total_tokens, max_cache_len=self.max_cache_len)
+        prompt, cache, output, clock = run.prompt, run.cache, run.output, run.clock
+        draft_cache = drafter.new_cache(prompt.ids.shape[0], cache.capacity)
+        pair_tokens = torch.cat((prompt.model_ids[:, 1:], run.token.unsqueeze(1)), dim=1)
+        context = drafter.advance(draft_cache, run.prefill_hidden, pair_tokens, prompt.lengths)
         clock.mark("draft")
 
+        root = run.token
         width = drafter.max_new_pairs
-        columns = torch.arange(width, device=device).unsqueeze(0)
-        accepted_log = []
-        while True:
-            if bool(output.done.all()):                       # the cycle's one host read
-                break
+        columns = torch.arange(width, device=target.device).unsqueeze(0)
+        while not run.finished():                             # the cycle's one host read
             clock.mark("other")
             tree = drafter.expand(draft_cache, context, root)
             clock.mark("draft")
-            tree_mask, depth = ops.build_tree_mask(tree.parents, validate=False)
-            positions = cache.lengths.to(torch.int64).unsqueeze(1) + depth
-            step = cache.step(nodes, tree_mask=tree_mask, tree_len=nodes)
-            logits, hidden = target.forward(tree.tokens, positions, cache, step)
+            logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
+                                            tree.attention_step(cache))
             clock.mark("verify")
-            accept_len, path, next_token = accept(tree.tokens, tree.parents, logits)
+            accept_len, path, next_token = run.accept(tree.tokens, tree.parents, logits)
             live = ~output.done
             accept_len = torch.where(live, accept_len, 0)
-            ops.compact_kv(cache.kv, cache.lengths, path, accept_len, validate=False)
-            # Committed this cycle: root, the accepted nodes; emitted: the accepted tokens, next_token.
-            path = torch.nn.functional.pad(path, (0, max(0, width - nodes)), value=-1)[:, :width]
-            path = path.to(torch.int64).clamp(min=0)
-            committed = torch.where(live, accept_len + 1, 0)
-            new = tree.tokens.gather(1, path).roll(-1, dims=1)
-            new = new.scatter(1, accept_len.to(torch.int64).unsqueeze(1), next_token.unsqueeze(1))
-            kept = output.emit(new, committed)
-            self._stream(streamer, new, kept)
-            cache.lengths += committed.to(torch.int32)
-            accepted_log.append(torch.where(live, accept_len, -1))
+            committed = cache.commit_path(path, accept_len, live)
+            # Emitted: the accepted tokens after the root, then next_token (the new root).
+            new, path = tree.path_tokens(path, accept_len, next_token, width)
+            run.emit(new, committed)
+            run.accepted.append(torch.where(live, accept_len, -1))
             root = next_token
             clock.mark("accept")
             # The draft's new pairs (f of each committed node, the token after it), right-aligned.
@@ -312,21 +356,7 @@ class SpeculativeGenerator:
             pair_hidden = hidden.gather(1, path.gather(1, source).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             context = drafter.advance(draft_cache, pair_hidden, new.gather(1, source), committed)
             clock.mark("draft")
-
-        if streamer is not None:
-            streamer.end()
-        timings = dict(clock.totals, total=time.perf_counter() - start)
-        accept_lengths = (torch.stack(accepted_log) if accepted_log
-                          else torch.zeros((0, batch), dtype=torch.int32, device=device))
-        return GenerationResult(output.sequences(prompt.ids), output.count.clone(), len(accepted_log),
-                                accept_lengths.to(torch.int32), timings)
-
-    @staticmethod
-    def _stream(streamer, new, kept):
-        if streamer is not None:
-            count = int(kept[0])
-            if count:
-                streamer.put(new[0, :count].cpu())
+        return run.result()
 
 
 @torch.no_grad()
@@ -339,38 +369,21 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
     :class:`SpeculativeGenerator` (the honest baseline). Arguments and result as there;
     each step is one target pass over one token (timed as ``verify``; choosing the token as
     ``accept``)."""
-    _check_sampling(temperature, top_p, top_k, max_new_tokens)
-    target = target if isinstance(target, TargetModel) else TargetModel(target)
-    device = target.device
-    start = time.perf_counter()
-    prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)
-    batch = prompt.ids.shape[0]
-    capacity = prompt.width + max_new_tokens + 1
-    _check_capacity(target, capacity, max_cache_len)
-    accept = _Acceptor(temperature, top_p, top_k, generator)
-    output = _Output(batch, max_new_tokens, eos_token_id, _pad_id(target.model, eos_token_id, pad_token_id), device)
-    if streamer is not None:
-        streamer.put(prompt.ids[0].cpu())
-    clock = _Clock(device, profile)
-    cache, logits, _ = _prefill(target, prompt, capacity)
-    token = accept.next_token(prompt.ids[:, -1], logits[:, -1])
+    target = TargetModel.of(target)
+    run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
+                    generator, streamer, pad_token_id, profile, extra_capacity=1, max_cache_len=max_cache_len)
+    cache, output, clock, token = run.cache, run.output, run.clock, run.token
     one = torch.ones_like(output.count)
-    SpeculativeGenerator._stream(streamer, token.unsqueeze(1), output.emit(token.unsqueeze(1), one))
-    clock.mark("prefill")
-    steps = 0
-    while not bool(output.done.all()):
+    no_draft = torch.zeros_like(output.count, dtype=torch.int32)
+    while not run.finished():
         clock.mark("other")
         live = ~output.done
-        step = cache.step(1)
-        logits, _ = target.forward(token.unsqueeze(1), cache.lengths.to(torch.int64).unsqueeze(1), cache, step)
-        cache.lengths += live.to(torch.int32)
+        logits, _ = target.forward(token.unsqueeze(1), cache.lengths.to(torch.int64).unsqueeze(1), cache,
+                                   cache.step(1))
+        cache.advance(live)
         clock.mark("verify")
-        token = accept.next_token(token, logits[:, 0])
-        SpeculativeGenerator._stream(streamer, token.unsqueeze(1), output.emit(token.unsqueeze(1), one))
-        steps += 1
+        token = run.accept.next_token(token, logits[:, 0])
+        run.emit(token.unsqueeze(1), one)
+        run.accepted.append(no_draft)
         clock.mark("accept")
-    if streamer is not None:
-        streamer.end()
-    timings = dict(clock.totals, total=time.perf_counter() - start)
-    accept_lengths = torch.zeros((steps, batch), dtype=torch.int32, device=device)
-    return GenerationResult(output.sequences(prompt.ids), output.count.clone(), steps, accept_lengths, timings)
+    return run.result()

@@ -72,6 +72,25 @@ class KVCache:
             seqlens = (self.lengths + (offset + num_new) - pad.squeeze(1)).to(torch.int32)
         return AttentionStep(positions, seqlens.to(torch.int32), tree_mask, tree_len)
 
+    def advance(self, count: torch.Tensor | int) -> None:
+        """Commits the ``count[b]`` tokens written right after each row's committed length."""
+        self.lengths += count.to(torch.int32) if isinstance(count, torch.Tensor) else int(count)
+
+    def commit_path(self, path: torch.Tensor, accept_len: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Keeps the accepted root-to-node path of a tree written after the committed length.
+
+        path: int32 ``[B, N]`` tree nodes of the path from the root (``verify_*``'s output);
+        accept_len: int32 ``[B]`` accepted nodes after the root; live: bool ``[B]`` rows still
+        decoding (the others commit nothing). Moves the path's keys and values into place
+        (``compact_kv``) and commits the root plus the accepted nodes. Returns the committed
+        counts, int32 ``[B]``.
+        """
+        accept_len = torch.where(live, accept_len, 0)
+        ops.compact_kv(self.kv, self.lengths, path, accept_len, validate=False)
+        committed = torch.where(live, accept_len + 1, 0).to(torch.int32)
+        self.lengths += committed
+        return committed
+
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                step: AttentionStep, scale: float | None = None) -> torch.Tensor:
         """Writes ``key``/``value`` ``[B, Hkv, Nq, D]`` at ``step.positions`` and attends.

@@ -1,27 +1,34 @@
 """Adapter that runs an unmodified Hugging Face causal LM over a jakiro KV cache.
 
-jakiro registers the attention backend ``"jakiro"`` with ``transformers.AttentionInterface``.
-While :meth:`TargetModel.forward` runs, the model's ``config._attn_implementation`` is
-switched to it, and the backend reads the cache and the :class:`~jakiro.kv_cache.AttentionStep`
-from the attention kwargs; everything else about the model (weights, RoPE, norms, biases)
-is the model's own code. Outside that call the model is untouched, so
-``target.generate(...)`` keeps working as before.
+:class:`TargetModel` keeps its own copy of the model's module tree over the same parameters and
+buffers (no weight is copied), with its own config whose attention implementation is
+``"jakiro"``: the backend this module registers with ``transformers.AttentionInterface`` (on the
+first :class:`TargetModel`; a name that only models selecting it use). The backend reads the
+cache and the :class:`~jakiro.kv_cache.AttentionStep` from the attention kwargs; everything else
+about the model (weights, RoPE, norms, biases) is the model's own code. The user's model object
+is never changed, so ``model.generate(...)`` keeps working as before, also in another thread
+while jakiro runs. The copy snapshots the module tree: after moving or changing the model, build
+a new :class:`TargetModel` (:meth:`TargetModel.of` keeps one per model).
 
 The model is called with ``use_cache=False`` and no ``attention_mask``: the cache and the
 tree mask live in the step, and positions come in as ``position_ids``.
 
-On the CPU the same call also runs the model's ``nn.Linear`` layers (the LM head included)
-through ``torch.ops.jakiro.linear``, its RMSNorm layers through ``torch.ops.jakiro.rms_norm`` and
-its rotary embedding through ``torch.ops.jakiro.rotary_embedding`` (:mod:`jakiro.cpu_kernels`).
+On the CPU the copy's ``nn.Linear`` layers (the LM head included) run
+``torch.ops.jakiro.linear``, its RMSNorm layers ``torch.ops.jakiro.rms_norm``, and during a
+forward pass its rotary embedding ``torch.ops.jakiro.rotary_embedding``
+(:mod:`jakiro.cpu_kernels`).
 """
 from __future__ import annotations
 
-import contextlib
+import copy
+import itertools
+import threading
+import weakref
 
 import torch
 import transformers
 
-from jakiro.cpu_kernels import cpu_routes, use_kernels
+from jakiro.cpu_kernels import cpu_routes, install, route_kind, use_kernels
 from jakiro.kv_cache import AttentionStep, KVCache
 
 BACKEND_NAME = "jakiro"
@@ -42,17 +49,11 @@ def _jakiro_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2), None
 
 
-transformers.AttentionInterface.register(BACKEND_NAME, _jakiro_attention)
-
-
-@contextlib.contextmanager
-def _attention_backend(config):
-    previous = config._attn_implementation
-    config._attn_implementation = BACKEND_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree of ``model`` over the same parameter and buffer tensors, with its own
+    config and module objects (routes and the attention choice then change only the copy)."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
 
 
 def _text_config(model):
@@ -65,18 +66,27 @@ def _text_config(model):
 class TargetModel:
     """A Hugging Face causal LM seen as: a KV cache factory + a forward pass that returns
     logits and final-norm hidden states for a block of tokens (prefill, chain or tree).
+
+    ``kernels``: which CPU layers run on jakiro's ops (``"linear"``, ``"rms_norm"``,
+    ``"rotary_embedding"``; all by default, ``()`` for the model's own code).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    _per_model = weakref.WeakKeyDictionary()
+    _per_model_lock = threading.Lock()
+
+    def __init__(self, model: torch.nn.Module, kernels=("linear", "rms_norm", "rotary_embedding")):
         config = _text_config(model)
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             # The adapter relies on how these families call ALL_ATTENTION_FUNCTIONS.
             raise ValueError(f"target: model_type {getattr(config, 'model_type', None)!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        transformers.AttentionInterface.register(BACKEND_NAME, _jakiro_attention)
         self.model = model
         self.config = config
-        self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
+        self._copy = _shared_copy(model)
+        self._copy.config._attn_implementation = BACKEND_NAME
+        self.decoder = self._copy.get_decoder()
+        self.lm_head = self._copy.get_output_embeddings()
         self.num_layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -84,7 +94,25 @@ class TargetModel:
         self.hidden_size = config.hidden_size
         self.sliding_window = getattr(config, "sliding_window", None) if getattr(
             config, "use_sliding_window", True) else None
-        self._kernel_routes = cpu_routes((self.decoder, self.lm_head))
+        # CPU layers on jakiro's kernels (``kernels``: which of them; () keeps the model's own code).
+        self._kernel_routes = [route for route in cpu_routes((self.decoder, self.lm_head))
+                               if route_kind(route) in kernels]
+        install([route for route in self._kernel_routes if route[1] == "forward"])     # the copy's own layers
+        self._call_routes = [route for route in self._kernel_routes if route[1] != "forward"]  # module functions
+
+    @classmethod
+    def of(cls, model) -> "TargetModel":
+        """The adapter of ``model`` (built once per model object and reused), or ``model`` itself
+        when it already is one."""
+        if isinstance(model, TargetModel):
+            return model
+        # Rebuilt when the model's tensors changed identity (`.to()` replaces buffers, a layer swap).
+        tensors = tuple(map(id, itertools.chain(model.parameters(), model.buffers())))
+        with cls._per_model_lock:
+            known = cls._per_model.get(model)
+            if known is None or known[0] != tensors:
+                known = cls._per_model[model] = (tensors, cls(model))
+            return known[1]
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +139,7 @@ class TargetModel:
         output after the final norm (what the LM head reads, the draft's input feature).
         Does not change ``cache.lengths``.
         """
-        with _attention_backend(self.model.config), use_kernels(self._kernel_routes):
+        with use_kernels(self._call_routes):
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                jakiro_cache=cache, jakiro_step=step)
             hidden = out.last_hidden_state

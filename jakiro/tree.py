@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from jakiro import ops
 from jakiro.cpu_kernels import cpu_routes, use_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
-from jakiro.kv_cache import KVCache
+from jakiro.kv_cache import AttentionStep, KVCache
 
 
 @dataclass
@@ -39,12 +39,34 @@ class DraftTree:
     """A batch of draft trees (DESIGN.md §4) with their cumulative draft log-probabilities.
 
     tokens: int64 ``[B, N]`` (node 0 = the root); parents: int32 ``[B, N]``;
-    scores: float32 ``[B, N]`` (root 0); level: int64 ``[B, N]`` depth of every node.
+    scores: float32 ``[B, N]`` (root 0); level: int64 ``[B, N]`` depth of every node;
+    mask: int32 ``[B, N, W]`` every node's ancestors (``build_tree_mask``'s format).
     """
     tokens: torch.Tensor
     parents: torch.Tensor
     scores: torch.Tensor
     level: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+    def positions(self, lengths: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B, N]``: each node's position after ``lengths`` committed tokens (root first)."""
+        return lengths.to(torch.int64).unsqueeze(1) + self.level
+
+    def attention_step(self, cache: KVCache) -> AttentionStep:
+        """Where the target's verify pass writes the tree in ``cache``, and what each node sees."""
+        return cache.step(self.size, tree_mask=self.mask, tree_len=self.size)
+
+    def path_tokens(self, path: torch.Tensor, accept_len: torch.Tensor, next_token: torch.Tensor,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a cycle emits and the path's node indices, both ``[B, width]``: the accepted
+        nodes after the root, then ``next_token``, at ``accept_len`` (the rest is don't-care)."""
+        path = F.pad(path, (0, max(0, width - self.size)), value=-1)[:, :width].to(torch.int64).clamp(min=0)
+        new = self.tokens.gather(1, path).roll(-1, dims=1)
+        return new.scatter(1, accept_len.to(torch.int64).unsqueeze(1), next_token.unsqueeze(1)), path
 
 
 def _slot_bits(slots: int, words: int, device) -> torch.Tensor:
@@ -129,7 +151,7 @@ class TreeDrafter:
             out = self.draft(hidden, tokens, positions, cache, step,
                              return_contrastive=self.contrastive and self.levels == 2,
                              return_experts=self.per_expert)
-        cache.lengths += count.to(torch.int32)
+        cache.advance(count)
         last = slice(width - 1, width)
         return DraftOutput(out.mixture[:, last],
                            None if out.contrastive is None else out.contrastive[:, last],
@@ -247,4 +269,5 @@ class TreeDrafter:
         # Level of a candidate from its index: level 1 is [0, k), level l>1 is a k*k block.
         k = self.top_k
         level[:, 1:] = torch.where(chosen < k, 1, 2 + (chosen - k) // (k * k))
-        return DraftTree(node_tokens, parents, node_scores, level)
+        mask, _ = ops.build_tree_mask(parents, validate=False)
+        return DraftTree(node_tokens, parents, node_scores, level, mask)

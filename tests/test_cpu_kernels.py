@@ -69,23 +69,27 @@ def test_norm_with_another_dtype_keeps_hugging_faces_forward():
     torch.testing.assert_close(got, norm(x))
 
 
-def test_target_forward_on_the_kernels_matches_hugging_face(monkeypatch):
+def test_target_forward_on_the_kernels_matches_hugging_face():
     model = make_tiny_target("llama", hidden=128, heads=2, kv_heads=1, head_dim=64, seed=3)
+    implementation = model.config._attn_implementation
     target = TargetModel(model)
     # q k v o gate up down and two norms per layer, the final norm, the LM head, the rotary function
     assert len(target._kernel_routes) == (7 + 2) * 2 + 1 + 1 + 1
     ids = torch.randint(0, target.vocab_size, (2, 6))
     positions = torch.arange(6).expand(2, 6)
 
-    def run():
+    def run(target):
         cache = target.new_cache(2, 8)
         return target.forward(ids, positions, cache, cache.step(6))
-    kernel_logits, _ = run()
-    monkeypatch.setattr(target, "_kernel_routes", [])
-    plain_logits, _ = run()
+    kernel_logits, _ = run(target)
+    plain_logits, _ = run(TargetModel(model, kernels=()))
     torch.testing.assert_close(kernel_logits, plain_logits, rtol=1e-4, atol=1e-4)
-    assert all("forward" not in vars(m) for m in model.modules())   # the model is untouched after the call
+    torch.testing.assert_close(kernel_logits, model(ids, position_ids=positions).logits, rtol=1e-4, atol=1e-4)
+    # The user's model is never changed: the routes and the attention choice live on the adapter's copy.
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert model.config._attn_implementation == implementation
     assert modeling_llama.apply_rotary_pos_emb is original_rotary
+    assert all(p is q for p, q in zip(model.parameters(), target._copy.parameters()))   # no weight copied
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
@@ -94,21 +98,19 @@ def test_routed_rotary_embedding_is_hugging_faces_bit_for_bit(family, dtype):
     # The rotary embedding alone routed: the numbers are exactly those of the model's own
     # forward; with the norms routed too, within their float32 sums' reordering.
     model = make_tiny_target(family, hidden=128, heads=2, kv_heads=1, head_dim=64, seed=6).to(dtype)
-    target = TargetModel(model)
-    rotary = [r for r in target._kernel_routes if r[1] == "apply_rotary_pos_emb"]
-    norms = [r for r in target._kernel_routes if r[1] == "forward" and not isinstance(r[0], nn.Linear)]
-    assert len(rotary) == 1 and norms
-    ids = torch.randint(0, target.vocab_size, (2, 7))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
     positions = torch.arange(3, 10).expand(2, 7)
 
-    def run(kernel_routes):
+    def run(kernels):
+        target = TargetModel(model, kernels=kernels)
+        assert len(target._kernel_routes) >= len(kernels)
         cache = target.new_cache(2, 12)
-        cache.lengths.fill_(3)
-        target._kernel_routes = kernel_routes
+        cache.advance(3)
         return target.forward(ids, positions, cache, cache.step(7))[0]
-    plain = run([])
-    assert torch.equal(run(rotary), plain)
-    torch.testing.assert_close(run(rotary + norms), plain, rtol=1e-5 if dtype == torch.float32 else 2e-2,
+    plain = run(())
+    assert torch.equal(run(("rotary_embedding",)), plain)
+    torch.testing.assert_close(run(("rotary_embedding", "rms_norm")), plain,
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2,
                                atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 

@@ -290,22 +290,33 @@ class JakiroDraft(nn.Module):
         ``draft_vocab`` most frequent tokens of the training data (:meth:`restrict_vocab`; needs the
         token counts ``jakiro train`` saves with the draft).
 
-        Raises ValueError when the files are missing or the target does not match the
-        draft (architecture, hidden size, vocabulary, head layout).
+        Raises ValueError naming the file when one is missing or unreadable (a truncated or
+        garbage safetensors file, a config that is not one), and when the target does not
+        match the draft (architecture, hidden size, vocabulary, head layout).
         """
-        from safetensors.torch import load_file
         config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
                 raise ValueError(f"JakiroDraft.from_pretrained: {path} does not exist")
-        with open(config_path) as f:
-            values = json.load(f)
-        if candidate_mode is not None:
-            values["candidate_mode"] = candidate_mode
-        config = DraftConfig(**values)
+        try:
+            with open(config_path) as f:
+                values = json.load(f)
+            if not isinstance(values, dict):
+                raise ValueError("not a JSON object")
+            if candidate_mode is not None:
+                values["candidate_mode"] = candidate_mode
+            config = DraftConfig(**values)
+        except (OSError, ValueError, TypeError) as error:   # JSONDecodeError is a ValueError
+            raise ValueError(f"JakiroDraft.from_pretrained: {config_path} is not a draft configuration: "
+                             f"{error}") from None
         _check_compatible(config, target)
         draft = cls(config)
-        draft.load_state_dict(load_file(weights_path), strict=True)
+        try:
+            draft.load_state_dict(_load_tensors(weights_path), strict=True)
+        except RuntimeError as error:   # missing, unexpected or misshapen tensors
+            problems = " ".join(str(error).split())
+            raise ValueError(f"JakiroDraft.from_pretrained: {weights_path} does not hold this draft's weights: "
+                             f"{problems}") from None
         draft.bind(target, dtype)
         if draft_vocab is not None and draft_vocab < config.vocab_size:
             counts_path = os.path.join(directory, COUNTS_NAME)
@@ -314,7 +325,11 @@ class JakiroDraft(nn.Module):
                                  f"`jakiro train`)")
             if draft_vocab < 1:
                 raise ValueError(f"JakiroDraft.from_pretrained: draft_vocab must be >= 1, got {draft_vocab}")
-            draft.restrict_vocab(most_frequent_tokens(load_file(counts_path)["counts"], draft_vocab))
+            counts = _load_tensors(counts_path).get("counts")
+            if counts is None or counts.shape != (config.vocab_size,):
+                raise ValueError(f"JakiroDraft.from_pretrained: {counts_path} holds no 'counts' tensor of "
+                                 f"[{config.vocab_size}]")
+            draft.restrict_vocab(most_frequent_tokens(counts, draft_vocab))
         return draft
 
     # ----------------------------------------------------------------- forward
@@ -453,6 +468,15 @@ class JakiroDraft(nn.Module):
         if experts:
             heads.extend(torch.eye(num, device=u.device).expand(tokens, num, num).unbind(1))
         return torch.stack(heads, dim=1).contiguous()
+
+
+def _load_tensors(path: str) -> dict:
+    """A safetensors file's tensors; ValueError naming ``path`` when it is truncated or not one."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error types for a bad header or data
+        raise ValueError(f"JakiroDraft.from_pretrained: {path} is not a readable safetensors file ({error})") from None
 
 
 def _check_compatible(config: DraftConfig, target_model: nn.Module):

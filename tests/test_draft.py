@@ -280,6 +280,32 @@ def test_load_rejects_mismatched_targets(tmp_path):
         jakiro.SpeculativeGenerator(other, draft)
 
 
+def test_load_names_a_truncated_or_garbage_file(tmp_path):
+    target, draft = make_target_and_draft("llama", "jakiro", "cpu")
+    draft.save_pretrained(tmp_path)
+    draft.save_token_counts(tmp_path, torch.ones(256, dtype=torch.int64))
+    weights, config, counts = (tmp_path / n for n in ("model.safetensors", "config.json", "token_counts.safetensors"))
+    whole = weights.read_bytes()
+    for broken in (whole[:len(whole) // 2], whole[:5], b"not a safetensors file at all"):
+        weights.write_bytes(broken)
+        with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+            JakiroDraft.from_pretrained(tmp_path, target)
+    from safetensors.torch import save_file
+    save_file({"fc.weight": torch.zeros(3, 3)}, weights)     # readable, but not this draft's tensors
+    with pytest.raises(ValueError, match=f"{weights} does not hold this draft's weights: .*Missing key"):
+        JakiroDraft.from_pretrained(tmp_path, target)
+    weights.write_bytes(whole)
+    counts.write_bytes(b"\x00" * 12)
+    with pytest.raises(ValueError, match=f"{counts} is not a readable safetensors file"):
+        JakiroDraft.from_pretrained(tmp_path, target, draft_vocab=8)
+    config.write_text('{"hidden_size": 64, ')
+    with pytest.raises(ValueError, match=f"{config} is not a draft configuration"):
+        JakiroDraft.from_pretrained(tmp_path, target)
+    config.write_text('{"no_such_field": 1}')
+    with pytest.raises(ValueError, match=f"{config} is not a draft configuration"):
+        JakiroDraft.from_pretrained(tmp_path, target)
+
+
 # ---------------------------------------------------------------------------------------------
 # Trees.
 

@@ -96,34 +96,147 @@ def add_bench_parser(commands):
 
 
 def _split(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    from jakiro.cli import UsageError
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
-        raise SystemExit(f"jakiro: --{what} is empty")
+        raise UsageError(f"--{what} is empty")
     if allowed is not None:
         unknown = [v for v in values if v not in allowed]
         if unknown:
-            raise SystemExit(f"jakiro: unknown --{what} {unknown}; expected a subset of {list(allowed)}")
+            raise UsageError(f"unknown --{what} {unknown}; expected a subset of {list(allowed)}")
     return values
 
 
-def load_setup(args):
-    """``(target, tokenizer, device, dtype)`` from the shared options (which get the device's
-    default tree shape where none was given)."""
-    from jakiro.models import load_target
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def _device_defaults(args, device: torch.device):
+    """Fills in the device's tree shape and drafting vocabulary where the options gave none."""
     depth, top_k = TREE_SHAPES.get(device.type, TREE_SHAPES["cuda"])
     args.depth = depth if args.depth is None else args.depth
     args.tree_top_k = top_k if args.tree_top_k is None else args.tree_top_k
     if args.draft_vocab is None:
         args.draft_vocab = DRAFT_VOCAB.get(device.type)
+
+
+def _check_draft_folder(path, option: str, args, vocab_defaulted: bool):
+    """A ``--draft`` folder that cannot load fails here, before the target loads (the shipped
+    drafts are whole: they come with their token counts)."""
+    import os
+
+    from jakiro.cli import UsageError
+    from jakiro.draft import CONFIG_NAME, COUNTS_NAME, WEIGHTS_NAME
+    if path is None:
+        return
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UsageError(f"{option} {path} has no {name} (expected a draft folder: `jakiro train`'s OUT/draft)")
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            vocab = int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # from_pretrained names what is wrong with the file
+    if args.draft_vocab and args.draft_vocab < vocab and not os.path.isfile(os.path.join(path, COUNTS_NAME)):
+        default = " (the default on a CPU)" if vocab_defaulted else ""
+        raise UsageError(f"{option} {path} has no {COUNTS_NAME} (the training data's token counts, which `jakiro "
+                         f"train` writes), so --draft-vocab {args.draft_vocab}{default} cannot choose its tokens; "
+                         f"pass --draft-vocab 0 to draft from the whole vocabulary")
+
+
+def max_tree_positions(args) -> int:
+    """Cache positions a speculative run needs beyond the prompt and the new tokens (at most,
+    when ``--total-tokens auto`` is still to be chosen)."""
+    from jakiro.autotune import CANDIDATES
+    nodes = args.total_tokens if args.total_tokens != "auto" else \
+        min(max(CANDIDATES), args.tree_top_k + args.depth * args.tree_top_k ** 2 + 1)
+    return args.depth + 2 + nodes
+
+
+def validate_target_arguments(args, drafts: tuple[str, ...] = ("jakiro",)):
+    """Checks the options of :func:`add_target_arguments` before any model loads and fills in the
+    device's defaults; ``drafts``: the kinds of draft the command will load. Raises
+    :class:`jakiro.cli.UsageError`."""
+    import math
+
+    from jakiro.cli import UsageError, at_least, check_device
+    device = check_device(args.device)
+    at_least(args, 0, "threads", "draft_vocab")
+    at_least(args, 1, "depth", "tree_top_k", "max_new_tokens")
+    vocab_defaulted = args.draft_vocab is None
+    _device_defaults(args, device)
+    if args.draft_vocab and args.tree_top_k > args.draft_vocab:
+        raise UsageError(f"--tree-top-k {args.tree_top_k} exceeds --draft-vocab {args.draft_vocab}")
+    if args.total_tokens != "auto":
+        try:
+            args.total_tokens = int(args.total_tokens)
+        except ValueError:
+            raise UsageError(f"--total-tokens must be an int or 'auto', got {args.total_tokens!r}") from None
+        limit = args.tree_top_k + args.depth * args.tree_top_k ** 2 + 1
+        if not 2 <= args.total_tokens <= limit:
+            raise UsageError(f"--total-tokens must be in [2, {limit}] for --depth {args.depth} and --tree-top-k "
+                             f"{args.tree_top_k} (the nodes such a tree can hold), got {args.total_tokens}")
+    temperature = getattr(args, "temperature", None)   # demo and generate
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {temperature}")
+    if "jakiro" in drafts:
+        _check_draft_folder(args.draft, "--draft", args, vocab_defaulted)
+    if "eagle2" in drafts:
+        _check_draft_folder(args.eagle2_draft, "--eagle2-draft", args, vocab_defaulted)
+    return device
+
+
+def check_context(args, config, prompt_tokens: int, max_new: int, speculative: bool = True):
+    """The longest prompt, the new tokens and (``speculative``) a draft tree must fit in the
+    target's context (``config``: its Hugging Face config); checked before the model loads."""
+    from jakiro.cli import UsageError
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    needed = prompt_tokens + max_new + (max_tree_positions(args) if speculative else 1)
+    if context is not None and needed > context:
+        tree = " and the draft tree" if speculative else ""
+        raise UsageError(f"a {prompt_tokens}-token prompt, {max_new} new tokens{tree} need {needed} positions, "
+                         f"more than the target's context of {context}; shorten the prompt or lower --max-new-tokens")
+
+
+def validate_bench_args(args):
+    """``jakiro bench-e2e``'s options, checked before any model loads (parsed lists kept on ``args``)."""
+    from jakiro.cli import UsageError, at_least
+    args.dataset_list = _split(args.datasets, DATASETS, "datasets")
+    args.method_list = _split(args.methods, METHODS, "methods")
+    if "vanilla" not in args.method_list:
+        args.method_list.insert(0, "vanilla")   # the reference of the speedups and of the greedy check
+    args.category_list = _split(args.categories, None, "categories") if args.categories else None
+    try:
+        args.temperature_list = [float(t) for t in _split(args.temperatures, None, "temperatures")]
+    except ValueError:
+        raise UsageError(f"--temperatures must be numbers, got {args.temperatures!r}") from None
+    if not all(0 <= t < float("inf") for t in args.temperature_list):
+        raise UsageError(f"--temperatures must be >= 0 (0: greedy), got {args.temperatures!r}")
+    at_least(args, 1, "limit")
+    validate_target_arguments(args, ("jakiro", "eagle2") if "eagle2" in args.method_list else ("jakiro",))
+
+
+def load_setup(args, folder=None):
+    """``(target, tokenizer, device, dtype)`` from the shared options (which get the device's
+    default tree shape where none was given); ``folder``: the target already resolved
+    (:func:`load_tokenizer`)."""
+    from jakiro.models import load_target
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    _device_defaults(args, device)
     dtype = DTYPES[args.dtype] if args.dtype else DEFAULT_DTYPE
     try:
-        target, tokenizer = load_target(args.target, dtype=dtype, device=device)
+        target, tokenizer = load_target(args.target if folder is None else folder, dtype=dtype, device=device)
     except (FileNotFoundError, ValueError, ImportError) as error:
         raise SystemExit(str(error)) from None
     return target, tokenizer, device, dtype
+
+
+def load_tokenizer(args):
+    """``(folder, tokenizer, config)`` of ``--target`` without its weights: what a prompt is
+    checked against before the model loads."""
+    from jakiro.models import load_tokenizer as load
+    try:
+        return load(args.target)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise SystemExit(str(error)) from None
 
 
 def load_draft(args, kind: str, target, candidate_mode: str | None = None):
@@ -144,10 +257,7 @@ def resolve_total_tokens(args, target, draft) -> tuple[int, list[dict]]:
     """``--total-tokens``: an int, or 'auto' (timed on this device; the table comes back too)."""
     from jakiro.autotune import choose_total_tokens
     if args.total_tokens != "auto":
-        try:
-            return int(args.total_tokens), []
-        except ValueError:
-            raise SystemExit(f"jakiro: --total-tokens must be an int or 'auto', got {args.total_tokens!r}") from None
+        return int(args.total_tokens), []   # checked by validate_target_arguments
     return choose_total_tokens(target, draft, depth=args.depth, top_k=args.tree_top_k)
 
 
@@ -188,19 +298,15 @@ def build_methods(names: list[str], target, args, total_tokens: int) -> dict:
 
 def bench_command(args) -> int:
     from jakiro.evaluate import LosslessError, environment, markdown_table, run_side_by_side
-    datasets = _split(args.datasets, DATASETS, "datasets")
-    methods = _split(args.methods, METHODS, "methods")
-    categories = _split(args.categories, None, "categories") if args.categories else None
-    try:
-        temperatures = [float(t) for t in _split(args.temperatures, None, "temperatures")]
-    except ValueError:
-        raise SystemExit(f"jakiro: --temperatures must be numbers, got {args.temperatures!r}") from None
-    if "vanilla" not in methods:
-        methods.insert(0, "vanilla")   # the reference of the speedups and of the greedy check
-    target, tokenizer, device, dtype = load_setup(args)
-    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
-    max_new = args.max_new_tokens or (256 if device.type == "cuda" else 128)
+    # The lists validate_bench_args parsed (cli.main runs it first).
+    datasets, methods, categories = args.dataset_list, args.method_list, args.category_list
+    temperatures = args.temperature_list
+    folder, tokenizer, config = load_tokenizer(args)
+    max_new = args.max_new_tokens or (256 if torch.device(args.device).type == "cuda" else 128)
     prompts = prompt_sets(tokenizer, datasets, args.limit, categories)
+    check_context(args, config, max((ids.shape[1] for items in prompts.values() for ids in items), default=0), max_new)
+    target, tokenizer, device, dtype = load_setup(args, folder)
+    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
     runners = build_methods(methods, target, args, total_tokens)
     report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, draft_vocab=args.draft_vocab,
                   total_tokens=total_tokens,

@@ -27,20 +27,30 @@ def add_demo_parser(commands):
     p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
 
 
+def validate_demo_args(args):
+    """``jakiro demo``'s options, checked before any model loads."""
+    from jakiro.bench_e2e import validate_target_arguments
+    from jakiro.cli import UsageError
+    if not 1 <= args.questions <= len(CATEGORIES):
+        raise UsageError(f"--questions must be in [1, {len(CATEGORIES)}], got {args.questions}")
+    validate_target_arguments(args)
+
+
 def demo_command(args) -> int:
     from transformers import TextStreamer
 
-    from jakiro.bench_e2e import build_methods, greedy_must_match, load_draft, load_setup, resolve_total_tokens
+    from jakiro.bench_e2e import (build_methods, check_context, greedy_must_match, load_draft, load_setup,
+                                  load_tokenizer, resolve_total_tokens)
     from jakiro.datasets import mtbench_questions
     from jakiro.evaluate import LosslessError, encode_prompt, environment, markdown_table, run_side_by_side
-    if not 1 <= args.questions <= len(CATEGORIES):
-        raise SystemExit(f"jakiro demo: --questions must be in [1, {len(CATEGORIES)}]")
-    target, tokenizer, device, dtype = load_setup(args)
-    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
-    max_new = args.max_new_tokens or (256 if device.type == "cuda" else 128)
+    folder, tokenizer, config = load_tokenizer(args)
+    max_new = args.max_new_tokens or (256 if torch.device(args.device).type == "cuda" else 128)
     questions = mtbench_questions()
     chosen = [next(q for q in questions if q["category"] == c) for c in CATEGORIES[:args.questions]]
     prompts = [encode_prompt(tokenizer, q["turns"][0]) for q in chosen]
+    check_context(args, config, max(ids.shape[1] for ids in prompts), max_new)
+    target, tokenizer, device, dtype = load_setup(args, folder)
+    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
     methods = build_methods(["vanilla", "jakiro-mixture"], target, args, total_tokens)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     jakiro_run = methods["jakiro-mixture"]

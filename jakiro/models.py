@@ -123,6 +123,14 @@ def load_target(spec: str | os.PathLike | None = None, *, dtype: torch.dtype = t
     return model, tokenizer
 
 
+def load_tokenizer(spec: str | os.PathLike | None = None, progress: bool = True):
+    """``(folder, tokenizer, config)`` for ``spec`` without the weights: what an input is checked
+    against before the model loads (a converted default target: well under a second)."""
+    from transformers import AutoConfig, AutoTokenizer
+    folder = resolve_target(spec, progress=progress)
+    return folder, AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+
+
 DRAFTS_DIR = Path(__file__).resolve().parent / "drafts"
 SHIPPED_DRAFTS = {"jakiro": "smollm2-135m-instruct-jakiro", "eagle2": "smollm2-135m-instruct-eagle2"}
 

@@ -71,6 +71,17 @@ def test_hf_folder_and_gguf_paths_and_errors(tmp_path, monkeypatch):
         models.shipped_draft("medusa")
 
 
+def test_load_tokenizer_reads_no_weights(tmp_path):
+    from jakiro.testing import SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer
+    folder = tmp_path / "tiny"
+    make_tiny_target("llama", seed=0, max_positions=512).save_pretrained(folder)
+    make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"garbage")   # never opened
+    resolved, tokenizer, config = models.load_tokenizer(folder)
+    assert resolved == folder and config.max_position_embeddings == 512
+    assert tokenizer("hello weather")["input_ids"] == [tokenizer.convert_tokens_to_ids(w) for w in ("hello", "weather")]
+
+
 def test_a_user_gguf_is_cached_under_its_digest(tmp_path, monkeypatch):
     import shutil
     monkeypatch.setenv("JAKIRO_CACHE", str(tmp_path / "cache"))

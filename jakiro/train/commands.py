@@ -83,6 +83,42 @@ def add_train_parser(commands):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def validate_datagen_args(args):
+    """``jakiro datagen``'s options, checked before any model loads."""
+    from jakiro.cli import UsageError, at_least, check_device
+    check_device(args.device)
+    at_least(args, 1, "limit", "per_shard", "max_new_tokens", "batch_size")
+    at_least(args, 3, "max_len")   # a training sample needs 3 tokens (the contrastive branch looks 2 ahead)
+    if not os.path.isfile(args.data):
+        raise UsageError(f"--data {args.data} is not a file")
+
+
+def validate_train_args(args):
+    """``jakiro train``'s options, checked before any model loads (the features' hidden size is
+    checked against the target once it has loaded, before the first step)."""
+    import dataclasses
+
+    from jakiro.cli import UsageError, at_least, check_device
+    from jakiro.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig
+    if args.device is not None:
+        check_device(args.device)
+    at_least(args, 1, "steps", "epochs", "batch_size", "checkpoint_every", "loss_vocab", "rounds")
+    at_least(args, 3, "max_len")
+    at_least(args, 0, "lr", "warmup_steps", "noise", "keep_checkpoints")
+    if args.init is not None:
+        if args.eagle2 or args.draft_config:
+            raise UsageError("--init takes the draft's configuration from its folder; drop --eagle2 and "
+                             "--draft-config")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not os.path.isfile(os.path.join(args.init, name)):
+                raise UsageError(f"--init {args.init} has no {name} (expected a draft folder: `jakiro train`'s "
+                                 f"OUT/draft)")
+    known = {f.name for f in dataclasses.fields(DraftConfig)}
+    unknown = sorted(set(_overrides(args.draft_config)) - known)
+    if unknown:
+        raise UsageError(f"--draft-config: unknown keys {unknown}; DraftConfig has {sorted(known)}")
+
+
 def _load_target(spec: str, dtype, device):
     from jakiro.models import load_target
     try:
@@ -92,18 +128,30 @@ def _load_target(spec: str, dtype, device):
 
 
 def datagen_command(args) -> int:
-    from jakiro.train.datagen import generate_features, read_conversations
+    import itertools
+
+    from jakiro.cli import UsageError
+    from jakiro.train.datagen import ROLES, generate_features, read_conversations
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     try:
         conversations = read_conversations(args.data, args.format)
+        # The first usable record, before the model loads: a file of none fails at once.
+        first = next(conversations, None)
+        if first is None:
+            raise UsageError(f"--data {args.data} holds no usable conversation (a record needs an assistant turn, "
+                             f"and every turn text and a known role: {', '.join(sorted(ROLES))})")
         target, tokenizer = _load_target(args.target, dtype, args.device)
-        index = generate_features(target, tokenizer, conversations, args.out, max_len=args.max_len,
-                                  limit=args.limit, per_shard=args.per_shard, regenerate=args.regenerate,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
+        index = generate_features(target, tokenizer, itertools.chain([first], conversations), args.out,
+                                  max_len=args.max_len, limit=args.limit, per_shard=args.per_shard,
+                                  regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, progress=not args.no_progress)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     samples = sum(entry["samples"] for entry in index["shards"])
+    if samples == 0:
+        raise UsageError(f"no conversation of --data {args.data} gave a training sample (one needs 3 tokens or "
+                         f"more, assistant tokens among them, within --max-len {args.max_len}); {args.out} holds "
+                         "no shard")
     print(f"[jakiro] {samples} conversations in {len(index['shards'])} shards under {args.out}")
     return 0
 
@@ -113,7 +161,8 @@ def _overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep:
-            raise SystemExit(f"jakiro train: --draft-config expects KEY=VALUE, got {pair!r}")
+            from jakiro.cli import UsageError
+            raise UsageError(f"--draft-config expects KEY=VALUE, got {pair!r}")
         try:
             values[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -122,6 +171,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def train_command(args) -> int:
+    from jakiro.cli import UsageError
     from jakiro.draft import JakiroDraft
     from jakiro.train.data import FeatureDataset, token_counts
     from jakiro.train.trainer import TrainConfig, Trainer
@@ -138,11 +188,12 @@ def train_command(args) -> int:
     try:
         dataset = FeatureDataset(args.data, max_len=args.max_len)
         target, _ = _load_target(args.target, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+        hidden = target.config.get_text_config().hidden_size
+        if dataset.hidden_size is not None and dataset.hidden_size != hidden:
+            raise UsageError(f"--data {' '.join(args.data)} holds features of size {dataset.hidden_size}, the "
+                             f"target {args.target} has hidden size {hidden}: run `jakiro datagen` with this target")
         torch.manual_seed(args.seed)
         if args.init is not None:
-            if args.eagle2 or args.draft_config:
-                raise SystemExit("jakiro train: --init takes the draft's configuration from its folder; "
-                                 "drop --eagle2 and --draft-config")
             draft = JakiroDraft.from_pretrained(args.init, target)   # float32 master weights, as the target
         else:
             try:

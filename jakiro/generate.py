@@ -164,8 +164,19 @@ def _check_sampling(temperature, top_p, top_k, max_new_tokens):
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k < 2 ** 31:
+        raise ValueError(f"generate: top_k must be an int in [0, 2**31) (0: off), got {top_k!r}")
+
+
+def _check_token_ids(name: str, ids, vocab_size: int, allow_none: bool = True):
+    """``ids``: None, an int or a non-empty list of ints, each in ``[0, vocab_size)``."""
+    if ids is None and allow_none:
+        return
+    values = [ids] if isinstance(ids, int) else ids
+    if isinstance(ids, (bool, str)) or not isinstance(values, (list, tuple)) or not values \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in values):
+        raise ValueError(f"generate: {name} must be a token id or a non-empty list of token ids in "
+                         f"[0, {vocab_size}), got {ids!r}")
 
 
 def _pad_id(model, eos_token_id, pad_token_id):
@@ -211,6 +222,9 @@ class _Decoding:
     def __init__(self, target: TargetModel, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k,
                  eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len):
         _check_sampling(temperature, top_p, top_k, max_new_tokens)
+        _check_token_ids("eos_token_id", eos_token_id, target.vocab_size)
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+            raise ValueError(f"generate: pad_token_id must be an int, got {pad_token_id!r}")
         device = target.device
         self.start = time.perf_counter()
         self.prompt = prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)

@@ -286,5 +286,33 @@ def test_bad_generation_arguments_raise_clear_errors():
         gen.generate(torch.zeros((1, 3), dtype=torch.int64), temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="total_tokens"):
         jakiro.SpeculativeGenerator(target, draft, depth=1, top_k=2, total_tokens=10)
+    prompt = torch.zeros((1, 3), dtype=torch.int64)
+    for eos in ([], [3, 256], "2", 1.5, True):
+        with pytest.raises(ValueError, match=r"eos_token_id must be a token id or a non-empty list .* got"):
+            gen.generate(prompt, eos_token_id=eos)
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[0, 2\*\*31\)"):
+        gen.generate(prompt, temperature=1.0, top_k=2 ** 31)
+    with pytest.raises(ValueError, match="pad_token_id must be an int"):
+        jakiro.vanilla_generate(target, prompt, pad_token_id="0")
     with pytest.raises(ValueError, match="Hugging Face causal LM"):
         jakiro.vanilla_generate(torch.nn.Linear(2, 2), torch.zeros((1, 3), dtype=torch.int64))
+
+
+def test_what_the_ops_cannot_serve_fails_at_construction():
+    # Head size, vocabulary and node count beyond the ops' limits raise the op's own message
+    # when the generator is built, before any prompt is read.
+    from jakiro.draft import JakiroDraft
+    torch.manual_seed(0)
+    target = make_tiny_target("llama", hidden=64, heads=2, kv_heads=1, head_dim=32, seed=3)
+    with pytest.raises(ValueError, match=r"tree_attention: head_dim .* must be 64 or 128, got 32"):
+        jakiro.SpeculativeGenerator(target, JakiroDraft.from_target(target), depth=2, top_k=3, total_tokens=8)
+    target = make_tiny_target("qwen2", vocab=ops.MAX_VOCAB + 1, hidden=32, heads=2, kv_heads=1, intermediate=64,
+                              layers=1, seed=3)
+    with pytest.raises(ValueError, match=rf"verify_greedy: logits has V = {ops.MAX_VOCAB + 1}; 1 <= V <= "):
+        jakiro.SpeculativeGenerator(target, JakiroDraft.from_target(target), depth=2, top_k=3, total_tokens=8)
+    del target
+    target = make_tiny_target("llama", seed=3)
+    draft = JakiroDraft.from_target(target)
+    with pytest.raises(ValueError, match="build_tree_mask: parents has N = 4097 nodes; at most 4096"):
+        jakiro.SpeculativeGenerator(target, draft, depth=2, top_k=50, total_tokens=4097)
+    jakiro.SpeculativeGenerator(target, draft, depth=2, top_k=50, total_tokens=4096)

@@ -55,11 +55,23 @@ def good_args(device="cpu"):
 
 
 def _set(args, **changes):
-    """A copy of ``args`` with entries replaced (a callable gets the old value)."""
+    """A copy of ``args`` with entries replaced (a callable gets the old value; a new tensor goes
+    to the old one's device)."""
     out = dict(args)
     for key, change in changes.items():
-        out[key] = change(out[key]) if callable(change) else change
+        if callable(change):
+            out[key] = change(out[key])
+        else:
+            old = out.get(key)
+            out[key] = change.to(old.device) if isinstance(change, torch.Tensor) and old is not None else change
     return out
+
+
+def _fill(t, dim, index, value):
+    """``t`` with entry ``index`` of dimension ``dim`` set to ``value`` (on t's device)."""
+    t = t.clone()
+    t.narrow(dim, index, 1).fill_(value)
+    return t
 
 
 NAN, INF = float("nan"), float("inf")
@@ -87,23 +99,23 @@ def _value_cases(good):
     add("tree_attention", q=lambda q: q[..., :32], k_cache=lambda k: k[..., :32], v_cache=lambda v: v[..., :32])
     add("tree_attention", k_cache=lambda k: k.transpose(2, 3))
     for name in ("verify_greedy", "verify_sampling"):
-        add(name, tokens=lambda t: t.index_fill(1, torch.tensor([2]), 11))
-        add(name, tokens=lambda t: t.index_fill(1, torch.tensor([3]), -(2**62)))
+        add(name, tokens=lambda t: _fill(t, 1, 2, 11))
+        add(name, tokens=lambda t: _fill(t, 1, 3, -(2**62)))
         add(name, parents=torch.tensor([[-1, 0, 5, 1], [-1, 0, 0, 2]], dtype=torch.int32))
         add(name, logits=lambda l: l[..., :0])
-    add("verify_sampling", uniforms=lambda u: u.index_fill(2, torch.tensor([0]), -0.25))
-    add("verify_sampling", uniforms=lambda u: u.index_fill(2, torch.tensor([1]), 1.0))
-    add("verify_sampling", uniforms=lambda u: u.index_fill(1, torch.tensor([2]), NAN))
-    add("verify_sampling", uniforms=lambda u: u.index_fill(1, torch.tensor([0]), INF))
-    add("verify_sampling", logits=lambda l: l.index_fill(1, torch.tensor([0]), NAN))
-    add("verify_sampling", logits=lambda l: l.index_fill(1, torch.tensor([0]), INF))
-    add("verify_sampling", logits=lambda l: l.index_fill(1, torch.tensor([0]), -INF))
+    add("verify_sampling", uniforms=lambda u: _fill(u, 2, 0, -0.25))
+    add("verify_sampling", uniforms=lambda u: _fill(u, 2, 1, 1.0))
+    add("verify_sampling", uniforms=lambda u: _fill(u, 1, 2, NAN))
+    add("verify_sampling", uniforms=lambda u: _fill(u, 1, 0, INF))
+    add("verify_sampling", logits=lambda l: _fill(l, 1, 0, NAN))
+    add("verify_sampling", logits=lambda l: _fill(l, 1, 0, INF))
+    add("verify_sampling", logits=lambda l: _fill(l, 1, 0, -INF))
     add("verify_sampling", temperature=torch.tensor([NAN, 1.0]))
     add("verify_sampling", top_p=torch.tensor([1.0, 0.0]))
     add("verify_sampling", top_k=i32(-1, 0))
     add("compact_kv", kv=lambda kv: kv[:, :, :1].expand(-1, -1, 2, -1, -1, -1))
     add("compact_kv", kv=lambda kv: kv[..., :1].expand(-1, -1, -1, -1, -1, 4))
-    add("compact_kv", path=lambda p: p.index_fill(1, torch.tensor([1]), 2**31 - 1))
+    add("compact_kv", path=lambda p: _fill(p, 1, 1, 2**31 - 1))
     add("compact_kv", prefix_len=i32(2**31 - 1, 0))
     add("compact_kv", accept_len=i32(4, 1))
     add("expert_mlp", coeff=lambda c: c[:, :0])
@@ -169,7 +181,8 @@ def run_grid(device):
     """{case index: outcome} for the whole grid; a crash or hang is recorded against its case."""
     outcomes, start, deadline = {}, 0, time.monotonic() + GRID_SECONDS
     total = len(all_cases("cpu"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    repo = os.path.dirname(os.path.dirname(HERE))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     while start < total:
         try:
             proc = subprocess.run([sys.executable, HERE, device, str(start)], capture_output=True, text=True,

@@ -258,7 +258,10 @@ def resolve_total_tokens(args, target, draft) -> tuple[int, list[dict]]:
     from jakiro.autotune import choose_total_tokens
     if args.total_tokens != "auto":
         return int(args.total_tokens), []   # checked by validate_target_arguments
-    return choose_total_tokens(target, draft, depth=args.depth, top_k=args.tree_top_k)
+    try:
+        return choose_total_tokens(target, draft, depth=args.depth, top_k=args.tree_top_k)
+    except ValueError as error:   # a tree this draft cannot grow
+        raise SystemExit(f"jakiro: {error}") from None
 
 
 def prompt_sets(tokenizer, datasets: list[str], limit: int | None, categories: list[str] | None) -> dict:
@@ -290,8 +293,11 @@ def build_methods(names: list[str], target, args, total_tokens: int) -> dict:
             draft = load_draft(args, "eagle2", target)
         else:
             draft = load_draft(args, "jakiro", target, candidate_mode=name.split("-", 1)[1])
-        generator = SpeculativeGenerator(target, draft, depth=args.depth, top_k=args.tree_top_k,
-                                         total_tokens=total_tokens)
+        try:
+            generator = SpeculativeGenerator(target, draft, depth=args.depth, top_k=args.tree_top_k,
+                                             total_tokens=total_tokens)
+        except ValueError as error:   # a tree this draft cannot grow (per_expert: top_k >= its experts)
+            raise SystemExit(f"jakiro: {name}: {error}") from None
         methods[name] = (lambda g: lambda ids, **o: g.generate(ids.to(device), **o))(generator)
     return methods
 

@@ -14,29 +14,15 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
-#include "jakiro/checks.h"
+#include "jakiro/rms_norm.h"
 
 namespace jakiro {
 namespace {
 
-constexpr const char* kOp = "rms_norm";
 constexpr int64_t kMinValuesPerTask = 1 << 14;  // smaller chunks are not worth a thread
-
-void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  JAKIRO_CHECK(x.dim() >= 1, kOp, "x must have shape [..., H], got a 0-dimensional tensor");
-  const at::ScalarType dtype = x.scalar_type();
-  JAKIRO_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-               "x must be float32, bfloat16 or float16, got ", dtype);
-  check_dim(weight, kOp, "weight", 1, "[H]");
-  JAKIRO_CHECK(weight.size(0) == x.size(-1), kOp, "weight must have x's last dimension H = ", x.size(-1),
-               " entries, got ", weight.size(0));
-  JAKIRO_CHECK(weight.scalar_type() == dtype, kOp, "weight must have x's dtype ", dtype, ", got ",
-               weight.scalar_type());
-  check_same_device(x, "x", weight, "weight", kOp);
-  JAKIRO_CHECK(std::isfinite(eps) && eps >= 0, kOp, "eps must be a finite number >= 0, got ", eps);
-}
 
 template <typename scalar_t>
 void rms_norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* y, int64_t rows, int64_t H, float eps) {
@@ -79,21 +65,8 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, dou
   return y;
 }
 
-#if JAKIRO_WITH_CUDA
-// On a GPU, the same arithmetic as ATen ops (the CPU's dispatch cost is what the kernel saves).
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rms_norm_args(x, weight, eps);
-  const at::Tensor x32 = x.to(at::kFloat);
-  const at::Tensor normed = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * normed.to(x.scalar_type());
-}
-#endif
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("rms_norm", &rms_norm_cpu); }
-#if JAKIRO_WITH_CUDA
-TORCH_LIBRARY_IMPL(jakiro, CUDA, m) { m.impl("rms_norm", &rms_norm_cuda); }
-#endif
 
 }  // namespace jakiro

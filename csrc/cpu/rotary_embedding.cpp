@@ -15,9 +15,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
-#include "jakiro/checks.h"
+#include "jakiro/rotary_embedding.h"
 
 // A fused multiply-add would round once where the tensor ops round twice.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -29,29 +30,7 @@
 namespace jakiro {
 namespace {
 
-constexpr const char* kOp = "rotary_embedding";
 constexpr int64_t kMinValuesPerTask = 1 << 14;  // smaller chunks are not worth a thread
-
-void check_rotary_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
-  check_dim(q, kOp, "q", 4, "[B, Hq, T, D]");
-  check_dim(k, kOp, "k", 4, "[B, Hkv, T, D]");
-  check_dim(cos, kOp, "cos", 3, "[B, T, D]");
-  check_dim(sin, kOp, "sin", 3, "[B, T, D]");
-  const at::ScalarType dtype = q.scalar_type();
-  JAKIRO_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-               "q must be float32, bfloat16 or float16, got ", dtype);
-  for (const auto& [t, name] : {std::pair{k, "k"}, std::pair{cos, "cos"}, std::pair{sin, "sin"}}) {
-    JAKIRO_CHECK(t.scalar_type() == dtype, kOp, name, " must have q's dtype ", dtype, ", got ", t.scalar_type());
-    check_same_device(q, "q", t, name, kOp);
-  }
-  const int64_t B = q.size(0), T = q.size(2), D = q.size(3);
-  JAKIRO_CHECK(D % 2 == 0, kOp, "the head size D must be even, got ", D);
-  JAKIRO_CHECK(k.size(0) == B && k.size(2) == T && k.size(3) == D, kOp, "k must have q's B, T and D (q is ",
-               q.sizes(), "), got ", k.sizes());
-  JAKIRO_CHECK(cos.sizes() == at::IntArrayRef({B, T, D}) && sin.sizes() == cos.sizes(), kOp,
-               "cos and sin must have shape [B, T, D] = [", B, ", ", T, ", ", D, "], got ", cos.sizes(), " and ",
-               sin.sizes());
-}
 
 // out[r] = x[r] * cos[t] + rotate_half(x[r]) * sin[t] for every row r = (b, h, t) of x.
 template <typename scalar_t>
@@ -94,32 +73,14 @@ at::Tensor rotate(const at::Tensor& x_in, const at::Tensor& cos, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& cos_in, const at::Tensor& sin_in) {
-  check_rotary_args(q, k, cos_in, sin_in);
+  check_rotary_embedding_args(q, k, cos_in, sin_in);
   const at::Tensor cos = cos_in.stride(2) == 1 ? cos_in : cos_in.contiguous();
   const at::Tensor sin = sin_in.stride(2) == 1 ? sin_in : sin_in.contiguous();
   return {rotate(q, cos, sin), rotate(k, cos, sin)};
 }
 
-#if JAKIRO_WITH_CUDA
-// On a GPU, Hugging Face's tensor ops (the CPU's dispatch cost is what the kernel saves).
-at::Tensor rotate_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(3) / 2;
-  const at::Tensor rotated = at::cat({-x.narrow(3, half, half), x.narrow(3, 0, half)}, 3);
-  return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).contiguous();
-}
-
-std::tuple<at::Tensor, at::Tensor> rotary_embedding_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& cos, const at::Tensor& sin) {
-  check_rotary_args(q, k, cos, sin);
-  return {rotate_aten(q, cos, sin), rotate_aten(k, cos, sin)};
-}
-#endif
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jakiro, CPU, m) { m.impl("rotary_embedding", &rotary_embedding_cpu); }
-#if JAKIRO_WITH_CUDA
-TORCH_LIBRARY_IMPL(jakiro, CUDA, m) { m.impl("rotary_embedding", &rotary_embedding_cuda); }
-#endif
 
 }  // namespace jakiro

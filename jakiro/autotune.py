@@ -1,6 +1,6 @@
 """Choosing ``total_tokens`` (tree nodes verified per cycle) for a device by timing it.
 
-The authors' ``total_token=-1`` (reference/jakiro-method.md §3) times the target on 40–60
+The authors' ``total_token=-1`` times the target on 40–60
 tokens, divides each time by an expected acceptance gain (1, 1.05, 1.07, 1.10, 1.13) and
 keeps the cheapest. Their gains follow ``(N / 40) ** 0.3`` to within 1%, which lets the rule
 reach the small trees a CPU wants (there a verify pass grows with N from the first token,

@@ -1,4 +1,4 @@
-"""The Jakiro draft model (DESIGN.md §6; method: reference/jakiro-method.md §2).
+"""The Jakiro draft model (``docs/architecture.md``, The draft head).
 
 One decoder layer on top of the target: ``z = fc([embed(x_{t+1}); f_t])`` (no activation),
 ``h = z + attention(z)`` (no input norm; RoPE; cache through ``jakiro.ops.tree_attention``),
@@ -265,7 +265,7 @@ class JakiroDraft(nn.Module):
         return self
 
     def inference_modules(self) -> list[nn.Module]:
-        """The draft and the shared heads a tree expansion runs (what :mod:`jakiro.cpu_kernels` routes)."""
+        """The draft and the shared heads a tree expansion runs (what :mod:`jakiro.cpu_routing` routes)."""
         return [self, self.lm_head] + ([self._shared["draft_head"]] if "draft_head" in self._shared else [])
 
     @property

@@ -1,11 +1,11 @@
 """Speculative (Jakiro / EAGLE-2) and vanilla generation over the jakiro cache stack.
 
-A cycle of :class:`SpeculativeGenerator` (DESIGN.md §7), for every row of the batch at once:
+A cycle of :class:`SpeculativeGenerator` (``docs/architecture.md``, One speculative cycle), for every row of the batch at once:
 
 1. *draft*: the draft grows a tree under the row's last token (``TreeDrafter.expand``);
-2. *verify*: the target scores every tree node in one pass (tree attention over its cache);
-3. *accept*: ``verify_greedy`` / ``verify_sampling`` pick the accepted path and the next
-   token, ``compact_kv`` moves the accepted rows into place, the new tokens are emitted,
+2. *target*: the target scores every tree node in one pass (tree attention over its cache);
+3. *verify*: ``verify_greedy`` / ``verify_sampling`` pick the accepted path and the next
+   token, the cache commits that path (``KVCache.commit_path``), the new tokens are emitted,
    and the draft commits the accepted pairs (``TreeDrafter.advance``; counted as draft time).
 
 The only host read inside a cycle is the ``all rows done?`` flag at its start. Rows that are
@@ -23,7 +23,7 @@ from jakiro.draft import JakiroDraft
 from jakiro.target import TargetModel
 from jakiro.tree import TreeDrafter
 
-PHASES = ("prefill", "draft", "verify", "accept", "other")
+PHASES = ("prefill", "draft", "target", "verify", "other")
 
 
 @dataclass
@@ -38,8 +38,8 @@ class GenerationResult:
         row was done (vanilla: all 0).
     timings: seconds per phase: ``prefill`` (the prompt pass and the first token), then per
         cycle ``draft`` (tree growth and the draft's pass over the committed pairs, the first one
-        included), ``verify`` (the target's tree pass), ``accept`` (acceptance, KV compaction,
-        emission), ``other`` (the stopping check); and ``total`` (the whole call, input checks
+        included), ``target`` (the target's tree pass), ``verify`` (the ``verify_*`` op, the
+        cache's commit of the accepted path, emission), ``other`` (the stopping check); and ``total`` (the whole call, input checks
         included). Exact on CUDA only with ``profile=True``.
     """
     sequences: torch.Tensor
@@ -354,7 +354,7 @@ class SpeculativeGenerator:
             clock.mark("draft")
             logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
                                             tree.attention_step(cache))
-            clock.mark("verify")
+            clock.mark("target")
             accept_len, path, next_token = run.accept(tree.tokens, tree.parents, logits)
             live = ~output.done
             accept_len = torch.where(live, accept_len, 0)
@@ -364,7 +364,7 @@ class SpeculativeGenerator:
             run.emit(new, committed)
             run.accepted.append(torch.where(live, accept_len, -1))
             root = next_token
-            clock.mark("accept")
+            clock.mark("verify")
             # The draft's new pairs (f of each committed node, the token after it), right-aligned.
             source = (columns - (width - committed).unsqueeze(1)).clamp(min=0)
             pair_hidden = hidden.gather(1, path.gather(1, source).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -381,8 +381,8 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
                      profile: bool = False) -> GenerationResult:
     """Plain autoregressive decoding on the same cache, attention and acceptance stack as
     :class:`SpeculativeGenerator` (the honest baseline). Arguments and result as there;
-    each step is one target pass over one token (timed as ``verify``; choosing the token as
-    ``accept``)."""
+    each step is one target pass over one token (timed as ``target``; choosing the token as
+    ``verify``)."""
     target = TargetModel.of(target)
     run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
                     generator, streamer, pad_token_id, profile, extra_capacity=1, max_cache_len=max_cache_len)
@@ -395,9 +395,9 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
         logits, _ = target.forward(token.unsqueeze(1), cache.lengths.to(torch.int64).unsqueeze(1), cache,
                                    cache.step(1))
         cache.advance(live)
-        clock.mark("verify")
+        clock.mark("target")
         token = run.accept.next_token(token, logits[:, 0])
         run.emit(token.unsqueeze(1), one)
         run.accepted.append(no_draft)
-        clock.mark("accept")
+        clock.mark("verify")
     return run.result()

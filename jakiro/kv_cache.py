@@ -21,7 +21,7 @@ from jakiro import ops
 
 @dataclass
 class AttentionStep:
-    """Where one block of new tokens goes and what its queries see (DESIGN.md §5.2).
+    """Where one block of new tokens goes and what its queries see (``ops.tree_attention``).
 
     positions: int64 ``[B, Nq]`` cache slot of every new token (the scratch slot for padding).
     seqlens: int32 ``[B]`` valid keys per row once the block is written.

@@ -16,7 +16,7 @@ tree mask live in the step, and positions come in as ``position_ids``.
 On the CPU the copy's ``nn.Linear`` layers (the LM head included) run
 ``torch.ops.jakiro.linear``, its RMSNorm layers ``torch.ops.jakiro.rms_norm``, and during a
 forward pass its rotary embedding ``torch.ops.jakiro.rotary_embedding``
-(:mod:`jakiro.cpu_kernels`).
+(:mod:`jakiro.cpu_routing`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import weakref
 import torch
 import transformers
 
-from jakiro.cpu_kernels import cpu_routes, install, route_kind, use_kernels
+from jakiro.cpu_routing import cpu_routes, install, route_kind, use_kernels
 from jakiro.kv_cache import AttentionStep, KVCache
 
 BACKEND_NAME = "jakiro"

@@ -1,6 +1,7 @@
 """Input generators shared by the tests and the benchmarks (not needed at run time).
 
-Trees are in the DESIGN.md §4 format; expert inputs follow §5.3.
+Trees are in the format of ``docs/architecture.md`` (Tree format); expert inputs follow the
+``expert_mlp`` contract there.
 """
 from __future__ import annotations
 

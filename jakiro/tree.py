@@ -9,13 +9,13 @@ reads):
 * :meth:`TreeDrafter.expand` grows the tree: ``levels = depth + 1`` levels of candidates,
   ``top_k`` children per expanded node, the ``top_k`` best candidates of a level (by
   cumulative log-probability) expanded further, and finally the best
-  ``total_tokens - 1`` candidates overall kept, in the DESIGN.md §4 format.
+  ``total_tokens - 1`` candidates overall kept, in the tree format of ``docs/architecture.md``.
 
 With ``contrastive=True`` the last level costs no draft pass: the pass over level
 ``levels - 2`` also returns the contrastive feature, which predicts two tokens ahead, and
 its top-k are attached under the level ``levels - 1`` nodes *of the context that produced
 them* (each node's own parent row). The authors' code attached them by rank instead,
-under unrelated nodes (reference/jakiro-method.md §3.2).
+under unrelated nodes.
 
 Tree-node keys live in the draft cache after the committed pairs: level ``l`` (1-based)
 takes slots ``(l - 1) * top_k .. l * top_k - 1`` past ``lengths`` and is overwritten by the
@@ -29,14 +29,14 @@ import torch
 from torch.nn import functional as F
 
 from jakiro import ops
-from jakiro.cpu_kernels import cpu_routes, use_kernels
+from jakiro.cpu_routing import cpu_routes, use_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
 from jakiro.kv_cache import AttentionStep, KVCache
 
 
 @dataclass
 class DraftTree:
-    """A batch of draft trees (DESIGN.md §4) with their cumulative draft log-probabilities.
+    """A batch of draft trees (``docs/architecture.md``, Tree format) with their cumulative draft log-probabilities.
 
     tokens: int64 ``[B, N]`` (node 0 = the root); parents: int32 ``[B, N]``;
     scores: float32 ``[B, N]`` (root 0); level: int64 ``[B, N]`` depth of every node;

@@ -24,6 +24,10 @@ say "a new venv in $WORK/venv sharing .venv's torch and packages"
 V=$WORK/venv/bin/python
 "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
   > "$("$V" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/jakiro-shared-venv.pth"
+# What the README asks of a user's environment: the build tools (a new venv's own setuptools is
+# too old on Python 3.11 and cannot build wheels).
+"$PY" scripts/requirements.py build-tools > "$WORK/build-tools.txt"
+pip "$V" install -q -r "$WORK/build-tools.txt"
 
 say "pip install --no-build-isolation $ROOT"
 pip "$V" install -q --no-build-isolation "$ROOT"

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from jakiro.draft import JakiroDraft
-from jakiro.models import load_target, shipped_draft
+from jakiro.pretrained import load_target, shipped_draft
 from jakiro.train.data import FeatureDataset
 from jakiro.train.loss import TargetDistribution, branch_terms
 

@@ -33,7 +33,7 @@ mkdir -p "$OUT"
 
 "$PY" - "$OUT" "$N_PROMPTS" "$N_SHAREGPT" <<'PY'
 import json, os, sys
-from jakiro.datasets import sharegpt_first_exchanges, sharegpt_first_turns
+from jakiro.commands.prompts import sharegpt_first_exchanges, sharegpt_first_turns
 out, prompts, exchanges = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with open(os.path.join(out, "prompts.jsonl"), "w") as f:
     for prompt in sharegpt_first_turns(prompts, seed=0, max_chars=1500):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jakiro
-from jakiro import cli, models
+from jakiro import cli, pretrained
 from jakiro.testing import SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer, make_feature_shards, make_tiny_target
 
 
@@ -45,7 +45,7 @@ def no_model(monkeypatch):
     """Any model load fails the test: the checks must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
-    monkeypatch.setattr(models, "load_target", refuse)
+    monkeypatch.setattr(pretrained, "load_target", refuse)
 
 
 def fails(argv, capsys, match, model_loaded=False):

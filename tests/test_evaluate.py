@@ -1,10 +1,10 @@
-"""jakiro.autotune (total_tokens by timing) and jakiro.evaluate (side-by-side runs, lossless check)."""
+"""jakiro.autotune (total_tokens by timing) and jakiro.commands.evaluate (side-by-side runs, lossless check)."""
 import pytest
 import torch
 
 import jakiro
 from jakiro.autotune import CANDIDATES, choose_total_tokens, expected_gain, time_verify_all
-from jakiro.evaluate import LosslessError, MethodStats, markdown_table, run_side_by_side
+from jakiro.commands.evaluate import LosslessError, MethodStats, markdown_table, run_side_by_side
 from jakiro.target import TargetModel
 from jakiro.testing import make_prompts, make_target_and_draft, single_thread
 

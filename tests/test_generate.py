@@ -187,7 +187,7 @@ def test_result_reports_timings_and_acceptance():
     ids, mask, _ = make_prompts(2, 256, 3, 6, torch.Generator().manual_seed(750))
     result = jakiro.SpeculativeGenerator(target, draft, depth=3, top_k=3, total_tokens=10).generate(
         ids, mask, max_new_tokens=12)
-    phases = ("prefill", "draft", "verify", "accept", "other")
+    phases = ("prefill", "draft", "target", "verify", "other")
     assert set(result.timings) == set(phases) | {"total"}
     assert all(result.timings[p] >= 0 for p in phases)
     assert sum(result.timings[p] for p in phases) <= result.timings["total"] * 1.01

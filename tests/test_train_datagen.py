@@ -7,8 +7,8 @@ import torch
 from jakiro.testing import (LLAMA2_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer,
                             make_tiny_target)
 from jakiro.train.data import FeatureDataset, read_index
-from jakiro.train.datagen import (encode_conversation, generate_features, read_conversations, read_jsonl,
-                                  read_sharegpt, regenerate_answers, target_features)
+from jakiro.train.conversations import read_conversations, read_jsonl, read_sharegpt
+from jakiro.train.datagen import encode_conversation, generate_features, regenerate_answers, target_features
 
 CONVERSATION = [{"role": "user", "content": "hello how is the weather"},
                 {"role": "assistant", "content": "it is sunny today"},

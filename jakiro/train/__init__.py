@@ -1,1 +1,1 @@
-"""Draft training (DESIGN.md §8): feature generation, the Jakiro loss, the trainer."""
+"""Draft training: feature generation, the Jakiro loss, the trainer."""

@@ -1,4 +1,4 @@
-"""The Jakiro training loss (DESIGN.md §8; method: reference/jakiro-method.md §5.3).
+"""The Jakiro training loss (the Jakiro paper's training objective).
 
 A training sequence of S tokens gives the draft S-1 positions: position ``t`` reads
 ``(f_t, x_{t+1})`` and its mixture feature is compared with ``f_{t+1}``, its contrastive

@@ -1,4 +1,4 @@
-"""Draft training loop (DESIGN.md §8): AdamW, warm-up + cosine, feature noise, value
+"""Draft training loop: AdamW, warm-up + cosine, feature noise, value
 clipping, bf16 autocast on GPU, JSON-lines log, resumable checkpoints, torchrun DDP; and two
 EAGLE-3 additions: the losses over a reduced vocabulary (``loss_vocab``) and the
 training-time test (``rounds``: later passes read the draft's own predictions).

@@ -1,10 +1,10 @@
-"""jakiro.cpu_kernels: which linear layers, RMSNorms and rotary embeddings run on the kernels, and only
+"""jakiro.cpu_routing: which linear layers, RMSNorms and rotary embeddings run on the kernels, and only
 for the call."""
 import pytest
 import torch
 from torch import nn
 
-from jakiro.cpu_kernels import cpu_routes, use_kernels
+from jakiro.cpu_routing import cpu_routes, use_kernels
 from jakiro.target import TargetModel
 from jakiro.testing import make_tiny_target
 from transformers.models.llama import modeling_llama
@@ -117,10 +117,10 @@ def test_routed_rotary_embedding_is_hugging_faces_bit_for_bit(family, dtype):
 def test_long_half_precision_blocks_keep_hugging_faces_rotary(monkeypatch):
     # Above ROTARY_HALF_MAX_VALUES the tensor ops are faster (the kernel's conversions are
     # scalar); both give the same numbers, so only the speed differs.
-    from jakiro import cpu_kernels
+    from jakiro import cpu_routing
     calls = []
-    rotary = cpu_kernels._RotaryFunction(lambda *args: calls.append(args[0].shape) or args[:2])
-    monkeypatch.setattr(cpu_kernels, "ROTARY_HALF_MAX_VALUES", 9 * 4 * 64)
+    rotary = cpu_routing._RotaryFunction(lambda *args: calls.append(args[0].shape) or args[:2])
+    monkeypatch.setattr(cpu_routing, "ROTARY_HALF_MAX_VALUES", 9 * 4 * 64)
     for length, dtype in ((4, torch.bfloat16), (5, torch.bfloat16), (5, torch.float32)):
         q, k = torch.randn(1, 9, length, 64).to(dtype), torch.randn(1, 3, length, 64).to(dtype)
         cos, sin = torch.randn(1, length, 64).to(dtype), torch.randn(1, length, 64).to(dtype)

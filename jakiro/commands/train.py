@@ -1,4 +1,4 @@
-"""``jakiro datagen`` and ``jakiro train`` (the sub-commands; ``jakiro/cli.py`` adds them)."""
+"""``jakiro train``: a Jakiro (or EAGLE-2) draft from ``jakiro datagen``'s shards (torchrun-ready)."""
 from __future__ import annotations
 
 import json
@@ -6,38 +6,10 @@ import os
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from jakiro.commands.options import UsageError, at_least, check_device, load_target_or_exit
 
 
-def add_datagen_parser(commands):
-    p = commands.add_parser(
-        "datagen", help="run the target over conversations and write training shards",
-        description="Applies the target's chat template to each conversation, runs the target once per "
-                    "conversation and writes safetensors shards (input_ids, last-layer hidden states after the "
-                    "final norm, loss_mask on the assistant tokens) plus index.json. Rerunning skips finished "
-                    "shards.")
-    p.add_argument("--target", default="smollm2",
-                   help="HF model folder or GGUF file with a chat template "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", required=True, help="conversation file")
-    p.add_argument("--format", choices=("sharegpt", "jsonl"), required=True,
-                   help="sharegpt: a (possibly truncated) JSON array of records; jsonl: one record per line. "
-                        "Records hold 'conversations' [{from, value}] or 'messages' [{role, content}]")
-    p.add_argument("--out", required=True, help="output folder (shards + index.json)")
-    p.add_argument("--max-len", type=int, default=2048, help="tokens kept per conversation")
-    p.add_argument("--limit", type=int, default=None, help="use the first K records only")
-    p.add_argument("--per-shard", type=int, default=256, help="records per shard")
-    p.add_argument("--regenerate", action="store_true",
-                   help="self-distillation: the target first rewrites every answer (greedy, batched)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call with --regenerate")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_train_parser(commands):
+def add_parser(commands):
     p = commands.add_parser(
         "train", help="train a Jakiro (or EAGLE-2) draft on datagen shards",
         description="Trains a draft with the Jakiro loss (mixture branch on f_{t+1}, contrastive branch on "
@@ -83,22 +55,11 @@ def add_train_parser(commands):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def validate_datagen_args(args):
-    """``jakiro datagen``'s options, checked before any model loads."""
-    from jakiro.cli import UsageError, at_least, check_device
-    check_device(args.device)
-    at_least(args, 1, "limit", "per_shard", "max_new_tokens", "batch_size")
-    at_least(args, 3, "max_len")   # a training sample needs 3 tokens (the contrastive branch looks 2 ahead)
-    if not os.path.isfile(args.data):
-        raise UsageError(f"--data {args.data} is not a file")
-
-
-def validate_train_args(args):
+def validate(args):
     """``jakiro train``'s options, checked before any model loads (the features' hidden size is
     checked against the target once it has loaded, before the first step)."""
     import dataclasses
 
-    from jakiro.cli import UsageError, at_least, check_device
     from jakiro.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig
     if args.device is not None:
         check_device(args.device)
@@ -119,50 +80,12 @@ def validate_train_args(args):
         raise UsageError(f"--draft-config: unknown keys {unknown}; DraftConfig has {sorted(known)}")
 
 
-def _load_target(spec: str, dtype, device):
-    from jakiro.models import load_target
-    try:
-        return load_target(spec, dtype=dtype, device=device)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        raise SystemExit(str(error)) from None
-
-
-def datagen_command(args) -> int:
-    import itertools
-
-    from jakiro.cli import UsageError
-    from jakiro.train.datagen import ROLES, generate_features, read_conversations
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    try:
-        conversations = read_conversations(args.data, args.format)
-        # The first usable record, before the model loads: a file of none fails at once.
-        first = next(conversations, None)
-        if first is None:
-            raise UsageError(f"--data {args.data} holds no usable conversation (a record needs an assistant turn, "
-                             f"and every turn text and a known role: {', '.join(sorted(ROLES))})")
-        target, tokenizer = _load_target(args.target, dtype, args.device)
-        index = generate_features(target, tokenizer, itertools.chain([first], conversations), args.out,
-                                  max_len=args.max_len, limit=args.limit, per_shard=args.per_shard,
-                                  regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, progress=not args.no_progress)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    samples = sum(entry["samples"] for entry in index["shards"])
-    if samples == 0:
-        raise UsageError(f"no conversation of --data {args.data} gave a training sample (one needs 3 tokens or "
-                         f"more, assistant tokens among them, within --max-len {args.max_len}); {args.out} holds "
-                         "no shard")
-    print(f"[jakiro] {samples} conversations in {len(index['shards'])} shards under {args.out}")
-    return 0
-
-
 def _overrides(pairs: list[str]) -> dict:
     values = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep:
-            from jakiro.cli import UsageError
-            raise UsageError(f"--draft-config expects KEY=VALUE, got {pair!r}")
+                    raise UsageError(f"--draft-config expects KEY=VALUE, got {pair!r}")
         try:
             values[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -170,8 +93,7 @@ def _overrides(pairs: list[str]) -> dict:
     return values
 
 
-def train_command(args) -> int:
-    from jakiro.cli import UsageError
+def run(args, settings=None) -> int:
     from jakiro.draft import JakiroDraft
     from jakiro.train.data import FeatureDataset, token_counts
     from jakiro.train.trainer import TrainConfig, Trainer
@@ -187,7 +109,7 @@ def train_command(args) -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dataset = FeatureDataset(args.data, max_len=args.max_len)
-        target, _ = _load_target(args.target, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+        target, _ = load_target_or_exit(args.target, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
         hidden = target.config.get_text_config().hidden_size
         if dataset.hidden_size is not None and dataset.hidden_size != hidden:
             raise UsageError(f"--data {' '.join(args.data)} holds features of size {dataset.hidden_size}, the "

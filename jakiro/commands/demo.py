@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
+from jakiro.commands.options import (RunSettings, UsageError, add_target_arguments, check_context,
+                                     greedy_must_match, load_draft, load_target_model, load_tokenizer,
+                                     resolve_run_settings, resolve_total_tokens)
 
 # One question from each of several MT-bench categories, in this order.
 CATEGORIES = ("writing", "stem", "coding", "reasoning", "humanities", "roleplay", "extraction", "math")
 
 
-def add_demo_parser(commands):
-    from jakiro.bench_e2e import add_target_arguments
+def add_parser(commands):
     p = commands.add_parser("demo", description=__doc__.split("\n\n", 1)[1],
                             help="Jakiro vs vanilla decoding of SmolLM2 on MT-bench questions, streamed (offline)")
     add_target_arguments(p)
@@ -27,31 +28,29 @@ def add_demo_parser(commands):
     p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
 
 
-def validate_demo_args(args):
+def validate(args) -> RunSettings:
     """``jakiro demo``'s options, checked before any model loads."""
-    from jakiro.bench_e2e import validate_target_arguments
-    from jakiro.cli import UsageError
     if not 1 <= args.questions <= len(CATEGORIES):
         raise UsageError(f"--questions must be in [1, {len(CATEGORIES)}], got {args.questions}")
-    validate_target_arguments(args)
+    return resolve_run_settings(args)
 
 
-def demo_command(args) -> int:
+def run(args, settings: RunSettings) -> int:
     from transformers import TextStreamer
 
-    from jakiro.bench_e2e import (build_methods, check_context, greedy_must_match, load_draft, load_setup,
-                                  load_tokenizer, resolve_total_tokens)
-    from jakiro.datasets import mtbench_questions
-    from jakiro.evaluate import LosslessError, encode_prompt, environment, markdown_table, run_side_by_side
-    folder, tokenizer, config = load_tokenizer(args)
-    max_new = args.max_new_tokens or (256 if torch.device(args.device).type == "cuda" else 128)
+    from jakiro.commands.bench_e2e import build_methods
+    from jakiro.commands.evaluate import LosslessError, encode_prompt, environment, markdown_table, run_side_by_side
+    from jakiro.commands.prompts import mtbench_questions
+    folder, tokenizer, config = load_tokenizer(settings)
+    max_new = settings.max_new_tokens
     questions = mtbench_questions()
     chosen = [next(q for q in questions if q["category"] == c) for c in CATEGORIES[:args.questions]]
     prompts = [encode_prompt(tokenizer, q["turns"][0]) for q in chosen]
-    check_context(args, config, max(ids.shape[1] for ids in prompts), max_new)
-    target, tokenizer, device, dtype = load_setup(args, folder)
-    total_tokens, tuning = resolve_total_tokens(args, target, load_draft(args, "jakiro", target))
-    methods = build_methods(["vanilla", "jakiro-mixture"], target, args, total_tokens)
+    check_context(settings, config, max(ids.shape[1] for ids in prompts))
+    target, tokenizer = load_target_model(settings, folder)
+    device, dtype = settings.device, settings.dtype
+    total_tokens, tuning = resolve_total_tokens(settings, target, load_draft(settings, "jakiro", target))
+    methods = build_methods(["vanilla", "jakiro-mixture"], target, settings, total_tokens)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     jakiro_run = methods["jakiro-mixture"]
 
@@ -72,7 +71,7 @@ def demo_command(args) -> int:
         fn(prompts[0], max_new_tokens=8)
     try:
         stats = run_side_by_side(runners, prompts, max_new_tokens=max_new, temperature=args.temperature,
-                                 seed=args.seed, eos_token_id=tokenizer.eos_token_id, reference="vanilla",
+                                 seed=settings.seed, eos_token_id=tokenizer.eos_token_id, reference="vanilla",
                                  strict=greedy_must_match(device, dtype, total_tokens),
                                  on_prompt=note_vanilla, progress=False, warmup=False)
     except LosslessError as error:

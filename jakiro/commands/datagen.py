@@ -1,0 +1,74 @@
+"""``jakiro datagen``: the target's features of every conversation, as training shards."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from jakiro.commands.options import DTYPES, UsageError, at_least, check_device, load_target_or_exit
+
+
+def add_parser(commands):
+    p = commands.add_parser(
+        "datagen", help="run the target over conversations and write training shards",
+        description="Applies the target's chat template to each conversation, runs the target once per "
+                    "conversation and writes safetensors shards (input_ids, last-layer hidden states after the "
+                    "final norm, loss_mask on the assistant tokens) plus index.json. Rerunning skips finished "
+                    "shards.")
+    p.add_argument("--target", default="smollm2",
+                   help="HF model folder or GGUF file with a chat template "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, help="conversation file")
+    p.add_argument("--format", choices=("sharegpt", "jsonl"), required=True,
+                   help="sharegpt: a (possibly truncated) JSON array of records; jsonl: one record per line. "
+                        "Records hold 'conversations' [{from, value}] or 'messages' [{role, content}]")
+    p.add_argument("--out", required=True, help="output folder (shards + index.json)")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens kept per conversation")
+    p.add_argument("--limit", type=int, default=None, help="use the first K records only")
+    p.add_argument("--per-shard", type=int, default=256, help="records per shard")
+    p.add_argument("--regenerate", action="store_true",
+                   help="self-distillation: the target first rewrites every answer (greedy, batched)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit with --regenerate")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call with --regenerate")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def validate(args):
+    """``jakiro datagen``'s options, checked before any model loads."""
+    check_device(args.device)
+    at_least(args, 1, "limit", "per_shard", "max_new_tokens", "batch_size")
+    at_least(args, 3, "max_len")   # a training sample needs 3 tokens (the contrastive branch looks 2 ahead)
+    if not os.path.isfile(args.data):
+        raise UsageError(f"--data {args.data} is not a file")
+
+
+def run(args, settings=None) -> int:
+    import itertools
+
+    from jakiro.train.conversations import ROLES, read_conversations
+    from jakiro.train.datagen import generate_features
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    try:
+        conversations = read_conversations(args.data, args.format)
+        # The first usable record, before the model loads: a file of none fails at once.
+        first = next(conversations, None)
+        if first is None:
+            raise UsageError(f"--data {args.data} holds no usable conversation (a record needs an assistant turn, "
+                             f"and every turn text and a known role: {', '.join(sorted(ROLES))})")
+        target, tokenizer = load_target_or_exit(args.target, dtype, args.device)
+        index = generate_features(target, tokenizer, itertools.chain([first], conversations), args.out,
+                                  max_len=args.max_len, limit=args.limit, per_shard=args.per_shard,
+                                  regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, progress=not args.no_progress)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    samples = sum(entry["samples"] for entry in index["shards"])
+    if samples == 0:
+        raise UsageError(f"no conversation of --data {args.data} gave a training sample (one needs 3 tokens or "
+                         f"more, assistant tokens among them, within --max-len {args.max_len}); {args.out} holds "
+                         "no shard")
+    print(f"[jakiro] {samples} conversations in {len(index['shards'])} shards under {args.out}")
+    return 0

@@ -16,7 +16,7 @@ __all__ = [
 
 # Head sizes the tree_attention kernels are built for.
 TREE_ATTENTION_HEAD_DIMS = (64, 128)
-MAX_VOCAB = 262144  # csrc/include/jakiro/accept.h kMaxVocab
+MAX_VOCAB = 262144  # csrc/include/jakiro/verify.h kMaxVocab
 
 
 def tree_mask_words(num_nodes):
@@ -190,7 +190,7 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.T
 
     The target distribution at node ``u`` is computed inside the kernel from
     ``logits[b, u]`` (no ``[B, N, V]`` probability tensor is made), in this order and
-    arithmetic (``csrc/include/jakiro/accept.h``): ``s = (z - max z) / temperature`` (fp32),
+    arithmetic (``csrc/include/jakiro/verify.h``): ``s = (z - max z) / temperature`` (fp32),
     ``w = exp(s)`` (fp32); top-k keeps ``x`` iff fewer than ``top_k`` tokens have a larger
     ``s`` (ties at the k-th value are all kept, as Hugging Face's ``TopKLogitsWarper``);
     then top-p keeps ``x`` iff the surviving tokens with a larger ``s`` hold less than

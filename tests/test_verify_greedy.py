@@ -188,7 +188,7 @@ def test_compiles_with_torch_compile():
     (1, 1, 17, torch.float32), (5, 37, 1000, torch.bfloat16), (3, 60, 32001, torch.float16),
     (2, 24, 151936, torch.bfloat16), (40, 256, 50, torch.float32)])
 def test_cuda_paths_match_reference(monkeypatch, path, batch, n, vocab, dtype):
-    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/accept_path.h);
+    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/verify_kernel_choice.h);
     # repeated calls also check that the parallel path's arrival counters start from zero.
     monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
     gen = torch.Generator().manual_seed(batch * 7 + n + vocab)

@@ -445,7 +445,7 @@ def test_cuda_graph_replay_matches_eager():
     (1, 1, 17, torch.float32), (6, 37, 1000, torch.bfloat16), (3, 60, 32001, torch.float16),
     (3, 16, 151936, torch.bfloat16), (40, 128, 40, torch.float32)])
 def test_cuda_paths_match_reference(monkeypatch, path, drafts, batch, n, vocab, dtype):
-    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/accept_path.h) over
+    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/verify_kernel_choice.h) over
     # mixed rows: plain, top-k, top-p, both, temperature 0 and illegal-free greedy fallbacks.
     # Repeated calls also check that the parallel path's arrival counters start from zero.
     monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)

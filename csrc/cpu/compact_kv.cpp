@@ -8,7 +8,7 @@
 
 #include <cstring>
 
-#include "jakiro/accept_checks.h"
+#include "jakiro/verify_checks.h"
 
 namespace jakiro {
 namespace {

@@ -1,6 +1,6 @@
 // CPU kernels of verify_greedy and verify_sampling (DESIGN.md 5.4, 5.5). Each
 // batch row walks its tree from the root: at the current node it works out the
-// target distribution (argmax, or the filtered softmax of include/jakiro/accept.h),
+// target distribution (argmax, or the filtered softmax of include/jakiro/verify.h),
 // tries the node's children in index order, and either moves to the accepted
 // child or stops and draws the next token. The arithmetic is the one the CUDA
 // kernels use; here every sum simply runs in index order.
@@ -14,8 +14,8 @@
 #include <cstring>
 #include <vector>
 
-#include "jakiro/accept.h"
-#include "jakiro/accept_checks.h"
+#include "jakiro/verify.h"
+#include "jakiro/verify_checks.h"
 
 namespace jakiro {
 namespace {
@@ -110,7 +110,7 @@ struct NodeDistribution {
   double p(int64_t x) const { return kept(x) ? static_cast<double>(w[x]) / z : 0.0; }
 
   // Smallest key k with measure(eligible keys > k) < limit, where the measure
-  // of a token is `weight(x)` (radix descent, see accept.h).
+  // of a token is `weight(x)` (radix descent, see verify.h).
   template <typename Measure, typename Weight>
   uint32_t descend(int64_t vocab, uint32_t eligible_from, Measure limit, Weight weight) const {
     uint32_t prefix = 0;

@@ -13,8 +13,8 @@
 
 #include <algorithm>
 
-#include "jakiro/accept.h"
-#include "jakiro/accept_checks.h"
+#include "jakiro/verify.h"
+#include "jakiro/verify_checks.h"
 
 namespace jakiro {
 namespace {

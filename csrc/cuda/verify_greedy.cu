@@ -1,5 +1,5 @@
 // CUDA kernels of verify_greedy (DESIGN.md 5.4), one launch either way (see
-// accept_path.h for which runs):
+// verify_kernel_choice.h for which runs):
 //  - walk: one block per batch row walks the tree, computing the argmax of only
 //    the rows it visits (vectorised loads, warp-shuffle reductions);
 //  - parallel: one block per (row, node) computes that node's argmax into a
@@ -16,8 +16,8 @@
 
 #include <algorithm>
 
-#include "jakiro/accept_checks.h"
-#include "jakiro/accept_path.h"
+#include "jakiro/verify_checks.h"
+#include "jakiro/verify_kernel_choice.h"
 #include "jakiro/block_ops.cuh"
 
 namespace jakiro {

@@ -1,9 +1,9 @@
 // CUDA kernels of verify_sampling (DESIGN.md 5.5); the arithmetic is defined in
-// include/jakiro/accept.h and mirrored by the CPU kernel. A node's statistics
+// include/jakiro/verify.h and mirrored by the CPU kernel. A node's statistics
 // take passes over its logits row (never storing probabilities): max/argmax;
 // the top-k and top-p thresholds by a radix descent over the order key of s
 // (four 8-bit rounds, histograms in shared memory); the surviving mass Z.
-// Two kernels, one launch either way (accept_path.h picks):
+// Two kernels, one launch either way (verify_kernel_choice.h picks):
 //  - walk: one block per batch row walks its tree, computing the statistics of
 //    each node it visits;
 //  - parallel: one block per (row, node) computes that node's statistics into a
@@ -22,8 +22,8 @@
 
 #include <algorithm>
 
-#include "jakiro/accept_checks.h"
-#include "jakiro/accept_path.h"
+#include "jakiro/verify_checks.h"
+#include "jakiro/verify_kernel_choice.h"
 #include "jakiro/block_ops.cuh"
 
 namespace jakiro {
@@ -88,7 +88,7 @@ struct DigitCache {
   }
 };
 
-// Smallest key k with measure(eligible keys > k) < limit (see accept.h).
+// Smallest key k with measure(eligible keys > k) < limit (see verify.h).
 // kScaledLimit (top-p): the limit is `limit` times the eligible mass, which round
 // 0 sums on the way. Those are the same terms in the same order as
 // block_kept_mass's with threshold eligible_from (which adds only zeros

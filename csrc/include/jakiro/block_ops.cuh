@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "jakiro/accept.h"
+#include "jakiro/verify.h"
 
 namespace jakiro {
 
@@ -92,7 +92,7 @@ __device__ __forceinline__ int64_t block_extreme(int64_t v, BlockScratch& s) {
   return result;
 }
 
-// Argmax (accept.h's argmax_better order) over the block; every thread gets it.
+// Argmax (verify.h's argmax_better order) over the block; every thread gets it.
 __device__ __forceinline__ void block_argmax(float& v, int64_t& i, BlockScratch& s) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = (blockDim.x + kWarp - 1) / kWarp;

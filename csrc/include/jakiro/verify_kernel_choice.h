@@ -25,7 +25,7 @@ enum class AcceptPath { kWalk, kParallel };
 //  - sampling: a node's statistics are compute-bound (~7 passes with exp and an
 //    IEEE division per element) and a 512-thread block needs ~110 registers per
 //    thread, so one block fits on an SM: 4 per SM is 4 waves, below a typical walk.
-// Estimates from the H100 timings of the walk; benchmarks/bench_accept.py times
+// Estimates from the H100 timings of the walk; benchmarks/bench_verify.py times
 // both paths side by side on CUDA to tune them.
 constexpr int64_t kGreedyParallelBlocksPerSm = 8;
 constexpr int64_t kSamplingParallelBlocksPerSm = 4;

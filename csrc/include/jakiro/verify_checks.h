@@ -9,7 +9,7 @@
 #include <cmath>
 #include <utility>
 
-#include "jakiro/accept.h"
+#include "jakiro/verify.h"
 #include "jakiro/checks.h"
 #include "jakiro/tree.h"
 

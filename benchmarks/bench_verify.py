@@ -1,9 +1,9 @@
-"""Benchmark of tree acceptance: verify_greedy, verify_sampling and compact_kv against the
-plain-PyTorch reference, a vectorised-PyTorch greedy (match -> cumprod over leaf paths ->
-argmax), the authors'-style Python sampling loop (per-candidate .item(), host random
-numbers) and per-layer / vectorised PyTorch KV copies. All in one process. On CUDA each
-acceptance kernel is also timed forced (jakiro-walk, jakiro-parallel) next to the automatic
-choice (jakiro)."""
+"""Benchmark of the verify step (tree acceptance): verify_greedy, verify_sampling and
+compact_kv against the plain-PyTorch reference, a vectorised-PyTorch greedy (match -> cumprod
+over leaf paths -> argmax), the authors'-style Python sampling loop (per-candidate .item(), host
+random numbers) and per-layer / vectorised PyTorch KV copies. All in one process. On CUDA each
+verify kernel is also timed forced (jakiro-walk, jakiro-parallel) next to the automatic choice
+(jakiro)."""
 import os
 import random
 import sys
@@ -126,7 +126,7 @@ def make_authors_sampling_loop(tokens, parents):
 
 # ------------------------------------------------------------------ cases
 
-CUDA_PATHS = ("walk", "parallel")  # the CUDA kernels, forced by JAKIRO_ACCEPT_PATH (accept_path.h)
+CUDA_PATHS = ("walk", "parallel")  # the CUDA kernels, forced by JAKIRO_ACCEPT_PATH (verify_kernel_choice.h)
 
 
 @contextmanager
@@ -251,7 +251,7 @@ def main(argv=None):
         args.iters = min(args.iters, 20)
         args.warmup = min(args.warmup, 3)
     dtype = torch.bfloat16
-    report = Report("accept", device)
+    report = Report("verify", device)
     report.meta["copy_bandwidth_GBps"] = measure_copy_bandwidth(device)
     report.meta.update(dtype=str(dtype), temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K)
     gen = torch.Generator().manual_seed(0)

@@ -470,7 +470,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     Hugging Face runs it as eight tensor ops; on the CPU, where each costs a dispatch of a
     few microseconds on rows of a few hundred values, the kernel does one pass per row
-    (``jakiro.cpu_kernels`` routes the target's norms through it while decoding). Its sum of
+    (``jakiro.cpu_routing`` routes the target's norms through it while decoding). Its sum of
     squares runs in a fixed order per row, so it is batch-invariant: a row's output does not
     depend on the other rows. On CUDA it is the same arithmetic as ATen ops. Not
     differentiable (inference).
@@ -505,7 +505,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
     Hugging Face runs it as about a dozen tensor ops per layer; on the CPU the kernel does
     one pass per row and rounds exactly where they do (each product, then the sum, to the
-    input dtype), so its outputs are Hugging Face's bit for bit (``jakiro.cpu_kernels`` routes
+    input dtype), so its outputs are Hugging Face's bit for bit (``jakiro.cpu_routing`` routes
     a target's rotary embedding through it while decoding). On CUDA it is the same tensor
     ops. Not differentiable (inference).
 

@@ -126,22 +126,22 @@ def make_authors_sampling_loop(tokens, parents):
 
 # ------------------------------------------------------------------ cases
 
-CUDA_PATHS = ("walk", "parallel")  # the CUDA kernels, forced by JAKIRO_ACCEPT_PATH (verify_kernel_choice.h)
+CUDA_PATHS = ("walk", "parallel")  # the CUDA kernels, forced by JAKIRO_VERIFY_KERNEL (verify_kernel_choice.h)
 
 
 @contextmanager
-def accept_path(path):
-    """Forces one CUDA kernel of the acceptance ops while timing (None: the automatic choice)."""
-    old = os.environ.get("JAKIRO_ACCEPT_PATH")
+def verify_kernel(path):
+    """Forces one CUDA kernel of the verify ops while timing (None: the automatic choice)."""
+    old = os.environ.get("JAKIRO_VERIFY_KERNEL")
     if path is not None:
-        os.environ["JAKIRO_ACCEPT_PATH"] = path
+        os.environ["JAKIRO_VERIFY_KERNEL"] = path
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("JAKIRO_ACCEPT_PATH", None)
+            os.environ.pop("JAKIRO_VERIFY_KERNEL", None)
         else:
-            os.environ["JAKIRO_ACCEPT_PATH"] = old
+            os.environ["JAKIRO_VERIFY_KERNEL"] = old
 
 
 def bench_verify(report, args, device, dtype, gen, cases):
@@ -175,7 +175,7 @@ def bench_verify(report, args, device, dtype, gen, cases):
                 tokens, parents, logits, uniforms, *settings), 3)
         for (op, impl), (fn, iters) in impls.items():
             path = impl.split("-", 1)[1] if impl.startswith("jakiro-") else None
-            with accept_path(path):
+            with verify_kernel(path):
                 t = time_fn(fn, device, warmup=min(args.warmup, iters), iters=iters,
                             cuda_graph=args.cuda_graph and impl.startswith("jakiro"))
             gbps = nbytes / (t.median_us * 1e-6) / 1e9

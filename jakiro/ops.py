@@ -151,8 +151,9 @@ def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Ten
     8 per SM here, 4 for :func:`verify_sampling`) every node's row statistics are
     computed in parallel, one block per node, and the last block of a row walks it;
     otherwise one block per row walks its tree and reads only the rows it visits.
-    ``JAKIRO_ACCEPT_PATH=walk`` or ``=parallel`` in the environment forces one (tests,
-    benchmarks); it is read at each call.
+    ``JAKIRO_VERIFY_KERNEL=walk`` or ``=parallel`` in the environment forces one (tests,
+    benchmarks), ``auto`` (the default) picks by size, any other value is a ValueError; it is
+    read at each call. ``JAKIRO_ACCEPT_PATH`` is its deprecated alias (warns once).
 
     Args:
         tokens: int64 ``[B, N]``, the token of every node (node 0 = the root, not checked

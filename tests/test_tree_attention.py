@@ -1,5 +1,6 @@
 """tree_attention: kernels vs the dense fp64 reference, a branch-as-chain oracle, SDPA, bad input."""
 import itertools
+import re
 
 import pytest
 import torch
@@ -105,9 +106,9 @@ CPU_COPIES = ["portable"] + (["avx2"] if _CAPABILITY in ("AVX2", "AVX512") else 
 @pytest.mark.parametrize("nq, group, dtype", [(1, 3, torch.float32), (7, 3, torch.bfloat16), (60, 8, torch.float32),
                                               (13, 1, torch.float16)])
 def test_every_cpu_copy_matches_reference(copy, nq, group, dtype, monkeypatch):
-    # JAKIRO_TREE_ATTENTION_CPU picks the block step: the portable one, the AVX2+FMA copy
+    # JAKIRO_TREE_ATTENTION_KERNEL picks the block step: the portable one, the AVX2+FMA copy
     # (4-row tiles), the AVX-512VL copy (8-row tiles); every one this CPU can run is tested.
-    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", copy)
+    monkeypatch.setenv(KERNEL_ENV, copy)
     gen = torch.Generator().manual_seed(nq + group)
     inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=64, prefix_lens=[37, 130],
                                         dtype=dtype, generator=gen)
@@ -122,7 +123,7 @@ def test_avx2_and_avx512_copies_sum_alike(monkeypatch):
                                         generator=gen)
     outs = []
     for copy in ("avx2", "avx512"):
-        monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", copy)
+        monkeypatch.setenv(KERNEL_ENV, copy)
         outs.append(call(inputs))
     assert torch.equal(*outs)
 
@@ -161,7 +162,7 @@ def test_cpu_tree_rows_equal_one_query_decoding(prefixes, nodes, threads, dtype,
     # Batch invariance, bit for bit: every tree query gets exactly the numbers a one-query
     # causal call over its prefix and root->node path gives, the call vanilla decoding makes,
     # so a verify pass reproduces greedy decoding in every dtype.
-    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", copy)
+    monkeypatch.setenv(KERNEL_ENV, copy)
     gen = torch.Generator().manual_seed(nodes)
     inputs = make_tree_attention_inputs(batch=2, hq=9, hkv=3, nq=nodes, head_dim=64, prefix_lens=prefixes,
                                         dtype=dtype, generator=gen)
@@ -191,9 +192,47 @@ def test_cpu_causal_rows_equal_one_query_decoding(nq, prefix, dtype):
 
 
 def test_cpu_copy_choice_is_explicit(monkeypatch):
-    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", "fastest")
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
     inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=2, head_dim=64, prefix_lens=4)
-    with pytest.raises(ValueError, match="tree_attention: environment variable JAKIRO_TREE_ATTENTION_CPU must be"):
+    with pytest.raises(ValueError, match="tree_attention: environment variable JAKIRO_TREE_ATTENTION_KERNEL must be "
+                                         "auto, avx512, avx2 or portable .* or scalar, mma or mma_v1"):
+        call(inputs)
+
+
+@pytest.mark.parametrize("cuda_value", ["scalar", "mma", "mma_v1"])
+def test_cuda_kernel_values_mean_auto_on_the_cpu(cuda_value, monkeypatch):
+    # One variable picks the kernel on both devices: a CUDA kernel's name is auto on the CPU.
+    inputs = make_tree_attention_inputs(batch=2, hq=4, hkv=2, nq=5, head_dim=64, prefix_lens=[9, 30],
+                                        generator=torch.Generator().manual_seed(2))
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    want = call(inputs)
+    monkeypatch.setenv(KERNEL_ENV, cuda_value)
+    assert torch.equal(call(inputs), want)
+
+
+def test_deprecated_cpu_alias_still_applies_with_a_warning(monkeypatch, capfd):
+    # JAKIRO_TREE_ATTENTION_CPU, the old name, still picks the copy where the new name is unset,
+    # and warns to use JAKIRO_TREE_ATTENTION_KERNEL; the new name wins when both are set.
+    inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=3, head_dim=64, prefix_lens=7)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", "portable")
+    torch.set_warn_always(True)  # the warning is once per process otherwise
+    capfd.readouterr()
+    try:
+        out = call(inputs)
+    finally:
+        torch.set_warn_always(False)
+    # torch's C++ warning, on standard error
+    assert re.search("JAKIRO_TREE_ATTENTION_CPU is deprecated .* use JAKIRO_TREE_ATTENTION_KERNEL",
+                     capfd.readouterr().err)
+    monkeypatch.setenv(KERNEL_ENV, "portable")
+    assert torch.equal(out, call(inputs))
+    monkeypatch.setenv("JAKIRO_TREE_ATTENTION_CPU", "fastest")
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    call(inputs)  # the new name wins: the alias's bad value is not read
+    monkeypatch.delenv(KERNEL_ENV)
+    with pytest.raises(ValueError, match="environment variable JAKIRO_TREE_ATTENTION_CPU must be auto, avx512, "
+                                         "avx2 or portable, got 'fastest'"):
         call(inputs)
 
 
@@ -438,6 +477,8 @@ def test_cuda_kernel_choice_is_explicit(monkeypatch):
     with pytest.raises(ValueError,
                        match="tree_attention: JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1"):
         call(inputs)
+    monkeypatch.setenv(KERNEL_ENV, "portable")  # a CPU copy's name: auto on CUDA
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
 
 
 def test_opcheck(device):

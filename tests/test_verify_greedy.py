@@ -1,4 +1,6 @@
 """verify_greedy: kernels vs the reference, the argmax-chain oracle, ties, bad input."""
+import re
+
 import pytest
 import torch
 
@@ -188,9 +190,9 @@ def test_compiles_with_torch_compile():
     (1, 1, 17, torch.float32), (5, 37, 1000, torch.bfloat16), (3, 60, 32001, torch.float16),
     (2, 24, 151936, torch.bfloat16), (40, 256, 50, torch.float32)])
 def test_cuda_paths_match_reference(monkeypatch, path, batch, n, vocab, dtype):
-    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/verify_kernel_choice.h);
+    # Force each CUDA kernel (JAKIRO_VERIFY_KERNEL, see csrc/include/jakiro/verify_kernel_choice.h);
     # repeated calls also check that the parallel path's arrival counters start from zero.
-    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", path)
     gen = torch.Generator().manual_seed(batch * 7 + n + vocab)
     for shape in ("chain", "random"):
         tokens, parents, logits = make_verify_inputs(batch, n, vocab, shape=shape, match=0.8, dtype=dtype,
@@ -203,7 +205,7 @@ def test_cuda_paths_match_reference(monkeypatch, path, batch, n, vocab, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", ["walk", "parallel"])
 def test_cuda_paths_flag_bad_input(monkeypatch, path):
-    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", path)
     tokens, parents, logits = good_inputs()
     with pytest.raises(ValueError, match=r"verify_greedy: .*parents\[0, 4\] = 4"):
         ops.verify_greedy(tokens.cuda(), parents.index_fill(1, torch.tensor([4]), 4).cuda(), logits.cuda())
@@ -215,9 +217,36 @@ def test_cuda_paths_flag_bad_input(monkeypatch, path):
 
 
 @pytest.mark.cuda
+def test_cuda_kernel_choice_is_explicit(monkeypatch, capfd):
+    # JAKIRO_VERIFY_KERNEL takes auto, walk or parallel; anything else is a ValueError. The old
+    # name JAKIRO_ACCEPT_PATH still applies where the new one is unset, with a warning.
+    tokens, parents, logits = (t.cuda() for t in good_inputs())
+    want = reference.verify_greedy(*good_inputs())
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="verify_greedy: environment variable JAKIRO_VERIFY_KERNEL must be auto, "
+                                         "walk or parallel, got 'fastest'"):
+        ops.verify_greedy(tokens, parents, logits)
+    monkeypatch.delenv("JAKIRO_VERIFY_KERNEL")
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "walk")
+    torch.set_warn_always(True)  # the warning is once per process otherwise
+    capfd.readouterr()
+    try:
+        assert_same(ops.verify_greedy(tokens, parents, logits), want)
+    finally:
+        torch.set_warn_always(False)
+    # torch's C++ warning, on standard error
+    assert re.search("JAKIRO_ACCEPT_PATH is deprecated .* use JAKIRO_VERIFY_KERNEL", capfd.readouterr().err)
+    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "fastest")
+    with pytest.raises(ValueError, match="environment variable JAKIRO_ACCEPT_PATH must be auto, walk or parallel"):
+        ops.verify_greedy(tokens, parents, logits)
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", "parallel")  # the new name wins
+    assert_same(ops.verify_greedy(tokens, parents, logits), want)
+
+
+@pytest.mark.cuda
 def test_cuda_graph_replay_parallel_path(monkeypatch):
     # The arrival counters are zeroed inside the graph, so every replay walks every row.
-    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "parallel")
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", "parallel")
     gen = torch.Generator().manual_seed(11)
     tokens, parents, logits = (t.cuda() for t in make_verify_inputs(4, 30, 1000, match=0.8, generator=gen))
     graph, out = capture_cuda_graph(lambda: ops.verify_greedy(tokens, parents, logits, validate=False))

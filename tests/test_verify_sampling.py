@@ -445,10 +445,10 @@ def test_cuda_graph_replay_matches_eager():
     (1, 1, 17, torch.float32), (6, 37, 1000, torch.bfloat16), (3, 60, 32001, torch.float16),
     (3, 16, 151936, torch.bfloat16), (40, 128, 40, torch.float32)])
 def test_cuda_paths_match_reference(monkeypatch, path, drafts, batch, n, vocab, dtype):
-    # Force each CUDA kernel (JAKIRO_ACCEPT_PATH, see csrc/include/jakiro/verify_kernel_choice.h) over
+    # Force each CUDA kernel (JAKIRO_VERIFY_KERNEL, see csrc/include/jakiro/verify_kernel_choice.h) over
     # mixed rows: plain, top-k, top-p, both, temperature 0 and illegal-free greedy fallbacks.
     # Repeated calls also check that the parallel path's arrival counters start from zero.
-    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", path)
     gen = torch.Generator().manual_seed(batch * 7 + n + vocab + len(drafts))
     row_settings = [(1.0, 1.0, 0), (0.7, 1.0, 5), (0.7, 0.8, 0), (1.3, 0.9, 7), (0.0, 0.9, 3), (0.8, 1.0, 1)]
     rows = [row_settings[b % len(row_settings)] for b in range(batch)]
@@ -467,7 +467,7 @@ def test_cuda_paths_match_reference(monkeypatch, path, drafts, batch, n, vocab, 
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", ["walk", "parallel"])
 def test_cuda_paths_flag_bad_input(monkeypatch, path):
-    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", path)
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", path)
     a = good_inputs()
     c = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
     with pytest.raises(ValueError, match=r"verify_sampling: .*parents\[0, 4\] = 4"):
@@ -484,7 +484,7 @@ def test_cuda_paths_flag_bad_input(monkeypatch, path):
 @pytest.mark.cuda
 def test_cuda_graph_replay_parallel_path(monkeypatch):
     # The arrival counters are zeroed inside the graph, so every replay walks every row.
-    monkeypatch.setenv("JAKIRO_ACCEPT_PATH", "parallel")
+    monkeypatch.setenv("JAKIRO_VERIFY_KERNEL", "parallel")
     batch, n, vocab = 4, 30, 1000
     inputs = [t.cuda() for t in make_verify_inputs(batch, n, vocab, scale=4.0, generator=torch.Generator().manual_seed(3))]
     uniforms = torch.rand(batch, n, 2).cuda()

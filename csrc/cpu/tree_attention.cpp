@@ -33,11 +33,13 @@
 #include <bitset>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
 #include "jakiro/checks.h"
 #include "jakiro/cpu_isa.h"
+#include "jakiro/kernel_env.h"
 #include "jakiro/tree_attention.h"
 
 // The micro-kernels pass 8-float vectors between always-inlined functions; GCC
@@ -278,11 +280,27 @@ __attribute__((target("avx512f,avx512vl"))) void attend_split_avx512(const Split
 template <typename scalar_t>
 using SplitFn = void (*)(const SplitWork<scalar_t>&);
 
-// The best copy this CPU runs, or the one JAKIRO_TREE_ATTENTION_CPU names
-// (auto, avx512, avx2, portable).
+// The best copy this CPU runs, or the one JAKIRO_TREE_ATTENTION_KERNEL names
+// (auto, avx512, avx2, portable). The variable also picks the CUDA kernel: its
+// CUDA values (scalar, mma, mma_v1) mean auto here, any other value raises. The
+// deprecated alias JAKIRO_TREE_ATTENTION_CPU (CPU values only) applies where
+// JAKIRO_TREE_ATTENTION_KERNEL is unset.
+const char* tree_attention_cpu_copy(const KernelEnv& env) {
+  if (env.value == nullptr || std::strcmp(env.name, "JAKIRO_TREE_ATTENTION_KERNEL") != 0) return env.value;
+  for (const char* cuda_value : {"scalar", "mma", "mma_v1"}) {
+    if (std::strcmp(env.value, cuda_value) == 0) return nullptr;
+  }
+  bool cpu_value = false;
+  for (const char* value : {"auto", "avx512", "avx2", "portable"}) cpu_value |= std::strcmp(env.value, value) == 0;
+  JAKIRO_CHECK(cpu_value, kOp, "environment variable JAKIRO_TREE_ATTENTION_KERNEL must be auto, avx512, avx2 or "
+               "portable (CPU copies) or scalar, mma or mma_v1 (CUDA kernels, auto on the CPU), got '", env.value, "'");
+  return env.value;
+}
+
 template <typename scalar_t, int D>
 SplitFn<scalar_t> pick_split_step() {
-  switch (choose_cpu_isa("JAKIRO_TREE_ATTENTION_CPU", "portable", JAKIRO_X86_COPIES, kOp).isa) {
+  const KernelEnv env = read_kernel_env("JAKIRO_TREE_ATTENTION_KERNEL", "JAKIRO_TREE_ATTENTION_CPU");
+  switch (choose_cpu_isa_value(tree_attention_cpu_copy(env), env.name, "portable", JAKIRO_X86_COPIES, kOp).isa) {
 #if JAKIRO_X86_COPIES
     case CpuIsa::kAvx512: return &attend_split_avx512<scalar_t, D>;
     case CpuIsa::kAvx2: return &attend_split_avx2<scalar_t, D>;

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "jakiro/checks.h"
+#include "jakiro/kernel_env.h"
 #include "jakiro/tree_attention.h"
 
 namespace jakiro {
@@ -281,7 +282,8 @@ int choose_staged_splits(int64_t base_blocks, int64_t cache_size, int blocks_per
 // the scalar one. JAKIRO_TREE_ATTENTION_KERNEL=scalar forces the scalar kernel;
 // =mma_v1 picks the first tensor-core kernel wherever tensor cores can run (and
 // the scalar one elsewhere), so tests and benchmarks can compare all three;
-// =mma demands the staged kernel and raises if it cannot run.
+// =mma demands the staged kernel and raises if it cannot run. The variable also
+// picks the CPU copy: its CPU values (avx512, avx2, portable) mean auto here.
 enum class Kernel { kScalar, kMmaV1, kMma };
 
 bool aligned_16(const at::Tensor& t) {
@@ -302,10 +304,13 @@ size_t staged_shared_bytes_for(int64_t head_dim, int row_groups) {
 }
 
 Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t packed_rows) {
-  const char* env = std::getenv("JAKIRO_TREE_ATTENTION_KERNEL");
-  const std::string wanted = env ? env : "auto";
-  JAKIRO_CHECK(wanted == "auto" || wanted == "scalar" || wanted == "mma" || wanted == "mma_v1", kOp,
-               "JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1, got ", wanted);
+  const KernelEnv env = read_kernel_env("JAKIRO_TREE_ATTENTION_KERNEL");
+  std::string wanted = env.value ? env.value : "auto";
+  const bool cpu_value = wanted == "avx512" || wanted == "avx2" || wanted == "portable";
+  JAKIRO_CHECK(wanted == "auto" || wanted == "scalar" || wanted == "mma" || wanted == "mma_v1" || cpu_value, kOp,
+               "JAKIRO_TREE_ATTENTION_KERNEL must be auto, scalar, mma or mma_v1 (CUDA kernels) or avx512, avx2 or "
+               "portable (CPU copies, auto on CUDA), got ", wanted);
+  if (cpu_value) wanted = "auto";
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const bool mma_possible = q.scalar_type() != at::kFloat && props->major >= 8 && aligned_16(q) && aligned_16(k) &&
                             aligned_16(v);

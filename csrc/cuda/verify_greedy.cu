@@ -94,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
   if (batch == 0) return {accept_len, path, next_token};
   JAKIRO_CHECK(batch <= kMaxGridX, op, "batch size ", batch, " is too large");
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const AcceptPath route = choose_accept_path(batch, n, sm_count, kGreedyParallelBlocksPerSm);
+  const VerifyKernel route = choose_verify_kernel(batch, n, sm_count, kGreedyParallelBlocksPerSm, op);
   // flags[0]: the error flags; flags[1 + b]: the parallel path's arrival count of row b.
-  at::Tensor flags = at::zeros({route == AcceptPath::kParallel ? 1 + batch : 1}, parents.options());
+  at::Tensor flags = at::zeros({route == VerifyKernel::kParallel ? 1 + batch : 1}, parents.options());
   int32_t* error = flags.mutable_data_ptr<int32_t>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    if (route == AcceptPath::kParallel) {
+    if (route == VerifyKernel::kParallel) {
       at::Tensor argmax = at::empty({batch, n}, tokens.options());
       verify_greedy_parallel_kernel<scalar_t><<<static_cast<unsigned>(batch * n), kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(),

@@ -471,8 +471,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   if (batch == 0) return {accept_len, path, next_token};
   JAKIRO_CHECK(batch <= 2147483647, op, "batch size ", batch, " is too large");
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const AcceptPath route = choose_accept_path(batch, n, sm_count, kSamplingParallelBlocksPerSm);
-  const bool parallel = route == AcceptPath::kParallel;
+  const VerifyKernel route = choose_verify_kernel(batch, n, sm_count, kSamplingParallelBlocksPerSm, op);
+  const bool parallel = route == VerifyKernel::kParallel;
   // flags[0]: the error flags; flags[1 + b]: the parallel path's arrival count of row b.
   at::Tensor flags = at::zeros({parallel ? 1 + batch : 1}, parents.options());
   // The parallel path's NodeStats [B, N], as raw bytes (the allocator aligns to 512).

@@ -1,7 +1,7 @@
 // Which copy of a CPU kernel runs: the best instruction set this CPU has, or the
 // one an environment variable names (read on every call, so tests and benchmarks
 // can switch). Shared by linear (JAKIRO_LINEAR_KERNEL) and tree_attention
-// (JAKIRO_TREE_ATTENTION_CPU).
+// (JAKIRO_TREE_ATTENTION_KERNEL).
 #pragma once
 
 #include <cstdlib>
@@ -22,9 +22,9 @@ struct CpuIsaChoice {
 // `fallback` (the kernel's other path); `x86_copies`: whether the caller compiled
 // its AVX2 and AVX-512 copies; `bf16_copy`: whether it also has a copy built on
 // AVX512_BF16's dot products (kAvx512Bf16, picked by auto where the CPU has them).
-inline CpuIsaChoice choose_cpu_isa(const char* env, const char* fallback, bool x86_copies, const char* op,
-                                   bool bf16_copy = false) {
-  const char* v = std::getenv(env);
+// `v` is the variable's value (nullptr: unset), `env` its name for the messages.
+inline CpuIsaChoice choose_cpu_isa_value(const char* v, const char* env, const char* fallback, bool x86_copies,
+                                         const char* op, bool bf16_copy = false) {
   const bool any = v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0;
   if (!any && std::strcmp(v, fallback) == 0) return {CpuIsa::kFallback, true};
   const bool bf16 = bf16_copy && !any && std::strcmp(v, "avx512bf16") == 0;
@@ -46,6 +46,12 @@ inline CpuIsaChoice choose_cpu_isa(const char* env, const char* fallback, bool x
   if ((any || avx512) && has_avx512) return {CpuIsa::kAvx512, !any};
   if (has_avx2) return {CpuIsa::kAvx2, !any};
   return {CpuIsa::kFallback, false};
+}
+
+// The same, reading the variable `env`.
+inline CpuIsaChoice choose_cpu_isa(const char* env, const char* fallback, bool x86_copies, const char* op,
+                                   bool bf16_copy = false) {
+  return choose_cpu_isa_value(std::getenv(env), env, fallback, x86_copies, op, bf16_copy);
 }
 
 }  // namespace jakiro

@@ -2,7 +2,10 @@
 
 The kernels live in ``csrc/`` (one schema per op in ``csrc/ops.cpp``); their
 plain-PyTorch twins, used as test oracles, are in ``jakiro/reference.py``.
-The contracts are DESIGN.md section 5.
+The contracts are docs/architecture.md, "Op contracts".
+
+Ops come in the order of ``csrc/ops.cpp``, each as one group: its wrapper, then its fake
+implementation, then its autograd (and autocast) registration where it has one.
 """
 from __future__ import annotations
 
@@ -180,6 +183,19 @@ def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Ten
     return torch.ops.jakiro.verify_greedy(tokens, parents, logits, validate)
 
 
+def _verify_outputs_fake(tokens, parents, logits):
+    torch._check(parents.dim() == 2, lambda: f"parents must have shape [B, N], got {tuple(parents.shape)}")
+    batch, n = parents.shape
+    return (parents.new_empty((batch,)), parents.new_empty((batch, n)),
+            parents.new_empty((batch,), dtype=torch.int64))
+
+
+@torch.library.register_fake("jakiro::verify_greedy")
+def _verify_greedy_fake(tokens, parents, logits, validate=True):
+    _check_devices("verify_greedy", tokens=tokens, parents=parents, logits=logits)
+    return _verify_outputs_fake(tokens, parents, logits)
+
+
 def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
                     temperature: torch.Tensor | float = 1.0, top_p: torch.Tensor | float = 1.0,
                     top_k: torch.Tensor | int = 0, draft_probs: torch.Tensor | None = None,
@@ -266,6 +282,14 @@ def _per_row(value, batch, dtype, device):
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
+@torch.library.register_fake("jakiro::verify_sampling")
+def _verify_sampling_fake(tokens, parents, logits, uniforms, temperature, top_p, top_k, draft_probs=None,
+                          validate=True):
+    _check_devices("verify_sampling", tokens=tokens, parents=parents, logits=logits, uniforms=uniforms,
+                   temperature=temperature, top_p=top_p, top_k=top_k, draft_probs=draft_probs)
+    return _verify_outputs_fake(tokens, parents, logits)
+
+
 def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor,
                validate: bool = True) -> None:
     """Moves the accepted tree rows of a KV cache into place, in place (DESIGN.md §5.6).
@@ -295,31 +319,12 @@ def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, a
     torch.ops.jakiro.compact_kv(kv, prefix_len, path, accept_len, validate)
 
 
-def _verify_outputs_fake(tokens, parents, logits):
-    torch._check(parents.dim() == 2, lambda: f"parents must have shape [B, N], got {tuple(parents.shape)}")
-    batch, n = parents.shape
-    return (parents.new_empty((batch,)), parents.new_empty((batch, n)),
-            parents.new_empty((batch,), dtype=torch.int64))
-
-
-@torch.library.register_fake("jakiro::verify_greedy")
-def _verify_greedy_fake(tokens, parents, logits, validate=True):
-    _check_devices("verify_greedy", tokens=tokens, parents=parents, logits=logits)
-    return _verify_outputs_fake(tokens, parents, logits)
-
-
-@torch.library.register_fake("jakiro::verify_sampling")
-def _verify_sampling_fake(tokens, parents, logits, uniforms, temperature, top_p, top_k, draft_probs=None,
-                          validate=True):
-    _check_devices("verify_sampling", tokens=tokens, parents=parents, logits=logits, uniforms=uniforms,
-                   temperature=temperature, top_p=top_p, top_k=top_k, draft_probs=draft_probs)
-    return _verify_outputs_fake(tokens, parents, logits)
-
-
 @torch.library.register_fake("jakiro::compact_kv")
 def _compact_kv_fake(kv, prefix_len, path, accept_len, validate=True):
     _check_devices("compact_kv", kv=kv, prefix_len=prefix_len, path=path, accept_len=accept_len)
     return None
+
+
 def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts combined per routing head, in one pass over the experts (DESIGN.md §5.3).
 
@@ -363,6 +368,85 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
     return torch.ops.jakiro.expert_mlp(x, w_gate_up, w_down, coeff)
 
 
+@torch.library.register_fake("jakiro::expert_mlp")
+def _expert_mlp_fake(x, w_gate_up, w_down, coeff):
+    _check_devices("expert_mlp", x=x, w_gate_up=w_gate_up, w_down=w_down, coeff=coeff)
+    torch._check(x.dim() == 2, lambda: f"expert_mlp: x must have shape [T, H], got {tuple(x.shape)}")
+    torch._check(coeff.dim() == 3, lambda: f"expert_mlp: coeff must have shape [T, R, E], got {tuple(coeff.shape)}")
+    return x.new_empty((coeff.shape[1], x.shape[0], x.shape[1]))
+
+
+def _expert_mlp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_mlp_backward(ctx, grad_out):
+    # Every expert on every token, as large GEMMs: x is shared by the experts, so their
+    # gate/up products are ONE mm against the stacked [E * 2I, H] rows, and so are the
+    # gradients of x and w_gate_up; the down products are batched. Tokens an expert
+    # skipped have a zero output gradient, so they add nothing to dx or the weight
+    # gradients, and their coefficient gradient needs the expert's output anyway.
+    x, w_gate_up, w_down, coeff = ctx.saved_tensors
+    need_x, need_w_gate_up, need_w_down, need_coeff = ctx.needs_input_grad
+    experts, hidden, intermediate = w_down.shape
+    tokens = x.shape[0]
+    w_stacked = w_gate_up.reshape(experts * 2 * intermediate, hidden)
+    gate_up = (x @ w_stacked.T).view(tokens, experts, 2 * intermediate).transpose(0, 1)  # [E, T, 2I]
+    gate, up = gate_up.split(intermediate, dim=-1)
+    sig = torch.sigmoid(gate)
+    act = gate * sig                                                  # silu(gate)
+    h = act * up                                                      # [E, T, I]
+    grad_out = grad_out.to(x.dtype)
+    grad_y = torch.einsum("tre,rth->eth", coeff.to(x.dtype), grad_out)  # [E, T, H]
+
+    grad_x = grad_w_gate_up = grad_w_down = grad_coeff = None
+    if need_coeff:
+        y = torch.bmm(h, w_down.transpose(1, 2))                      # [E, T, H]
+        grad_coeff = torch.einsum("eth,rth->tre", y, grad_out).to(coeff.dtype)
+    if need_w_down:
+        grad_w_down = torch.bmm(grad_y.transpose(1, 2), h)            # [E, H, I]
+    if need_x or need_w_gate_up:
+        grad_h = torch.bmm(grad_y, w_down)                            # [E, T, I]
+        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))        # silu'(g) = s (1 + g (1 - s))
+        grad_up = grad_h * act
+        # [T, E * 2I], the layout of gate_up before the transpose.
+        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1).transpose(0, 1).reshape(tokens, -1)
+        if need_w_gate_up:
+            grad_w_gate_up = (grad_gate_up.T @ x).view(experts, 2 * intermediate, hidden)
+        if need_x:
+            grad_x = grad_gate_up @ w_stacked                         # [T, H]
+    return grad_x, grad_w_gate_up, grad_w_down, grad_coeff
+
+
+torch.library.register_autograd("jakiro::expert_mlp", _expert_mlp_backward, setup_context=_expert_mlp_setup_context)
+
+
+# Under torch.autocast (the trainer's bf16 mixed precision) the draft's weights stay float32
+# while its activations are autocast to bf16: run expert_mlp in the autocast dtype, as
+# nn.Linear would, instead of rejecting the dtype mix. float64 inputs are left alone.
+_autocast_library = torch.library.Library("jakiro", "IMPL")
+
+
+def _register_expert_mlp_autocast(device_type: str):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, x, w_gate_up, w_down, coeff):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.jakiro.expert_mlp(cast(x), cast(w_gate_up), cast(w_down),
+                                               coeff if coeff.dtype == torch.float32 else cast(coeff))
+
+    _autocast_library.impl("expert_mlp", kernel, key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_expert_mlp_autocast(_device_type)
+
+
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, validate: bool = True) -> torch.Tensor:
     """Grouped matrix product over rows pre-sorted by expert (DESIGN.md §5.3).
 
@@ -393,14 +477,6 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
             do not start at 0, decrease, or do not end at T.
     """
     return torch.ops.jakiro.grouped_gemm(x, w, expert_offsets, validate)
-
-
-@torch.library.register_fake("jakiro::expert_mlp")
-def _expert_mlp_fake(x, w_gate_up, w_down, coeff):
-    _check_devices("expert_mlp", x=x, w_gate_up=w_gate_up, w_down=w_down, coeff=coeff)
-    torch._check(x.dim() == 2, lambda: f"expert_mlp: x must have shape [T, H], got {tuple(x.shape)}")
-    torch._check(coeff.dim() == 3, lambda: f"expert_mlp: coeff must have shape [T, R, E], got {tuple(coeff.shape)}")
-    return x.new_empty((coeff.shape[1], x.shape[0], x.shape[1]))
 
 
 @torch.library.register_fake("jakiro::grouped_gemm")
@@ -529,74 +605,3 @@ def _rotary_embedding_fake(q, k, cos, sin):
     _check_devices("rotary_embedding", q=q, k=k, cos=cos, sin=sin)
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rotary_embedding: q and k must have shape [B, H, T, D]")
     return q.new_empty(q.shape), k.new_empty(k.shape)
-
-
-def _expert_mlp_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _expert_mlp_backward(ctx, grad_out):
-    # Every expert on every token, as large GEMMs: x is shared by the experts, so their
-    # gate/up products are ONE mm against the stacked [E * 2I, H] rows, and so are the
-    # gradients of x and w_gate_up; the down products are batched. Tokens an expert
-    # skipped have a zero output gradient, so they add nothing to dx or the weight
-    # gradients, and their coefficient gradient needs the expert's output anyway.
-    x, w_gate_up, w_down, coeff = ctx.saved_tensors
-    need_x, need_w_gate_up, need_w_down, need_coeff = ctx.needs_input_grad
-    experts, hidden, intermediate = w_down.shape
-    tokens = x.shape[0]
-    w_stacked = w_gate_up.reshape(experts * 2 * intermediate, hidden)
-    gate_up = (x @ w_stacked.T).view(tokens, experts, 2 * intermediate).transpose(0, 1)  # [E, T, 2I]
-    gate, up = gate_up.split(intermediate, dim=-1)
-    sig = torch.sigmoid(gate)
-    act = gate * sig                                                  # silu(gate)
-    h = act * up                                                      # [E, T, I]
-    grad_out = grad_out.to(x.dtype)
-    grad_y = torch.einsum("tre,rth->eth", coeff.to(x.dtype), grad_out)  # [E, T, H]
-
-    grad_x = grad_w_gate_up = grad_w_down = grad_coeff = None
-    if need_coeff:
-        y = torch.bmm(h, w_down.transpose(1, 2))                      # [E, T, H]
-        grad_coeff = torch.einsum("eth,rth->tre", y, grad_out).to(coeff.dtype)
-    if need_w_down:
-        grad_w_down = torch.bmm(grad_y.transpose(1, 2), h)            # [E, H, I]
-    if need_x or need_w_gate_up:
-        grad_h = torch.bmm(grad_y, w_down)                            # [E, T, I]
-        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))        # silu'(g) = s (1 + g (1 - s))
-        grad_up = grad_h * act
-        # [T, E * 2I], the layout of gate_up before the transpose.
-        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1).transpose(0, 1).reshape(tokens, -1)
-        if need_w_gate_up:
-            grad_w_gate_up = (grad_gate_up.T @ x).view(experts, 2 * intermediate, hidden)
-        if need_x:
-            grad_x = grad_gate_up @ w_stacked                         # [T, H]
-    return grad_x, grad_w_gate_up, grad_w_down, grad_coeff
-
-
-torch.library.register_autograd("jakiro::expert_mlp", _expert_mlp_backward, setup_context=_expert_mlp_setup_context)
-
-
-# Under torch.autocast (the trainer's bf16 mixed precision) the draft's weights stay float32
-# while its activations are autocast to bf16: run expert_mlp in the autocast dtype, as
-# nn.Linear would, instead of rejecting the dtype mix. float64 inputs are left alone.
-_autocast_library = torch.library.Library("jakiro", "IMPL")
-
-
-def _register_expert_mlp_autocast(device_type: str):
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(_keyset, x, w_gate_up, w_down, coeff):
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(t):
-            return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
-        with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return torch.ops.jakiro.expert_mlp(cast(x), cast(w_gate_up), cast(w_down),
-                                               coeff if coeff.dtype == torch.float32 else cast(coeff))
-
-    _autocast_library.impl("expert_mlp", kernel, key, with_keyset=True)
-
-
-for _device_type in ("cpu", "cuda"):
-    _register_expert_mlp_autocast(_device_type)

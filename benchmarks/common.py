@@ -1,6 +1,6 @@
 """Benchmark harness shared by every ``benchmarks/bench_*.py`` script.
 
-Timing rules (DESIGN.md §10): warm-up first, then many timed calls; report the
+Timing rules (BENCHMARKS.md, introduction): warm-up first, then many timed calls; report the
 median and p90. On CUDA each call is timed with CUDA events (optionally as a
 CUDA graph replaying ``graph_batch`` calls, to hide launch overhead); on the CPU
 with a monotonic clock. Baselines are timed in the same process as the kernel.

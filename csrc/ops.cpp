@@ -1,6 +1,6 @@
 // The schema of every jakiro op, in one place. Kernels register themselves per
 // device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) implementations and
-// Python wrappers live in jakiro/ops.py. Contracts: DESIGN.md section 5.
+// Python wrappers live in jakiro/ops.py. Contracts: docs/architecture.md, "Op contracts".
 #include <torch/library.h>
 
 TORCH_LIBRARY(jakiro, m) {

@@ -40,7 +40,7 @@ def _check_devices(op: str, **tensors):
 
 
 def build_tree_mask(parents: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestor bitmask and depth of every node of a batch of trees (DESIGN.md §4, §5.1).
+    """Ancestor bitmask and depth of every node of a batch of trees (docs/architecture.md).
 
     Args:
         parents: int32 ``[B, N]``; ``parents[b, 0] == -1`` and ``0 <= parents[b, i] < i``
@@ -75,7 +75,7 @@ def _build_tree_mask_fake(parents, validate=True):
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                    tree_mask: torch.Tensor | None = None, tree_len: int = 0, scale: float | None = None,
                    validate: bool = True) -> torch.Tensor:
-    """Attention of a block of tree queries over a KV cache (DESIGN.md §5.2).
+    """Attention of a block of tree queries over a KV cache (docs/architecture.md).
 
     Row ``b`` of the cache holds ``cache_seqlens[b]`` valid keys. The last ``tree_len`` of
     them (positions ``cache_seqlens[b] - tree_len .. cache_seqlens[b] - 1``) are the tree;
@@ -142,7 +142,7 @@ def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len
 
 def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
                   validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy acceptance of a batch of draft trees (DESIGN.md §5.4), argmax fused in.
+    """Greedy acceptance of a batch of draft trees (docs/architecture.md), argmax fused in.
 
     Walks each tree from the root: at node ``u`` let ``t = argmax(logits[b, u])``
     (ties: the lowest index wins, as ``torch.argmax``; NaN counts as the maximum);
@@ -161,7 +161,7 @@ def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Ten
     Args:
         tokens: int64 ``[B, N]``, the token of every node (node 0 = the root, not checked
             against the logits); every id must be in ``[0, V)``.
-        parents: int32 ``[B, N]`` in the DESIGN.md §4 format, ``1 <= N <= 4096``.
+        parents: int32 ``[B, N]`` in the tree format (docs/architecture.md), ``1 <= N <= 4096``.
         logits: float32, float16 or bfloat16 ``[B, N, V]``, ``1 <= V <= 262144``;
             ``logits[b, i]`` is the target's prediction after node ``i``. Any strides
             (a non-contiguous tensor is copied).
@@ -202,7 +202,7 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.T
                     uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     seed: int | None = None,
                     validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact tree rejection sampling (DESIGN.md §5.5): the emitted tokens are distributed
+    """Exact tree rejection sampling (docs/architecture.md): the emitted tokens are distributed
     exactly as plain sampling from the target with the same temperature/top-k/top-p.
 
     The target distribution at node ``u`` is computed inside the kernel from
@@ -292,7 +292,7 @@ def _verify_sampling_fake(tokens, parents, logits, uniforms, temperature, top_p,
 
 def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor,
                validate: bool = True) -> None:
-    """Moves the accepted tree rows of a KV cache into place, in place (DESIGN.md §5.6).
+    """Moves the accepted tree rows of a KV cache into place, in place (docs/architecture.md).
 
     For every layer, key/value, batch row ``b`` and head, and for ``j = 0 .. accept_len[b]``
     in increasing order, cache row ``prefix_len[b] + path[b, j]`` is copied to
@@ -326,7 +326,7 @@ def _compact_kv_fake(kv, prefix_len, path, accept_len, validate=True):
 
 
 def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts combined per routing head, in one pass over the experts (DESIGN.md §5.3).
+    """SwiGLU experts combined per routing head, in one pass over the experts (docs/architecture.md).
 
     ``out[r, t] = sum_e coeff[t, r, e] * w_down[e] @ (silu(w_gate[e] @ x[t]) * (w_up[e] @ x[t]))``
     where ``w_gate[e] = w_gate_up[e, :I]`` and ``w_up[e] = w_gate_up[e, I:]``. Coefficients may
@@ -351,10 +351,9 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
     zero coefficient is the expert's output, which the forward did not compute.
 
     CUDA implementations, chosen by the environment variable ``JAKIRO_EXPERT_MLP_KERNEL``
-    (read on every call): ``v1`` (the default) is the first kernels, verified on an H100:
-    SIMT weight streaming for ``T <= 64``, a WMMA tile kernel above. ``auto`` (opt-in: compiled
-    and covered by CUDA tests, not yet run on a GPU) streams each expert's weights once through
-    tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above runs
+    (read on every call): ``v1`` (the default) is the first kernels: SIMT weight streaming for
+    ``T <= 64``, a WMMA tile kernel above. ``auto`` (opt-in) streams each expert's weights once
+    through tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above runs
     every expert on every token with cuBLAS (an expert's output still reaches only the tokens
     routed to it; its gate and up products are rounded to x's dtype before SwiGLU); ``cublas``
     the cuBLAS path at every T. Any other value is a ValueError.
@@ -448,7 +447,7 @@ for _device_type in ("cpu", "cuda"):
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, validate: bool = True) -> torch.Tensor:
-    """Grouped matrix product over rows pre-sorted by expert (DESIGN.md §5.3).
+    """Grouped matrix product over rows pre-sorted by expert (docs/architecture.md).
 
     ``out[p] = w[e] @ x[p]`` for ``expert_offsets[e] <= p < expert_offsets[e + 1]``.
 

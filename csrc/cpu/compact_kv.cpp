@@ -1,4 +1,4 @@
-// CPU kernel of compact_kv (DESIGN.md 5.6): for every (layer, key/value, row,
+// CPU kernel of compact_kv (contract: docs/architecture.md): for every (layer, key/value, row,
 // head) the accepted rows move down in increasing j, which is the op's
 // sequential definition, so overlapping moves read each source before any
 // later move can overwrite it.

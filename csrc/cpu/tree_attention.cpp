@@ -1,4 +1,4 @@
-// CPU kernel of tree_attention (DESIGN.md section 5.2).
+// CPU kernel of tree_attention (contract: docs/architecture.md).
 //
 // Work units are (batch row, KV head, block of packed query rows, key split).
 // Packed row r of KV head hkv is query i = r / G of query head hkv * G + r % G

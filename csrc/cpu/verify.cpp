@@ -1,4 +1,4 @@
-// CPU kernels of verify_greedy and verify_sampling (DESIGN.md 5.4, 5.5). Each
+// CPU kernels of verify_greedy and verify_sampling (contracts: docs/architecture.md). Each
 // batch row walks its tree from the root: at the current node it works out the
 // target distribution (argmax, or the filtered softmax of include/jakiro/verify.h),
 // tries the node's children in index order, and either moves to the accepted

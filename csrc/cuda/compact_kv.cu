@@ -1,4 +1,4 @@
-// CUDA kernel of compact_kv (DESIGN.md 5.6), all layers in one launch. One
+// CUDA kernel of compact_kv (contract: docs/architecture.md), all layers in one launch. One
 // thread owns one vector-sized column of one (layer, key/value, row, head) and
 // moves it for j = 0 .. accept_len in increasing order. Every element is thus
 // read and written by a single thread in the op's sequential order, which makes

@@ -1,4 +1,4 @@
-// CUDA kernel of tree_attention (DESIGN.md section 5.2): flash-style attention
+// CUDA kernel of tree_attention (contract: docs/architecture.md): flash-style attention
 // with an online softmax in fp32.
 //
 // A block takes kRows packed query rows of one (batch row, KV head) and one

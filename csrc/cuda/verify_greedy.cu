@@ -1,4 +1,4 @@
-// CUDA kernels of verify_greedy (DESIGN.md 5.4), one launch either way (see
+// CUDA kernels of verify_greedy (contract: docs/architecture.md), one launch either way (see
 // verify_kernel_choice.h for which runs):
 //  - walk: one block per batch row walks the tree, computing the argmax of only
 //    the rows it visits (vectorised loads, warp-shuffle reductions);

@@ -1,4 +1,4 @@
-// CUDA kernels of verify_sampling (DESIGN.md 5.5); the arithmetic is defined in
+// CUDA kernels of verify_sampling (contract: docs/architecture.md); the arithmetic is defined in
 // include/jakiro/verify.h and mirrored by the CPU kernel. A node's statistics
 // take passes over its logits row (never storing probabilities): max/argmax;
 // the top-k and top-p thresholds by a radix descent over the order key of s

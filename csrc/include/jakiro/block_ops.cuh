@@ -172,7 +172,7 @@ __device__ __forceinline__ int64_t block_find_child(const int32_t* par, const in
   return found == INT64_MAX ? -1 : found;
 }
 
-// Greedy walk of one row (DESIGN.md 5.4): thread 0 writes path[1..accept_len];
+// Greedy walk of one row (docs/architecture.md, verify_greedy): thread 0 writes path[1..accept_len];
 // the caller fills the rest. argmax_of(node) gives the argmax of a node's row
 // (computed on the spot, or read from precomputed statistics), identical in
 // every thread. Returns the bonus token; sets `len`.

@@ -2,10 +2,9 @@
 // environment variable JAKIRO_EXPERT_MLP_KERNEL (read on every call, so tests
 // and benchmarks can switch it at run time):
 //   v1 (default, or unset): the first kernels (SIMT weight streaming, WMMA tile
-//        kernel), the ones verified on an H100;
+//        kernel);
 //   auto:   tensor-core weight streaming (mma_stream_kernel) for few rows per
-//        expert, cuBLAS for many. Compiled and covered by CUDA tests but not yet
-//        run on a GPU, so opt-in until a GPU run validates it;
+//        expert, cuBLAS for many (opt-in);
 //   cublas: the cuBLAS paths at every size (tests use it to cover them).
 #pragma once
 

@@ -1,5 +1,5 @@
 // Torch-free CUDA kernels for products of expert weights with groups of rows,
-// shared by grouped_gemm and expert_mlp (DESIGN.md section 5.3).
+// shared by grouped_gemm and expert_mlp (docs/architecture.md, expert_mlp and grouped_gemm).
 //
 // Expert e owns the row positions [seg_begin[e], seg_end[e]) (clamped into
 // [0, positions), so illegal segments never reach out of bounds). Position p

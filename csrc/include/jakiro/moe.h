@@ -1,4 +1,4 @@
-// Shapes and argument checks of the grouped expert ops (DESIGN.md section 5.3):
+// Shapes and argument checks of the grouped expert ops (contracts: docs/architecture.md):
 //   expert_mlp(x[T,H], w_gate_up[E,2I,H], w_down[E,H,I], coeff[T,R,E]) -> out[R,T,H]
 //   grouped_gemm(x[T,K], w[E,N,K], expert_offsets int32[E+1]) -> [T,N]
 #pragma once

@@ -1,4 +1,4 @@
-// The draft-tree format shared by every op (DESIGN.md section 4).
+// The draft-tree format shared by every op (docs/architecture.md, "Tree format").
 //
 // parents int32 [B, N]: node 0 is the root with parents[b, 0] == -1; every
 // other node i has 0 <= parents[b, i] < i (topological order). The ancestor

@@ -1,4 +1,4 @@
-// Shared pieces of the tree_attention op (DESIGN.md section 5.2): which keys a
+// Shared pieces of the tree_attention op (docs/architecture.md, tree_attention): which keys a
 // query row sees, as torch-free helpers that the CPU and CUDA kernels share,
 // and the argument checks.
 //

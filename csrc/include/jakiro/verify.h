@@ -1,7 +1,7 @@
 // Torch-free arithmetic of tree acceptance (verify_greedy, verify_sampling),
 // shared by the CPU and CUDA kernels so both make the same decisions.
 //
-// The sampling distribution at a node (DESIGN.md section 5.5), per element x of
+// The sampling distribution at a node (docs/architecture.md, verify_sampling), per element x of
 // the logits row z (any float type, read as fp32):
 //   m    = max_x z(x)                                  (fp32, exact)
 //   s(x) = (z(x) - m) / temperature                     (fp32, IEEE division)

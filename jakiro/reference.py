@@ -62,7 +62,7 @@ def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 def tree_attention_visibility(cache_seqlens: torch.Tensor, tree_mask: torch.Tensor | None, tree_len: int,
                               num_queries: int, cache_size: int) -> torch.Tensor:
-    """Dense boolean ``[B, Nq, S]``: whether query i of row b sees key j (DESIGN.md §5.2)."""
+    """Dense boolean ``[B, Nq, S]``: whether query i of row b sees key j (``ops.tree_attention``)."""
     device = cache_seqlens.device
     pos = torch.arange(cache_size, device=device).view(1, 1, -1)
     lens = cache_seqlens.long().view(-1, 1, 1)
@@ -98,7 +98,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 # ---------------------------------------------------------------------------
-# Tree acceptance (DESIGN.md §5.4-5.6). The walks are plain Python loops over
+# Tree acceptance (``docs/architecture.md``, verify_greedy, verify_sampling, compact_kv). The walks are plain Python loops over
 # the batch and the tree: obvious rather than fast.
 
 

@@ -58,12 +58,16 @@ def tool_version(executable) -> tuple[int, ...] | None:
 
 
 def _package_bin(module: str, attribute: str, name: str) -> list[Path]:
-    """The executable inside a PyPI tool package (cmake, ninja) of the building interpreter."""
+    """The executable of a PyPI tool package (cmake, ninja) importable by the building interpreter:
+    in the package's own data folder, or in the ``bin`` folder of the environment the package is
+    installed in (which need not be the interpreter's own, nor on PATH)."""
     try:
         package = __import__(module)
-        return [Path(getattr(package, attribute)) / name]
-    except (ImportError, AttributeError):
+    except ImportError:
         return []
+    found = [Path(getattr(package, attribute)) / name] if hasattr(package, attribute) else []
+    site_packages = Path(package.__file__).resolve().parent.parent       # <env>/lib/pythonX.Y/site-packages
+    return found + [folder / "bin" / name for folder in site_packages.parents[:3]]
 
 
 def _candidates(name: str, env: str, module: str, attribute: str) -> list[Path]:

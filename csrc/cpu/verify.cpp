@@ -22,11 +22,32 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-Outputs make_outputs(const at::Tensor& parents) {
-  const int64_t batch = parents.size(0), n = parents.size(1);
-  return {at::empty({batch}, parents.options()), at::empty({batch, n}, parents.options()),
-          at::empty({batch}, parents.options().dtype(at::kLong))};
-}
+// What both ops share: the checked, contiguous tree and logits, the three outputs, and each
+// batch row's slice of them.
+struct TreeCall {
+  at::Tensor tokens, parents, logits, accept_len, path, next_token;
+  int64_t batch, n, vocab;
+
+  TreeCall(const at::Tensor& tokens_in, const at::Tensor& parents_in, const at::Tensor& logits_in,
+           const char* op) {
+    check_tree_and_logits(tokens_in, parents_in, logits_in, op);
+    tokens = tokens_in.contiguous(), parents = parents_in.contiguous(), logits = logits_in.contiguous();
+    check_parents_values(parents, op);
+    batch = parents.size(0), n = parents.size(1), vocab = logits.size(2);
+    check_token_values(tokens, vocab, op);
+    accept_len = at::empty({batch}, parents.options());
+    path = at::empty({batch, n}, parents.options());
+    next_token = at::empty({batch}, parents.options().dtype(at::kLong));
+  }
+  template <typename T>
+  const T* logits_of(int64_t b) const { return logits.const_data_ptr<T>() + b * n * vocab; }
+  const int32_t* parents_of(int64_t b) const { return parents.const_data_ptr<int32_t>() + b * n; }
+  const int64_t* tokens_of(int64_t b) const { return tokens.const_data_ptr<int64_t>() + b * n; }
+  int32_t* path_of(int64_t b) const { return path.mutable_data_ptr<int32_t>() + b * n; }
+  int32_t* accept_len_of(int64_t b) const { return accept_len.mutable_data_ptr<int32_t>() + b; }
+  int64_t* next_token_of(int64_t b) const { return next_token.mutable_data_ptr<int64_t>() + b; }
+  Outputs outputs() const { return {accept_len, path, next_token}; }
+};
 
 uint32_t key_of(float v) {
   uint32_t bits;
@@ -75,28 +96,16 @@ int64_t greedy_walk(const T* logits_b, const int32_t* par, const int64_t* tok, i
 Outputs verify_greedy_cpu(const at::Tensor& tokens_in, const at::Tensor& parents_in,
                           const at::Tensor& logits_in, bool validate) {
   constexpr const char* op = "verify_greedy";
-  check_tree_and_logits(tokens_in, parents_in, logits_in, op);
-  const at::Tensor tokens = tokens_in.contiguous(), parents = parents_in.contiguous(),
-                   logits = logits_in.contiguous();
-  check_parents_values(parents, op);
-  const int64_t vocab = logits.size(2), n = parents.size(1), batch = parents.size(0);
-  check_token_values(tokens, vocab, op);
-  auto [accept_len, path, next_token] = make_outputs(parents);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    const scalar_t* lg = logits.const_data_ptr<scalar_t>();
-    const int32_t* par = parents.const_data_ptr<int32_t>();
-    const int64_t* tok = tokens.const_data_ptr<int64_t>();
-    int32_t* out_len = accept_len.mutable_data_ptr<int32_t>();
-    int32_t* out_path = path.mutable_data_ptr<int32_t>();
-    int64_t* out_next = next_token.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+  const TreeCall call(tokens_in, parents_in, logits_in, op);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.logits.scalar_type(), op, [&] {
+    at::parallel_for(0, call.batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        out_next[b] = greedy_walk(lg + b * n * vocab, par + b * n, tok + b * n, n, vocab,
-                                  out_path + b * n, out_len + b);
+        *call.next_token_of(b) = greedy_walk(call.logits_of<scalar_t>(b), call.parents_of(b), call.tokens_of(b),
+                                             call.n, call.vocab, call.path_of(b), call.accept_len_of(b));
       }
     });
   });
-  return {accept_len, path, next_token};
+  return call.outputs();
 }
 
 // The target distribution at one node: s, w and the filter threshold.
@@ -251,57 +260,48 @@ Outputs verify_sampling_cpu(const at::Tensor& tokens_in, const at::Tensor& paren
                             const at::Tensor& top_k_in,
                             const std::optional<at::Tensor>& draft_probs_in, bool validate) {
   constexpr const char* op = "verify_sampling";
-  check_tree_and_logits(tokens_in, parents_in, logits_in, op);
+  const TreeCall call(tokens_in, parents_in, logits_in, op);
   check_sampling_shapes(temperature_in, top_p_in, top_k_in, logits_in, op);
   check_uniforms_and_drafts(uniforms_in, draft_probs_in, logits_in, op);
-  const at::Tensor tokens = tokens_in.contiguous(), parents = parents_in.contiguous(),
-                   logits = logits_in.contiguous(), uniforms = uniforms_in.contiguous(),
-                   temperature = temperature_in.contiguous(), top_p = top_p_in.contiguous(),
-                   top_k = top_k_in.contiguous();
+  const at::Tensor uniforms = uniforms_in.contiguous(), temperature = temperature_in.contiguous(),
+                   top_p = top_p_in.contiguous(), top_k = top_k_in.contiguous();
   const at::Tensor draft_probs =
       draft_probs_in.has_value() ? draft_probs_in->contiguous() : at::Tensor();
-  check_parents_values(parents, op);
-  const int64_t vocab = logits.size(2), n = parents.size(1), batch = parents.size(0);
-  check_token_values(tokens, vocab, op);
   check_sampling_values(temperature, top_p, top_k, op);
   check_uniform_values(uniforms, op);
-  auto [accept_len, path, next_token] = make_outputs(parents);
-  std::vector<int64_t> bad_node(batch, -1);  // per row: a visited node without a finite max
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    const scalar_t* lg = logits.const_data_ptr<scalar_t>();
+  const int64_t n = call.n, vocab = call.vocab;
+  std::vector<int64_t> bad_node(call.batch, -1);  // per row: a visited node without a finite max
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.logits.scalar_type(), op, [&] {
     const float* dp = draft_probs.defined() ? draft_probs.const_data_ptr<float>() : nullptr;
     const float* un = uniforms.const_data_ptr<float>();
     const float* temp = temperature.const_data_ptr<float>();
     const float* tp = top_p.const_data_ptr<float>();
     const int32_t* tk = top_k.const_data_ptr<int32_t>();
-    const int32_t* par = parents.const_data_ptr<int32_t>();
-    const int64_t* tok = tokens.const_data_ptr<int64_t>();
-    int32_t* out_len = accept_len.mutable_data_ptr<int32_t>();
-    int32_t* out_path = path.mutable_data_ptr<int32_t>();
-    int64_t* out_next = next_token.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, call.batch, 1, [&](int64_t b0, int64_t b1) {
       NodeDistribution dist;
       dist.s.resize(vocab);
       dist.w.resize(vocab);
       std::vector<uint8_t> rejected(vocab, 0);
       for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* lg_b = lg + b * n * vocab;
+        const scalar_t* lg_b = call.logits_of<scalar_t>(b);
         if (temp[b] == 0.0f) {  // temperature 0: greedy, as verify_greedy
-          out_next[b] = greedy_walk(lg_b, par + b * n, tok + b * n, n, vocab, out_path + b * n,
-                                    out_len + b);
+          *call.next_token_of(b) = greedy_walk(lg_b, call.parents_of(b), call.tokens_of(b), n, vocab,
+                                               call.path_of(b), call.accept_len_of(b));
           continue;
         }
-        out_next[b] = sampling_walk(lg_b, dp ? dp + b * n * vocab : nullptr, un + b * n * 2,
-                                    par + b * n, tok + b * n, n, vocab, temp[b], tp[b], tk[b], dist,
-                                    rejected, out_path + b * n, out_len + b, &bad_node[b]);
+        *call.next_token_of(b) =
+            sampling_walk(lg_b, dp ? dp + b * n * vocab : nullptr, un + b * n * 2, call.parents_of(b),
+                          call.tokens_of(b), n, vocab, temp[b], tp[b], tk[b], dist, rejected,
+                          call.path_of(b), call.accept_len_of(b), &bad_node[b]);
       }
     });
-    for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t b = 0; b < call.batch; ++b) {
       if (bad_node[b] >= 0)
-        fail_no_finite_max(b, bad_node[b], row_max(lg + (b * n + bad_node[b]) * vocab, vocab), op);
+        fail_no_finite_max(b, bad_node[b], row_max(call.logits_of<scalar_t>(b) + bad_node[b] * vocab, vocab),
+                           op);
     }
   });
-  return {accept_len, path, next_token};
+  return call.outputs();
 }
 
 }  // namespace

@@ -51,6 +51,13 @@ def _rope_theta(hf_config) -> float:
     return float(theta)
 
 
+_INT_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+               "max_position_embeddings", "num_experts", "experts_per_token", "expert_intermediate_size")
+_DEFAULTED_FIELDS = ("experts_per_token", "expert_intermediate_size")   # None: derived in __post_init__
+_POSITIVE_FIELDS = ("rms_norm_eps", "rope_theta")
+_BOOL_FIELDS = ("contrastive", "fc_bias", "attention_bias")
+
+
 @dataclass
 class DraftConfig:
     """Shape and behaviour of a :class:`JakiroDraft` (saved as config.json)."""
@@ -63,7 +70,7 @@ class DraftConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     num_experts: int = 2
-    experts_per_token: int = 2
+    experts_per_token: int | None = None            # None: min(2, num_experts)
     expert_intermediate_size: int | None = None   # None: hidden_size
     contrastive: bool = True
     candidate_mode: str = "mixture"
@@ -72,8 +79,25 @@ class DraftConfig:
     target_model_type: str | None = None
 
     def __post_init__(self):
+        # Types and ranges first (a config.json may hold "256" or 8.0): one line naming the field.
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not (value is None and name in _DEFAULTED_FIELDS) and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"DraftConfig: {name} must be an int >= 1, got {value!r}")
+        for name in _POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"DraftConfig: {name} must be a positive number, got {value!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DraftConfig: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.target_model_type is not None and not isinstance(self.target_model_type, str):
+            raise ValueError(f"DraftConfig: target_model_type must be a string, got {self.target_model_type!r}")
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.hidden_size
+        if self.experts_per_token is None:
+            self.experts_per_token = min(2, self.num_experts)
         if self.candidate_mode not in CANDIDATE_MODES:
             raise ValueError(f"DraftConfig: candidate_mode must be one of {CANDIDATE_MODES}, "
                              f"got {self.candidate_mode!r}")

@@ -49,11 +49,25 @@ def test_config_from_target_and_eagle2():
     ({"num_experts": 1, "experts_per_token": 1, "contrastive": False, "candidate_mode": "per_expert"},
      "per_expert"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+    ({"hidden_size": "64"}, r"hidden_size must be an int >= 1, got '64'"),
+    ({"num_attention_heads": 2.0}, r"num_attention_heads must be an int >= 1, got 2.0"),
+    ({"num_experts": True}, r"num_experts must be an int >= 1, got True"),
+    ({"rms_norm_eps": -1e-6}, r"rms_norm_eps must be a positive number"),
+    ({"rope_theta": float("nan")}, r"rope_theta must be a positive number"),
+    ({"contrastive": "yes"}, r"contrastive must be true or false, got 'yes'"),
 ])
 def test_config_rejects_bad_settings(overrides, message):
     target = make_tiny_target("llama")
     with pytest.raises(ValueError, match=message):
         DraftConfig.from_target(target.config, **overrides)
+
+
+def test_experts_per_token_defaults_to_what_the_experts_allow():
+    target = make_tiny_target("llama")
+    assert DraftConfig.from_target(target.config).experts_per_token == 2
+    single = JakiroDraft.from_target(target, num_experts=1, contrastive=False)   # the EAGLE-2 shape
+    assert single.config.experts_per_token == 1
+    assert DraftConfig.from_target(target.config, num_experts=4, candidate_mode="per_expert").experts_per_token == 2
 
 
 def test_embedding_and_head_are_the_targets_frozen_and_unsaved():

@@ -252,8 +252,10 @@ class _Decoding:
     def emit(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Emits the first ``count[b]`` of ``new[b]`` per live row (streamed: a host read per call)."""
         kept = self.output.emit(new, count)
-        if self.streamer is not None and int(kept[0]):
-            self.streamer.put(new[0, :int(kept[0])].cpu())
+        if self.streamer is not None:
+            streamed = int(kept[0])
+            if streamed:
+                self.streamer.put(new[0, :streamed].cpu())
         return kept
 
     def result(self) -> GenerationResult:
@@ -357,8 +359,7 @@ class SpeculativeGenerator:
             clock.mark("target")
             accept_len, path, next_token = run.accept(tree.tokens, tree.parents, logits)
             live = ~output.done
-            accept_len = torch.where(live, accept_len, 0)
-            committed = cache.commit_path(path, accept_len, live)
+            committed = cache.commit_path(path, accept_len, live)       # 0 for rows already done
             # Emitted: the accepted tokens after the root, then next_token (the new root).
             new, path = tree.path_tokens(path, accept_len, next_token, width)
             run.emit(new, committed)

@@ -4,8 +4,13 @@ One decoder layer on top of the target: ``z = fc([embed(x_{t+1}); f_t])`` (no ac
 ``h = z + attention(z)`` (no input norm; RoPE; cache through ``jakiro.ops.tree_attention``),
 ``u = rms_norm(h)``, ``out = h + MoE(u)`` (no final norm; the target's LM head reads ``out``).
 
-The MoE is ``num_experts`` SwiGLU experts run by ``jakiro.ops.expert_mlp`` under several
-routing heads at once:
+The layer follows its target's last layer: the target's own rotary embedding (whatever RoPE
+variant ``transformers`` computed for it: scaled, partial, per layer type), head size, attention
+scale, sliding window, RMSNorm form (Gemma's ``(1 + w)``), and MLP activation (SiLU or
+tanh-GELU); the embedding is the target's module, with its scaling (Gemma).
+
+The MoE is ``num_experts`` gated experts (SwiGLU or GeGLU) run by ``jakiro.ops.expert_mlp``
+under several routing heads at once:
 
 * the mixture head: router logits ``0..E-1``, top-``experts_per_token`` experts, softmax
   over the selected ones -> the autoregressive feature ``f_{t+1}``;
@@ -22,6 +27,7 @@ the target's intermediate size, no contrastive head.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -40,22 +46,17 @@ COUNTS_NAME = "token_counts.safetensors"   # training-data token frequencies (op
 CANDIDATE_MODES = ("mixture", "per_expert")
 
 
-def _rope_theta(hf_config) -> float:
-    theta = getattr(hf_config, "rope_theta", None)
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    if theta is None:
-        theta = params.get("rope_theta", 10000.0)
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"DraftConfig: rope_type {rope_type!r} of the target is not supported (only 'default')")
-    return float(theta)
-
-
+# Hugging Face activation names -> the expert_mlp activation the draft's experts use.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 _INT_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-               "max_position_embeddings", "num_experts", "experts_per_token", "expert_intermediate_size")
-_DEFAULTED_FIELDS = ("experts_per_token", "expert_intermediate_size")   # None: derived in __post_init__
-_POSITIVE_FIELDS = ("rms_norm_eps", "rope_theta")
-_BOOL_FIELDS = ("contrastive", "fc_bias", "attention_bias")
+               "max_position_embeddings", "num_experts", "experts_per_token", "expert_intermediate_size",
+               "sliding_window")
+_DEFAULTED_FIELDS = ("experts_per_token", "expert_intermediate_size", "sliding_window")  # None allowed
+_POSITIVE_FIELDS = ("rms_norm_eps", "attention_scale")
+_OPTIONAL_FIELDS = ("attention_scale",)
+_BOOL_FIELDS = ("contrastive", "fc_bias", "attention_bias", "norm_unit_offset")
+# Keys of older config.json files that the draft now takes from its target (the RoPE).
+LEGACY_FIELDS = ("rope_theta",)
 
 
 @dataclass
@@ -67,7 +68,6 @@ class DraftConfig:
     head_dim: int
     vocab_size: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     num_experts: int = 2
     experts_per_token: int | None = None            # None: min(2, num_experts)
@@ -77,6 +77,10 @@ class DraftConfig:
     fc_bias: bool = True
     attention_bias: bool = False
     target_model_type: str | None = None
+    attention_scale: float | None = None          # None: head_dim ** -0.5
+    sliding_window: int | None = None             # the target's last layer's window (None: full attention)
+    norm_unit_offset: bool = False                # RMSNorm weight is (1 + w), as Gemma's
+    hidden_act: str = "silu"                      # the experts' gate activation: "silu" or "gelu_tanh"
 
     def __post_init__(self):
         # Types and ranges first (a config.json may hold "256" or 8.0): one line naming the field.
@@ -87,11 +91,15 @@ class DraftConfig:
                 raise ValueError(f"DraftConfig: {name} must be an int >= 1, got {value!r}")
         for name in _POSITIVE_FIELDS:
             value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"DraftConfig: {name} must be a positive number, got {value!r}")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DraftConfig: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"DraftConfig: hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
         if self.target_model_type is not None and not isinstance(self.target_model_type, str):
             raise ValueError(f"DraftConfig: target_model_type must be a string, got {self.target_model_type!r}")
         if self.expert_intermediate_size is None:
@@ -119,8 +127,11 @@ class DraftConfig:
 
     @classmethod
     def from_target(cls, hf_config, **overrides) -> "DraftConfig":
-        """The Jakiro defaults for a target with Hugging Face config ``hf_config``."""
+        """The Jakiro defaults for a target with Hugging Face config ``hf_config``: the target's
+        head layout, attention scale, last layer's sliding window, norm and activation."""
         hf_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        model_type = getattr(hf_config, "model_type", None)
+        act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None) or "silu"
         values = dict(
             hidden_size=hf_config.hidden_size,
             num_attention_heads=hf_config.num_attention_heads,
@@ -128,9 +139,12 @@ class DraftConfig:
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
             vocab_size=hf_config.vocab_size,
             rms_norm_eps=getattr(hf_config, "rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(hf_config),
             max_position_embeddings=getattr(hf_config, "max_position_embeddings", 4096),
-            target_model_type=getattr(hf_config, "model_type", None),
+            target_model_type=model_type,
+            attention_scale=_attention_scale(hf_config),
+            sliding_window=_last_layer_window(hf_config),
+            norm_unit_offset=str(model_type).startswith("gemma"),
+            hidden_act=ACTIVATIONS.get(act, "silu"),      # another activation: the draft keeps SiLU
         )
         values.update(overrides)
         return cls(**values)
@@ -146,6 +160,49 @@ class DraftConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _attention_scale(hf_config) -> float | None:
+    """The target's query-key scale when it is not ``head_dim ** -0.5`` (Gemma, Granite)."""
+    if getattr(hf_config, "query_pre_attn_scalar", None):
+        return float(hf_config.query_pre_attn_scalar) ** -0.5
+    if getattr(hf_config, "attention_multiplier", None):
+        return float(hf_config.attention_multiplier)
+    return None
+
+
+def _last_layer_type(hf_config) -> str | None:
+    types = getattr(hf_config, "layer_types", None)
+    return types[hf_config.num_hidden_layers - 1] if types else None
+
+
+def _last_layer_window(hf_config) -> int | None:
+    """The sliding window of the target's last layer (the one the draft continues), or None."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_type = _last_layer_type(hf_config)
+    if window is None or (layer_type is not None and layer_type != "sliding_attention"):
+        return None
+    return int(window)
+
+
+def target_rope(target_model: nn.Module) -> tuple[torch.Tensor, float]:
+    """``(inv_freq, attention_scaling)`` of the target's last layer, as its rotary embedding
+    module computed them (``transformers``' own initialisation of every RoPE variant; the
+    frequencies before any dynamic update). ``inv_freq`` has ``rotary_dim / 2`` entries."""
+    rotary = getattr(target_model.get_decoder(), "rotary_emb", None)
+    hf = target_model.config
+    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    if rotary is None:
+        raise ValueError(f"JakiroDraft: the target ({hf.model_type}) has no rotary_emb module to take its RoPE from")
+    layer_type = _last_layer_type(hf)
+    for prefix in ([f"{layer_type}_"] if layer_type else []) + [""]:
+        inv_freq = getattr(rotary, f"{prefix}original_inv_freq", None)
+        if inv_freq is None:
+            inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
+        if inv_freq is not None:
+            return inv_freq.detach().float().clone(), float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+    raise ValueError(f"JakiroDraft: cannot find the inverse frequencies of the target's ({hf.model_type}) "
+                     f"rotary embedding")
 
 
 def most_frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
@@ -168,11 +225,11 @@ def head_rows(head: nn.Module, token_ids: torch.Tensor) -> nn.Linear:
     return sub
 
 
-def _attend(q, k, v, mask=None):
+def _attend(q, k, v, mask=None, scale=None):
     """Attention of ``q`` over GQA keys/values, causal when ``mask`` is None."""
     group = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                          attn_mask=mask, is_causal=mask is None)
+                                          attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 @dataclass
@@ -186,6 +243,15 @@ class DraftOutput:
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x, cos, sin):
+    """RoPE on the first ``cos.shape[-1]`` dimensions of ``x`` (all of them unless partial)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, tail = x[..., :rotary], x[..., rotary:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
 
 
 class JakiroDraft(nn.Module):
@@ -202,13 +268,14 @@ class JakiroDraft(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
-        self.post_norm = nn.Parameter(torch.ones(hidden))
+        self.post_norm = nn.Parameter(torch.empty(hidden))
         router_logits = experts * (2 if config.contrastive else 1)
         self.router = nn.Linear(hidden, router_logits, bias=False) if experts > 1 else None
         self.w_gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
         self.w_down = nn.Parameter(torch.empty(experts, hidden, inter))
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # The target's RoPE, set by bind(): rotary_dim / 2 frequencies and the cos/sin scaling.
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.rope_scaling = 1.0
         self._shared: dict[str, nn.Module] = {}  # the target's embedding and LM head, not submodules
         self.reset_parameters()
 
@@ -220,7 +287,7 @@ class JakiroDraft(nn.Module):
                 nn.init.normal_(linear.weight, std=std)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-        nn.init.ones_(self.post_norm)
+        nn.init.constant_(self.post_norm, 0.0 if self.config.norm_unit_offset else 1.0)   # a unit scale
         nn.init.normal_(self.w_gate_up, std=std)
         nn.init.normal_(self.w_down, std=std)
 
@@ -233,13 +300,20 @@ class JakiroDraft(nn.Module):
         each tree level streams, the draft's largest cost.
         """
         _check_compatible(self.config, target_model)
+        inv_freq, self.rope_scaling = target_rope(target_model)
+        if 2 * inv_freq.numel() > self.config.head_dim:
+            raise ValueError(f"JakiroDraft: the target's RoPE rotates {2 * inv_freq.numel()} dimensions, more than "
+                             f"the draft's head_dim {self.config.head_dim}")
+        self.inv_freq = inv_freq
         embed, head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
         for module in (embed, head):
             for p in module.parameters():
                 p.requires_grad_(False)
         if dtype is not None and dtype != head.weight.dtype:
             tied = head.weight is embed.weight
-            embed = nn.Embedding.from_pretrained(embed.weight.detach().to(dtype), freeze=True)
+            # A copy of the embedding module (its class keeps any scaling, Gemma's) over weights in dtype.
+            weight = nn.Parameter(embed.weight.detach().to(dtype), requires_grad=False)
+            embed = copy.deepcopy(embed, {id(embed.weight): weight})
             head_copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
                                   device=head.weight.device, dtype=dtype).requires_grad_(False)
             head_copy.weight = embed.weight if tied else nn.Parameter(head.weight.detach().to(dtype),
@@ -248,7 +322,9 @@ class JakiroDraft(nn.Module):
                 head_copy.bias = nn.Parameter(head.bias.detach().to(dtype), requires_grad=False)
             head = head_copy
         self._shared = {"embed_tokens": embed, "lm_head": head}
-        return self.to(device=head.weight.device, dtype=head.weight.dtype)
+        self.to(device=head.weight.device, dtype=head.weight.dtype)
+        self.inv_freq = self.inv_freq.float()     # positions x frequencies stay fp32, as in the target
+        return self
 
     @classmethod
     def from_target(cls, target_model: nn.Module, eagle2: bool = False, **config_overrides) -> "JakiroDraft":
@@ -327,6 +403,8 @@ class JakiroDraft(nn.Module):
                 values = json.load(f)
             if not isinstance(values, dict):
                 raise ValueError("not a JSON object")
+            for key in LEGACY_FIELDS:
+                values.pop(key, None)
             if candidate_mode is not None:
                 values["candidate_mode"] = candidate_mode
             config = DraftConfig(**values)
@@ -389,10 +467,11 @@ class JakiroDraft(nn.Module):
             raise ValueError("JakiroDraft: pass both cache and step, or neither")
         z = self._input(hidden, input_ids)
         q, k, v = self._qkv(z, position_ids)
+        config = self.config
         if cache is None:
-            attn = _attend(q, k, v)
+            attn = _attend(q, k, v, self._window_mask(hidden.shape[1], 0, hidden.device), config.attention_scale)
         else:
-            attn = cache.attend(0, q, k, v, step)                                   # [B, Hq, T, D]
+            attn = cache.attend(0, q, k, v, step, config.attention_scale, window=config.sliding_window)  # [B, Hq, T, D]
         return self._layer_output(z, attn, return_contrastive, return_experts)
 
     def rollout(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, rounds: int, *,
@@ -421,12 +500,25 @@ class JakiroDraft(nn.Module):
             q, k, v = self._qkv(z, position_ids)
             keys.append(k)
             values.append(v)
-            # [T, (r+1) T]: the causal prefix of pass 0 shifted by r, then one diagonal per later pass.
-            mask = None if r == 0 else torch.cat([at[None, :] <= at[:, None] - r] +
-                                                 [at[None, :] == at[:, None] - r + i for i in range(1, r + 1)], dim=1)
-            attn = _attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask)
+            # [T, (r+1) T]: the causal prefix of pass 0 shifted by r, then one diagonal per later pass
+            # (pass i's key is r - i positions behind the query: beyond a sliding window it is dropped).
+            window = self.config.sliding_window or length + rounds
+            mask = self._window_mask(length, 0, hidden.device) if r == 0 else torch.cat(
+                [self._window_mask(length, r, hidden.device)] +
+                [(at[None, :] == at[:, None] - r + i) & (r - i < window) for i in range(1, r + 1)], dim=1)
+            attn = _attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask, self.config.attention_scale)
             outputs.append(self._layer_output(z, attn, return_contrastive, False))
         return outputs
+
+    def _window_mask(self, length: int, shift: int, device) -> torch.Tensor | None:
+        """``[T, T]``: query ``t`` sees the keys ``s <= t - shift`` within the sliding window (None:
+        plain causal, no window in reach)."""
+        window = self.config.sliding_window
+        if shift == 0 and (window is None or window >= length):
+            return None
+        at = torch.arange(length, device=device)
+        distance = at[:, None] - at[None, :]
+        return (distance >= shift) & (distance < (window or length + 1))
 
     def _check_inputs(self, hidden, input_ids, position_ids, return_contrastive):
         config = self.config
@@ -446,24 +538,30 @@ class JakiroDraft(nn.Module):
     def _qkv(self, z, position_ids):
         """Queries, keys and values ``[B, heads, T, D]`` of ``z``, rotated to their positions."""
         config = self.config
+        if self.inv_freq is None:
+            raise RuntimeError("JakiroDraft: bind the draft to its target first (from_target, from_pretrained, bind)")
         batch, length, _ = z.shape
         q = self.q_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
         k = self.k_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
         v = self.v_proj(z).view(batch, length, -1, config.head_dim).transpose(1, 2)
-        angles = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq        # [B, T, D/2]
-        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)                   # [B, 1, T, D]
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        angles = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq        # [B, T, R/2]
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)                   # [B, 1, T, R]
+        cos, sin = angles.cos(), angles.sin()
+        if self.rope_scaling != 1.0:
+            cos, sin = cos * self.rope_scaling, sin * self.rope_scaling
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _layer_output(self, z, attn, return_contrastive, return_experts) -> DraftOutput:
         """The rest of the layer after attention: residual, norm, the MoE under its routing heads."""
         config = self.config
         batch, length, _ = z.shape
         h = z + self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
-        u = F.rms_norm(h, (config.hidden_size,), self.post_norm, config.rms_norm_eps)
+        weight = self.post_norm + 1.0 if config.norm_unit_offset else self.post_norm
+        u = F.rms_norm(h, (config.hidden_size,), weight, config.rms_norm_eps)
         flat = u.reshape(batch * length, -1)
         coeff = self._routing(flat, return_contrastive, return_experts)
-        moe = ops.expert_mlp(flat, self.w_gate_up, self.w_down, coeff)       # [R, B*T, H]
+        moe = ops.expert_mlp(flat, self.w_gate_up, self.w_down, coeff, **({} if config.hidden_act == 'silu' else {'activation': config.hidden_act}))  # TMP  # [R, B*T, H]
         features = h.unsqueeze(0) + moe.view(-1, batch, length, config.hidden_size)
         head = 1
         contrastive = experts = None

@@ -92,9 +92,12 @@ class KVCache:
         return committed
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               step: AttentionStep, scale: float | None = None) -> torch.Tensor:
+               step: AttentionStep, scale: float | None = None, *, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         """Writes ``key``/``value`` ``[B, Hkv, Nq, D]`` at ``step.positions`` and attends.
 
+        ``window``: a sliding-window layer's window (a query sees the ``window`` latest positions,
+        its own included); ``softcap``: the attention logit soft-cap. None: off.
         Returns ``[B, Hq, Nq, D]`` (``query`` is ``[B, Hq, Nq, D]``).
         """
         cache_k, cache_v = self.kv[layer, 0], self.kv[layer, 1]          # [B, Hkv, S + 1, D]
@@ -103,4 +106,8 @@ class KVCache:
         cache_k[rows, :, step.positions] = key.transpose(1, 2).to(cache_k.dtype)
         cache_v[rows, :, step.positions] = value.transpose(1, 2).to(cache_v.dtype)
         return ops.tree_attention(query.to(cache_k.dtype), cache_k, cache_v, step.seqlens, step.tree_mask,
-                                  step.tree_len, scale, validate=False)
+                                  step.tree_len, scale, validate=False, **TMP_EXTRA(window=window, softcap=softcap))
+
+
+def TMP_EXTRA(**kw):  # TEMPORARY until tree_attention takes window/softcap
+    return {k: v for k, v in kw.items() if v}

@@ -11,7 +11,11 @@ while jakiro runs. The copy snapshots the module tree: after moving or changing 
 a new :class:`TargetModel` (:meth:`TargetModel.of` keeps one per model).
 
 The model is called with ``use_cache=False`` and no ``attention_mask``: the cache and the
-tree mask live in the step, and positions come in as ``position_ids``.
+tree mask live in the step, and positions come in as ``position_ids``. A layer's sliding window
+and attention logit soft-cap arrive as the attention call's ``sliding_window`` / ``softcap``
+arguments and go to ``tree_attention`` as they are; the cache keeps the whole sequence, so
+sliding-window layers keep working past their window. What the family's ``ForCausalLM`` does to
+the LM head's output (Gemma's final logit soft-cap) is repeated in :meth:`TargetModel.forward`.
 
 On the CPU the copy's ``nn.Linear`` layers (the LM head included) run
 ``torch.ops.jakiro.linear``, its RMSNorm layers ``torch.ops.jakiro.rms_norm``, and during a
@@ -33,19 +37,31 @@ from jakiro.kv_cache import AttentionStep, KVCache
 
 BACKEND_NAME = "jakiro"
 
-# Model families whose decoder layers call ALL_ATTENTION_FUNCTIONS with (module, q, k, v, ...)
-# and whose rotary embedding takes position_ids: the ones this adapter is tested with.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+# Model families (``config.model_type``) whose decoder layers call ALL_ATTENTION_FUNCTIONS with
+# (module, q, k, v, mask, scaling=, sliding_window=, softcap=), take position_ids, and whose
+# ForCausalLM computes logits as lm_head(final hidden state), followed at most by Gemma's final
+# soft-cap: the ones this adapter is tested with (tests/test_families.py), each against the
+# family's own greedy generate.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
+                         "olmo2", "helium", "smollm3")
+# Families known not to fit, with the reason (anything else unlisted: "not tested").
+UNSUPPORTED_REASONS = {
+    "gemma3": "the multimodal Gemma 3 model; load its text model (Gemma3ForCausalLM, model_type 'gemma3_text')",
+    "granite": "its ForCausalLM divides the logits by logits_scaling after the LM head",
+    "cohere": "its ForCausalLM scales the logits by logit_scale after the LM head",
+    "cohere2": "its ForCausalLM scales the logits by logit_scale after the LM head",
+}
 
 
-def _jakiro_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _jakiro_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                      softcap=None, **kwargs):
     """The registered backend: ``query`` ``[B, Hq, Nq, D]``, ``key``/``value`` ``[B, Hkv, Nq, D]``
     (rotated, new tokens only). Returns ``([B, Nq, Hq, D], None)`` as transformers expects."""
     cache = kwargs.get("jakiro_cache")
     step = kwargs.get("jakiro_step")
     if cache is None or step is None:
         raise RuntimeError("the 'jakiro' attention backend only runs inside jakiro.target.TargetModel.forward")
-    out = cache.attend(module.layer_idx, query, key, value, step, scaling)
+    out = cache.attend(module.layer_idx, query, key, value, step, scaling, window=sliding_window, softcap=softcap)
     return out.transpose(1, 2), None
 
 
@@ -76,10 +92,12 @@ class TargetModel:
 
     def __init__(self, model: torch.nn.Module, kernels=("linear", "rms_norm", "rotary_embedding")):
         config = _text_config(model)
-        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            # The adapter relies on how these families call ALL_ATTENTION_FUNCTIONS.
-            raise ValueError(f"target: model_type {getattr(config, 'model_type', None)!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            # The adapter relies on how these families call ALL_ATTENTION_FUNCTIONS and make logits.
+            why = UNSUPPORTED_REASONS.get(model_type, "not tested with jakiro's attention backend")
+            raise ValueError(f"target: model_type {model_type!r} is not supported ({why}); supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         transformers.AttentionInterface.register(BACKEND_NAME, _jakiro_attention)
         self.model = model
         self.config = config
@@ -92,8 +110,7 @@ class TargetModel:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
-        self.sliding_window = getattr(config, "sliding_window", None) if getattr(
-            config, "use_sliding_window", True) else None
+        self.final_logit_softcap = getattr(config, "final_logit_softcapping", None)
         # CPU layers on jakiro's kernels (``kernels``: which of them; () keeps the model's own code).
         self._kernel_routes = [route for route in cpu_routes((self.decoder, self.lm_head))
                                if route_kind(route) in kernels]
@@ -123,10 +140,8 @@ class TargetModel:
         return self.lm_head.weight.dtype
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """A zeroed cache for ``batch`` rows of up to ``capacity`` tokens each."""
-        if self.sliding_window is not None and capacity > self.sliding_window:
-            raise ValueError(f"target: sequences of up to {capacity} tokens exceed the model's sliding window "
-                             f"({self.sliding_window}); sliding-window attention is not supported")
+        """A zeroed cache for ``batch`` rows of up to ``capacity`` tokens each (sliding-window
+        layers too: they mask what lies outside their window)."""
         return KVCache(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
     @torch.no_grad()
@@ -143,4 +158,7 @@ class TargetModel:
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                jakiro_cache=cache, jakiro_step=step)
             hidden = out.last_hidden_state
-            return self.lm_head(hidden), hidden
+            logits = self.lm_head(hidden)
+            if self.final_logit_softcap:        # Gemma 2/3: what their ForCausalLM does after the head
+                logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+            return logits, hidden

@@ -194,37 +194,64 @@ def make_expert_offsets(tokens: int, experts: int, empty: int = 0,
 # ---------------------------------------------------------------------------------------------
 # Tiny Hugging Face targets, drafts and prompts for the generation tests and benchmarks.
 
+# Tiny configurations of the families the target adapter serves: (config class, model class,
+# family-specific settings). Sizes come from make_tiny_target's arguments.
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    # Llama 3.x RoPE scaling with a short original context, so that the scaling changes the frequencies.
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True)),   # q/k RMSNorm inside attention
+    # Every other layer local, Gemma's (1 + w) norms, scaled embedding, GeGLU, query_pre_attn_scalar.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        tie_word_embeddings=True, sliding_window=8, layer_types=None, sliding_window_pattern=2,
+        query_pre_attn_scalar=48, final_logit_softcapping=None)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=48, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0)),
+    # Fused qkv and gate/up projections, partial rotary (Phi-3.5 / Phi-4-mini rotate 3/4 of a head).
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False, partial_rotary_factor=0.75,
+                                                   pad_token_id=None)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(tie_word_embeddings=False)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(tie_word_embeddings=False, head_dim=32)),  # o_proj: H x H
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(tie_word_embeddings=True, no_rope_layer_interval=2)),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=8,
+                                                                    layer_types=["sliding_attention", "full_attention"])),
+}
+
+
 def make_tiny_target(family: str = "llama", *, vocab: int = 256, hidden: int = 64, layers: int = 2,
                      heads: int = 2, kv_heads: int = 1, head_dim: int = 64, intermediate: int = 128,
-                     seed: int = 0, residual_scale: float = 1.0, max_positions: int = 1024):
-    """A randomly initialised float32 causal LM of ``family`` (llama: GQA + untied head;
-    qwen2: qkv bias + tied embeddings; mistral: GQA, untied; qwen3: q/k norms, tied) in eval mode.
+                     seed: int = 0, residual_scale: float = 1.0, max_positions: int = 1024, **config_overrides):
+    """A randomly initialised float32 causal LM of ``family`` (a key of :data:`TINY_FAMILIES`:
+    llama: GQA + untied head; qwen2: qkv bias + tied embeddings; mistral: GQA, untied; qwen3:
+    q/k norms, tied; llama3, gemma3, gemma2, phi3, ...: see there) in eval mode.
+    ``config_overrides`` go to the config (e.g. ``sliding_window``).
 
     ``residual_scale`` < 1 shrinks what attention and MLP add to the residual stream, so the
     next token depends mostly on the current one (a target a rigged draft can predict).
     """
     import transformers
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"make_tiny_target: unknown family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    config_name, model_name, settings = TINY_FAMILIES[family]
+    values = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                   max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if family == "llama":
-        config, cls = transformers.LlamaConfig(tie_word_embeddings=False, **common), transformers.LlamaForCausalLM
-    elif family == "qwen2":
-        config, cls = transformers.Qwen2Config(tie_word_embeddings=True, **common), transformers.Qwen2ForCausalLM
-    elif family == "mistral":
-        config, cls = (transformers.MistralConfig(tie_word_embeddings=False, sliding_window=None, **common),
-                       transformers.MistralForCausalLM)
-    elif family == "qwen3":  # q/k RMSNorm inside attention
-        config, cls = transformers.Qwen3Config(tie_word_embeddings=True, **common), transformers.Qwen3ForCausalLM
-    else:
-        raise ValueError(f"make_tiny_target: unknown family {family!r}")
+    values.update(settings)
+    values.update(config_overrides)
+    config = getattr(transformers, config_name)(**values)
     torch.manual_seed(seed)
-    model = cls(config).eval()
+    model = getattr(transformers, model_name)(config).eval()
     if residual_scale != 1.0:
         with torch.no_grad():
             for layer in model.model.layers:
-                layer.self_attn.o_proj.weight.mul_(residual_scale)
-                layer.mlp.down_proj.weight.mul_(residual_scale)
+                attention, mlp = layer.self_attn, layer.mlp
+                attention.o_proj.weight.mul_(residual_scale)
+                mlp.down_proj.weight.mul_(residual_scale)
     return model
 
 
@@ -290,6 +317,56 @@ def hf_greedy_continuation(target, row: torch.Tensor, max_new_tokens: int, eos_t
     out = target.generate(row, attention_mask=torch.ones_like(row), do_sample=False, max_new_tokens=max_new_tokens,
                           eos_token_id=eos_token_id, pad_token_id=0)
     return out[0, row.shape[1]:].cpu()
+
+
+def exact_two_token_distribution(target, prompt: torch.Tensor, temperature: float, top_p: float, top_k: int):
+    """``[V, V]`` float64: the probability that sampling ``target`` (Hugging Face forward, the
+    filters of ``jakiro.reference.filtered_distribution``) continues ``prompt`` ``[1, P]`` with
+    the tokens ``(x, y)``."""
+    from jakiro import reference
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        first_logits = target(prompt).logits[0, -1]
+        w, kept, z = reference.filtered_distribution(first_logits, temperature, top_p, top_k)
+        p1 = torch.where(kept, w / z, torch.zeros_like(w))
+        extended = torch.cat((prompt.repeat(vocab, 1), torch.arange(vocab).unsqueeze(1)), dim=1)
+        second_logits = target(extended).logits[:, -1]
+    joint = torch.zeros((vocab, vocab), dtype=torch.float64)
+    for x in range(vocab):
+        w, kept, z = reference.filtered_distribution(second_logits[x], temperature, top_p, top_k)
+        joint[x] = p1[x] * torch.where(kept, w / z, torch.zeros_like(w))
+    return joint
+
+
+def assert_two_token_sampling_exact(generator, target, prompt: torch.Tensor, temperature: float, top_p: float,
+                                    *, runs: int = 50_000, batch: int = 10_000, seed: int = 0):
+    """Samples two tokens after ``prompt`` ``runs`` times with ``generator`` (a
+    ``SpeculativeGenerator`` of ``target``) and checks the pairs against the target's exact joint
+    distribution: a chi-square test (p > 1e-3), no pair outside the filtered support, and the draft
+    accepted often enough for acceptance to be exercised."""
+    from scipy import stats
+    vocab, width = target.config.vocab_size, prompt.shape[1]
+    rng = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    accepted = 0
+    for _ in range(runs // batch):
+        result = generator.generate(prompt.repeat(batch, 1), max_new_tokens=2, temperature=temperature, top_p=top_p,
+                                    generator=rng)
+        pairs = result.sequences[:, width] * vocab + result.sequences[:, width + 1]
+        counts += torch.bincount(pairs, minlength=vocab * vocab).double()
+        accepted += int((result.accept_lengths[0] > 0).sum())
+    assert accepted > runs // 20, "the draft never gets accepted: the test would not exercise acceptance"
+    expected = exact_two_token_distribution(target, prompt, temperature, top_p, 0).flatten() * runs
+    assert torch.all(counts[expected == 0] == 0), "a token outside the top-p set was emitted"
+    big = expected >= 5
+    observed = torch.cat((counts[big], counts[~big].sum().reshape(1)))
+    wanted = torch.cat((expected[big], expected[~big].sum().reshape(1)))
+    if wanted[-1] < 5:  # fold the tail into the smallest cell
+        observed, wanted = observed[:-1], wanted[:-1]
+        observed[-1] += counts[~big].sum()
+        wanted[-1] += expected[~big].sum()
+    result = stats.chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item())
+    assert result.pvalue > 1e-3, (result, observed, wanted)
 
 
 def capture_cuda_graph(step):

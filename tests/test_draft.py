@@ -53,7 +53,10 @@ def test_config_from_target_and_eagle2():
     ({"num_attention_heads": 2.0}, r"num_attention_heads must be an int >= 1, got 2.0"),
     ({"num_experts": True}, r"num_experts must be an int >= 1, got True"),
     ({"rms_norm_eps": -1e-6}, r"rms_norm_eps must be a positive number"),
-    ({"rope_theta": float("nan")}, r"rope_theta must be a positive number"),
+    ({"attention_scale": float("nan")}, r"attention_scale must be a positive number"),
+    ({"sliding_window": 0}, r"sliding_window must be an int >= 1, got 0"),
+    ({"hidden_act": "relu"}, r"hidden_act must be 'silu' or 'gelu_tanh', got 'relu'"),
+    ({"norm_unit_offset": 1}, r"norm_unit_offset must be true or false, got 1"),
     ({"contrastive": "yes"}, r"contrastive must be true or false, got 'yes'"),
 ])
 def test_config_rejects_bad_settings(overrides, message):

@@ -152,6 +152,12 @@ class _Output:
         self.done |= hit_eos | (self.count >= self.max_new)
         return kept
 
+    def cut(self, row: int, keep: int):
+        """Row ``row`` keeps only its first ``keep`` new tokens (the rest become padding) and is done."""
+        self.tokens[row, keep:] = self.pad_token_id
+        self.count[row] = keep
+        self.done[row] = True
+
     def sequences(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         longest = int(self.count.max())
         return torch.cat((prompt_ids, self.tokens[:, :longest]), dim=1)
@@ -217,11 +223,15 @@ class _Acceptor:
 class _Decoding:
     """What speculative and vanilla generation share: the checked inputs, the prefill and the first
     token, emission (with the streamer) and the result. ``extra_capacity``: cache slots per row
-    beyond the prompt and ``max_new_tokens`` (the tree's scratch)."""
+    beyond the prompt and ``max_new_tokens`` (the tree's scratch). ``min_new_tokens`` and ``stop``:
+    see :meth:`SpeculativeGenerator.generate`."""
 
     def __init__(self, target: TargetModel, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k,
-                 eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len):
+                 eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len,
+                 min_new_tokens: int = 0, stop=None):
         _check_sampling(temperature, top_p, top_k, max_new_tokens)
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+            raise ValueError(f"generate: min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
         _check_token_ids("eos_token_id", eos_token_id, target.vocab_size)
         if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
             raise ValueError(f"generate: pad_token_id must be an int, got {pad_token_id!r}")
@@ -233,7 +243,8 @@ class _Decoding:
         self.accept = _Acceptor(temperature, top_p, top_k, generator)
         self.output = _Output(prompt.ids.shape[0], max_new_tokens, eos_token_id,
                               _pad_id(target.model, eos_token_id, pad_token_id), device)
-        self.streamer = streamer
+        self.streamer, self.stop = streamer, stop
+        self.min_new = min_new_tokens if self.output.eos is not None else 0
         if streamer is not None:
             streamer.put(prompt.ids[0].cpu())
         self.clock = _Clock(device, profile)
@@ -241,7 +252,7 @@ class _Decoding:
         logits, self.prefill_hidden = target.forward(prompt.model_ids, prompt.positions, self.cache,
                                                      self.cache.step(prompt.width, pad=prompt.pad))
         self.cache.advance(prompt.lengths)
-        self.token = self.accept.next_token(prompt.ids[:, -1], logits[:, -1])
+        self.token = self.accept.next_token(prompt.ids[:, -1], self.no_early_eos(logits[:, -1:])[:, 0])
         self.emit(self.token.unsqueeze(1), torch.ones_like(self.output.count))
         self.clock.mark("prefill")
         self.accepted = []                 # accepted draft tokens per cycle, int32 [B] (-1: row done)
@@ -249,13 +260,37 @@ class _Decoding:
     def finished(self) -> bool:
         return bool(self.output.done.all())           # a host read
 
+    def no_early_eos(self, logits: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` [B, N, V] with EOS at -inf wherever the token chosen after node ``i`` (at
+        depth ``level[b, i]`` below the row's last emitted token; None: 0) would be one of the
+        first ``min_new_tokens`` new tokens (in place)."""
+        if self.min_new:
+            ahead = self.output.count.unsqueeze(1) + (0 if level is None else level)
+            early = (ahead < self.min_new).unsqueeze(-1)
+            eos = self.output.eos
+            logits[..., eos] = logits[..., eos].masked_fill(early, float("-inf"))
+        return logits
+
     def emit(self, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Emits the first ``count[b]`` of ``new[b]`` per live row (streamed: a host read per call)."""
         kept = self.output.emit(new, count)
+        if self.stop is not None:
+            kept = self._cut_at_stop(kept)
         if self.streamer is not None:
             streamed = int(kept[0])
             if streamed:
                 self.streamer.put(new[0, :streamed].cpu())
+        return kept
+
+    def _cut_at_stop(self, kept: torch.Tensor) -> torch.Tensor:
+        """Ends each row after the first token just emitted after which ``stop`` holds (a host read)."""
+        output, ids = self.output, self.prompt.ids
+        for row, (end, new) in enumerate(zip(output.count.tolist(), kept.tolist())):
+            for keep in range(end - new + 1, end + 1):
+                if bool(self.stop(torch.cat((ids[row], output.tokens[row, :keep])).unsqueeze(0))):
+                    output.cut(row, keep)
+                    kept[row] -= end - keep
+                    break
         return kept
 
     def result(self) -> GenerationResult:
@@ -327,7 +362,8 @@ class SpeculativeGenerator:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  eos_token_id=None, generator: torch.Generator | None = None, streamer=None,
-                 pad_token_id: int | None = None, profile: bool = False) -> GenerationResult:
+                 pad_token_id: int | None = None, profile: bool = False, min_new_tokens: int = 0,
+                 stop=None) -> GenerationResult:
         """Generates up to ``max_new_tokens`` per row; see :class:`GenerationResult`.
 
         ``temperature == 0`` is greedy (token-for-token the target's greedy output); otherwise
@@ -336,11 +372,17 @@ class SpeculativeGenerator:
         must be left-padded when ``attention_mask`` has zeros. ``streamer`` (B=1 only)
         receives the prompt, then the new tokens of every cycle (a host read per cycle).
         ``profile=True`` synchronises the device at phase boundaries so the timings are exact.
+        ``min_new_tokens``: EOS cannot be any of a row's first ``min_new_tokens`` new tokens (its
+        logits are -inf there, tree nodes included, so the output stays exact). ``stop``: a
+        callable ``stop(ids) -> bool`` given a row's prompt and new tokens ``[1, P + n]`` after
+        each of its new tokens; True ends the row after that token (kept), as EOS does (a host
+        read per cycle).
         """
         target, drafter = self.target, self.drafter
         run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
                         generator, streamer, pad_token_id, profile,
-                        extra_capacity=drafter.max_new_pairs + drafter.total_tokens, max_cache_len=self.max_cache_len)
+                        extra_capacity=drafter.max_new_pairs + drafter.total_tokens, max_cache_len=self.max_cache_len,
+                        min_new_tokens=min_new_tokens, stop=stop)
         prompt, cache, output, clock = run.prompt, run.cache, run.output, run.clock
         draft_cache = drafter.new_cache(prompt.ids.shape[0], cache.capacity)
         pair_tokens = torch.cat((prompt.model_ids[:, 1:], run.token.unsqueeze(1)), dim=1)
@@ -357,7 +399,7 @@ class SpeculativeGenerator:
             logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
                                             tree.attention_step(cache))
             clock.mark("target")
-            accept_len, path, next_token = run.accept(tree.tokens, tree.parents, logits)
+            accept_len, path, next_token = run.accept(tree.tokens, tree.parents, run.no_early_eos(logits, tree.level))
             live = ~output.done
             committed = cache.commit_path(path, accept_len, live)       # 0 for rows already done
             # Emitted: the accepted tokens after the root, then next_token (the new root).

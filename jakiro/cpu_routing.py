@@ -4,7 +4,7 @@
   a draft tree, a CPU forward pass is a stream of the weights from memory, and the kernel
   reads each weight row once for all the tokens, where the GEMM library packs every matrix
   first (BENCHMARKS.md, linear).
-- Hugging Face's RMSNorm and ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral) run
+- Hugging Face's RMSNorm and ``apply_rotary_pos_emb`` (the families whose code is Llama's) run
   ``torch.ops.jakiro.rms_norm`` and ``torch.ops.jakiro.rotary_embedding``: one call each
   instead of about eight and a dozen tensor ops, whose dispatch costs dominate rows of a few
   hundred values (BENCHMARKS.md, rms_norm and rotary_embedding).
@@ -28,12 +28,15 @@ import threading
 import torch
 from torch import nn
 
-FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral")
-# Hugging Face classes whose forward is ``weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype)``
-# with the statistics in float32: what ``jakiro.ops.rms_norm`` computes.
-RMS_NORM_CLASSES = tuple(f"{family}RMSNorm" for family in FAMILIES)
-# Hugging Face attention classes that call their module's ``apply_rotary_pos_emb(q, k, cos, sin)``.
-ATTENTION_CLASSES = tuple(f"{family}Attention" for family in FAMILIES)
+# Families whose RMSNorm forward is Llama's, ``weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype)``
+# with the statistics in float32: what ``jakiro.ops.rms_norm`` computes. (Gemma's ``(1 + w)``
+# norms and OLMo 2's are different and keep their own code.)
+RMS_NORM_FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral", "Ministral", "Phi3", "SmolLM3")
+# Families whose attention calls a module-level ``apply_rotary_pos_emb(q, k, cos, sin)`` that is
+# Llama's (Phi-3's rotates part of a head, OLMo 2's and Helium's differ: their own code).
+ROTARY_FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral", "Ministral", "SmolLM3", "Gemma2", "Gemma3")
+RMS_NORM_CLASSES = tuple(f"{family}RMSNorm" for family in RMS_NORM_FAMILIES)
+ATTENTION_CLASSES = tuple(f"{family}Attention" for family in ROTARY_FAMILIES)
 # Half-precision queries above this many values keep Hugging Face's ops (the same numbers): the
 # kernel's conversions are scalar, so a long prompt's rotation is faster as tensor ops
 # (BENCHMARKS.md, rotary_embedding); decoding steps and trees are far below it.

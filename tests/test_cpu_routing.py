@@ -1,10 +1,13 @@
 """jakiro.cpu_routing: which linear layers, RMSNorms and rotary embeddings run on the kernels, and only
 for the call."""
+import importlib
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
-from jakiro.cpu_routing import cpu_routes, use_kernels
+from jakiro.cpu_routing import RMS_NORM_FAMILIES, ROTARY_FAMILIES, cpu_routes, use_kernels
 from jakiro.target import TargetModel
 from jakiro.testing import make_tiny_target
 from transformers.models.llama import modeling_llama
@@ -42,7 +45,24 @@ def test_routing_lasts_for_the_call(monkeypatch):
     torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def _family_module(family: str):
+    name = family.lower()
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+def test_routed_families_run_llamas_code():
+    # The routes replace code by Llama's arithmetic: a family belongs in the lists only while its
+    # Hugging Face code is Llama's, word for word (a transformers upgrade that changes it fails here).
+    llama = _family_module("Llama")
+    norm = inspect.getsource(llama.LlamaRMSNorm.forward)
+    rotary = inspect.getsource(llama.apply_rotary_pos_emb).split('"""')[-1]
+    for family in RMS_NORM_FAMILIES:
+        assert inspect.getsource(getattr(_family_module(family), f"{family}RMSNorm").forward) == norm, family
+    for family in ROTARY_FAMILIES:
+        assert inspect.getsource(_family_module(family).apply_rotary_pos_emb).split('"""')[-1] == rotary, family
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "ministral", "phi3", "smollm3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_routed_norms_match_hugging_face(family, dtype):
     # Every RMSNorm of the model (qwen3's q/k norms included) is routed, and gives Hugging Face's numbers.
@@ -92,7 +112,7 @@ def test_target_forward_on_the_kernels_matches_hugging_face():
     assert all(p is q for p, q in zip(model.parameters(), target._copy.parameters()))   # no weight copied
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "ministral", "smollm3", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_routed_rotary_embedding_is_hugging_faces_bit_for_bit(family, dtype):
     # The rotary embedding alone routed: the numbers are exactly those of the model's own

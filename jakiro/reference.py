@@ -61,37 +61,61 @@ def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def tree_attention_visibility(cache_seqlens: torch.Tensor, tree_mask: torch.Tensor | None, tree_len: int,
-                              num_queries: int, cache_size: int) -> torch.Tensor:
-    """Dense boolean ``[B, Nq, S]``: whether query i of row b sees key j (``ops.tree_attention``)."""
+                              num_queries: int, cache_size: int, window: int | None = None) -> torch.Tensor:
+    """Dense boolean ``[B, Nq, S]``: whether query i of row b sees key j (``ops.tree_attention``).
+
+    With a ``window``, a key stays visible only if its distance to the query is below it:
+    positions are the slots for a causal block; with a mask the query sits at ``L + n - 1``
+    (``L`` the prefix length, ``n`` its visible tree keys), a prefix key at its slot, and a
+    visible tree key ``d`` places before the query, ``d`` the visible tree keys after it.
+    """
     device = cache_seqlens.device
     pos = torch.arange(cache_size, device=device).view(1, 1, -1)
     lens = cache_seqlens.long().view(-1, 1, 1)
     if tree_mask is None:
-        query = torch.arange(num_queries, device=device).view(1, -1, 1)
-        return pos < lens - num_queries + query + 1
+        query = lens - num_queries + torch.arange(num_queries, device=device).view(1, -1, 1)  # its position
+        visible = pos <= query
+        return visible & (query - pos < window) if window else visible
     tree_start = lens - tree_len
     prefix = pos < tree_start
-    if tree_len == 0:
-        return (pos < lens).expand(-1, num_queries, -1)
     in_tree = (pos >= tree_start) & (pos < lens)
-    bits = unpack_bits(tree_mask, tree_mask.shape[-1] * 32)  # [B, Nq, 32 W]
-    tree_index = (pos - tree_start).clamp(0, bits.shape[-1] - 1).expand(-1, num_queries, -1)
-    return prefix | (in_tree & torch.gather(bits, 2, tree_index))
+    bits = unpack_bits(tree_mask, tree_mask.shape[-1] * 32)[..., :tree_len]  # [B, Nq, tree_len]
+    if tree_len == 0:
+        visible = prefix | in_tree
+    else:
+        tree_index = (pos - tree_start).clamp(0, tree_len - 1).expand(-1, num_queries, -1)
+        visible = prefix | (in_tree & torch.gather(bits, 2, tree_index))
+    if not window:
+        return visible
+    seen = bits.sum(-1, keepdim=True)                                     # [B, Nq, 1]
+    query = tree_start + seen - 1
+    # visible tree keys after tree key t: seen minus those up to t
+    after = seen - bits.long().cumsum(-1)
+    if tree_len:
+        after = torch.gather(after, 2, tree_index)
+    else:
+        after = torch.zeros_like(pos).expand(-1, num_queries, -1)
+    distance = torch.where(prefix, query - pos, after)
+    return visible & (distance < window)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                   tree_mask: torch.Tensor | None, tree_len: int, scale: float) -> torch.Tensor:
+                   tree_mask: torch.Tensor | None, tree_len: int, scale: float, window: int | None = None,
+                   softcap: float | None = None) -> torch.Tensor:
     """Reference of ``jakiro.ops.tree_attention`` (no validation): dense fp64 math.
 
     Builds the full ``[B, Nq, S]`` visibility, repeats the KV heads for GQA, and runs
-    matmul-softmax-matmul in float64. Queries that see no key get zeros.
+    matmul-softmax-matmul in float64, the soft-cap (``softcap * tanh(s / softcap)``) applied
+    to the scaled scores first. Queries that see no key get zeros.
     """
     batch, hq, nq, _ = q.shape
     group = hq // k_cache.shape[1]
-    visible = tree_attention_visibility(cache_seqlens, tree_mask, tree_len, nq, k_cache.shape[2])
+    visible = tree_attention_visibility(cache_seqlens, tree_mask, tree_len, nq, k_cache.shape[2], window)
     k = k_cache.double().repeat_interleave(group, dim=1)
     v = v_cache.double().repeat_interleave(group, dim=1)
     scores = (q.double() @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
     return (probs @ v).to(q.dtype)
@@ -242,16 +266,25 @@ def compact_kv(kv: torch.Tensor, prefix_len: torch.Tensor, path: torch.Tensor, a
         for j in range(int(accept_len[b]) + 1):
             src = int(path[b, j])
             kv[:, :, b, :, start + j] = kv[:, :, b, :, start + src].clone()
-def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, coeff: torch.Tensor,
+               activation: str = "silu") -> torch.Tensor:
     """Reference of ``jakiro.ops.expert_mlp``: every expert on every token, dense.
 
     Computed in fp32 (fp64 for float64 inputs) and rounded to x's dtype at the end;
-    differentiable, so its autograd is the oracle for the op's backward.
+    differentiable, so its autograd is the oracle for the op's backward. ``activation`` is
+    the gate's: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, ``gelu(approximate="tanh")``).
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     intermediate = w_down.shape[2]
     gate_up = torch.einsum("th,enh->etn", x.to(acc), w_gate_up.to(acc))          # [E, T, 2I]
-    h = torch.nn.functional.silu(gate_up[..., :intermediate]) * gate_up[..., intermediate:]
+    gate = gate_up[..., :intermediate]
+    if activation == "silu":
+        act = torch.nn.functional.silu(gate)
+    elif activation == "gelu_tanh":
+        act = torch.nn.functional.gelu(gate, approximate="tanh")
+    else:
+        raise ValueError(f'expert_mlp: activation must be "silu" or "gelu_tanh", got {activation!r}')
+    h = act * gate_up[..., intermediate:]
     y = torch.einsum("eti,ehi->eth", h, w_down.to(acc))                          # [E, T, H]
     return torch.einsum("tre,eth->rth", coeff.to(acc), y).to(x.dtype)
 

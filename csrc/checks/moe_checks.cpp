@@ -4,6 +4,8 @@
 
 #include "jakiro/checks.h"
 
+#include <string>
+
 namespace jakiro {
 namespace {
 
@@ -12,6 +14,14 @@ bool is_supported_float(at::ScalarType t) {
 }
 
 }  // namespace
+
+ExpertActivation check_expert_activation(c10::string_view activation, const char* op) {
+  if (activation == "silu") return ExpertActivation::kSilu;
+  if (activation == "gelu_tanh") return ExpertActivation::kGeluTanh;
+  JAKIRO_CHECK(false, op, "activation must be \"silu\" or \"gelu_tanh\", got \"",
+               std::string(activation.data(), activation.size()), "\"");
+  return ExpertActivation::kSilu;  // unreachable
+}
 
 ExpertMlpShape check_expert_mlp_args(const at::Tensor& x, const at::Tensor& w_gate_up,
                                      const at::Tensor& w_down, const at::Tensor& coeff,

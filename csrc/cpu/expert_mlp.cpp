@@ -1,5 +1,5 @@
 // CPU kernel of expert_mlp. Per expert: gather the tokens routed to it (any
-// non-zero coefficient), run the SwiGLU MLP on them with two matrix products in
+// non-zero coefficient), run the gated MLP (SwiGLU or GeGLU) on them with two matrix products in
 // the accumulation type (fp32, or fp64 for double inputs), and add each routing
 // head's weighted result into an fp32/fp64 accumulator. Unrouted tokens cost nothing.
 // With few tokens (drafting) the products run on the linear kernel, which reads
@@ -21,7 +21,8 @@ at::Tensor expert_product(const at::Tensor& x_acc, const at::Tensor& w) {
 }
 
 at::Tensor expert_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                          const at::Tensor& coeff) {
+                          const at::Tensor& coeff, c10::string_view activation) {
+  const ExpertActivation act = check_expert_activation(activation, "expert_mlp");
   const ExpertMlpShape s = check_expert_mlp_args(x, w_gate_up, w_down, coeff, "expert_mlp");
   // Half-precision products would round every partial sum; accumulate in fp32 (fp64 stays fp64).
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -34,7 +35,8 @@ at::Tensor expert_mlp_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, cons
     if (rows.numel() == 0) continue;
     const at::Tensor xe = x.index_select(0, rows).to(acc_type);
     const at::Tensor gate_up = expert_product(xe, w_gate_up.select(0, e));  // [n, 2I]
-    const at::Tensor h = at::silu(gate_up.narrow(1, 0, s.intermediate)) *
+    const at::Tensor gate = gate_up.narrow(1, 0, s.intermediate);
+    const at::Tensor h = (act == ExpertActivation::kSilu ? at::silu(gate) : at::gelu(gate, "tanh")) *
                          gate_up.narrow(1, s.intermediate, s.intermediate);
     const at::Tensor y = expert_product(h, w_down.select(0, e));  // [n, H]
     const at::Tensor c = coeff_acc.index_select(0, rows).select(2, e);    // [n, R]

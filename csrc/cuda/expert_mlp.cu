@@ -2,7 +2,7 @@
 // picks the implementation; none reads anything back to the host.
 //
 // Many tokens (T > 64, or "cublas"): every expert on every token with cuBLAS
-// (x against all experts' gate/up rows in ONE mm, SwiGLU, a strided bmm for
+// (x against all experts' gate/up rows in ONE mm, the gated activation, a strided bmm for
 // the down products) and combine_kernel, which adds only routed experts. With
 // Jakiro's few experts (E = 2, mostly both routed) little work is wasted, and
 // the routing stays on the device (graph capturable). Many experts with top-k
@@ -11,7 +11,9 @@
 // Few tokens (T <= 64), in three steps on the device:
 //   1. route_kernel: per expert, the list of tokens with a non-zero coefficient
 //      in any head (positions e*T .. e*T + count_e), and each token's position.
-//   2. gate/up product with the SwiGLU epilogue: h[pos] = silu(g) * u.
+//   2. gate/up product with the gated epilogue: h[pos] = act(g) * u, act = silu
+//      (SwiGLU, Epilogue::kSwiGLU) or the tanh-approximated GELU (GeGLU, kGeGLU),
+//      a template parameter so each activation has its own kernels.
 //   3. down product: the weight-streaming kernel adds coeff[t, r, e] * y
 //      straight into an fp32 accumulator per head (the combine fused into
 //      the product).
@@ -24,6 +26,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
@@ -31,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "jakiro/checks.h"
 #include "jakiro/cuda_dispatch.cuh"
@@ -134,10 +138,13 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 // Every expert on every token with cuBLAS, then the per-head combine (see the top).
 at::Tensor expert_mlp_dense(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                            const at::Tensor& coeff, const ExpertMlpShape& s, at::Tensor& out) {
+                            const at::Tensor& coeff, const ExpertMlpShape& s, ExpertActivation act,
+                            at::Tensor& out) {
   const int64_t E = s.experts, T = s.tokens, H = s.hidden, I = s.intermediate;
   const at::Tensor gate_up = at::mm(x, w_gate_up.view({E * 2 * I, H}).t()).view({T, E, 2, I});
-  const at::Tensor h = at::silu(gate_up.select(2, 0)).mul_(gate_up.select(2, 1)).contiguous();  // [T, E, I]
+  const at::Tensor gate = gate_up.select(2, 0);
+  const at::Tensor activated = act == ExpertActivation::kSilu ? at::silu(gate) : at::gelu(gate, "tanh");
+  const at::Tensor h = activated.mul_(gate_up.select(2, 1)).contiguous();                        // [T, E, I]
   const at::Tensor y = at::bmm(h.transpose(0, 1), w_down.transpose(1, 2)).contiguous();           // [E, T, H]
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_cuda_float(x.scalar_type(), "expert_mlp", "x", [&](auto tag) {
@@ -152,8 +159,9 @@ at::Tensor expert_mlp_dense(const at::Tensor& x, const at::Tensor& w_gate_up, co
 }
 
 at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_in, const at::Tensor& w_down_in,
-                           const at::Tensor& coeff_in) {
+                           const at::Tensor& coeff_in, c10::string_view activation) {
   constexpr const char* op = "expert_mlp";
+  const ExpertActivation act = check_expert_activation(activation, op);
   const ExpertMlpShape s = check_expert_mlp_args(x_in, w_gate_up_in, w_down_in, coeff_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   JAKIRO_CHECK(s.experts * s.tokens <= INT32_MAX, op, "E * T = ", s.experts * s.tokens,
@@ -166,7 +174,7 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
   at::Tensor out = at::empty({s.heads, s.tokens, s.hidden}, x.options());
   if (s.tokens == 0) return out;
   if (kernel == GroupedKernel::kCublas || (kernel == GroupedKernel::kAuto && s.tokens > kStreamMaxTokens)) {
-    return expert_mlp_dense(x, w_gate_up, w_down, coeff, s, out);
+    return expert_mlp_dense(x, w_gate_up, w_down, coeff, s, act, out);
   }
   const bool use_mma = kernel == GroupedKernel::kAuto;  // v1 keeps stream_kernel (and the tile kernel)
   const int device_major = at::cuda::getCurrentDeviceProperties()->major;
@@ -191,7 +199,7 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
     // A tile-count bound valid for any routing: sum_e ceil(count_e / M) <= ceil(E*T / M) + E.
     const int64_t max_tiles = (positions + grouped::kTileM - 1) / grouped::kTileM + s.experts;
 
-    // Gate/up product, SwiGLU epilogue: h[pos] for the routed tokens.
+    // Gate/up product, gated epilogue: h[pos] for the routed tokens.
     grouped::GroupedParams<T> up{};
     up.src = reinterpret_cast<const T*>(x.const_data_ptr());
     up.src_rows = token_of.const_data_ptr<int32_t>();
@@ -205,12 +213,20 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
     up.k = static_cast<int32_t>(s.hidden);
     up.out = reinterpret_cast<T*>(h.mutable_data_ptr());
     const bool up_vec = grouped::can_vectorize<T>(s.hidden, {up.src, up.w});
-    if (small && use_mma && grouped::mma_stream_supported<T>(up_vec, s.experts, device_major)) {
-      grouped::launch_mma_stream<T, grouped::Epilogue::kSwiGLU>(up, s.tokens, stream);
-    } else if (small) {
-      grouped::launch_stream<T, grouped::Epilogue::kSwiGLU>(up, up_vec, s.tokens, stream);
+    const auto launch_gate_up = [&](auto epilogue) {
+      constexpr grouped::Epilogue EPI = decltype(epilogue)::value;
+      if (small && use_mma && grouped::mma_stream_supported<T>(up_vec, s.experts, device_major)) {
+        grouped::launch_mma_stream<T, EPI>(up, s.tokens, stream);
+      } else if (small) {
+        grouped::launch_stream<T, EPI>(up, up_vec, s.tokens, stream);
+      } else {
+        grouped::launch_tile<T, EPI>(up, up_vec, max_tiles, stream);
+      }
+    };
+    if (act == ExpertActivation::kGeluTanh) {
+      launch_gate_up(std::integral_constant<grouped::Epilogue, grouped::Epilogue::kGeGLU>{});
     } else {
-      grouped::launch_tile<T, true>(up, up_vec, max_tiles, stream);
+      launch_gate_up(std::integral_constant<grouped::Epilogue, grouped::Epilogue::kSwiGLU>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -244,7 +260,7 @@ at::Tensor expert_mlp_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_i
     } else {
       at::Tensor y = at::empty({positions, s.hidden}, x.options());
       down.out = reinterpret_cast<T*>(y.mutable_data_ptr());
-      grouped::launch_tile<T, false>(down, down_vec, max_tiles, stream);
+      grouped::launch_tile<T, grouped::Epilogue::kStore>(down, down_vec, max_tiles, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t blocks = std::min<int64_t>((s.tokens * s.hidden + kCombineThreads - 1) / kCombineThreads, 8192);
       combine_kernel<T><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(

@@ -89,7 +89,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_in, con
       grouped::launch_stream<T, grouped::Epilogue::kStore>(p, vec, s.rows, stream);
     } else {
       const int64_t max_tiles = (s.rows + grouped::kTileM - 1) / grouped::kTileM + s.experts;
-      grouped::launch_tile<T, false>(p, vec, max_tiles, stream);
+      grouped::launch_tile<T, grouped::Epilogue::kStore>(p, vec, max_tiles, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

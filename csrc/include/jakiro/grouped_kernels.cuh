@@ -8,11 +8,13 @@
 // to the dot products is the epilogue:
 //   kStore   out[p, n] = dot
 //   kSwiGLU  out[p, n] = silu(dot with w row n) * (dot with w row n + N)
+//   kGeGLU   out[p, n] = gelu_tanh(dot with w row n) * (dot with w row n + N)
 //   kCombine acc[r, t, n] += coeff[t, r, e] * dot for every head r, t = out_tokens[p]
+// kSwiGLU and kGeGLU are the gated epilogues (two weight rows per output column).
 //
 // Two kernel families:
-//   stream_kernel: few rows (decode). A warp owns one weight row (two for
-//     SwiGLU), streams it with 16-byte loads once per tile of 8 or 32 positions, and
+//   stream_kernel: few rows (decode). A warp owns one weight row (two when
+//     gated), streams it with 16-byte loads once per tile of 8 or 32 positions, and
 //     dots it with the tile's rows staged in shared memory chunk by chunk; the
 //     weight loads of a chunk are issued before its barriers. Weight-bandwidth
 //     bound.
@@ -31,7 +33,10 @@
 namespace jakiro {
 namespace grouped {
 
-enum class Epilogue { kStore, kSwiGLU, kCombine };
+enum class Epilogue { kStore, kSwiGLU, kGeGLU, kCombine };
+
+// Whether the epilogue multiplies an activated gate row by an up row.
+__host__ __device__ constexpr bool is_gated(Epilogue epi) { return epi == Epilogue::kSwiGLU || epi == Epilogue::kGeGLU; }
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -49,6 +54,25 @@ __device__ __forceinline__ T from_float(float v) {
 }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+// The tanh-approximated GELU, 0.5 g (1 + tanh(u)) with u = sqrt(2/pi) (g + 0.044715 g^3),
+// written as g * sigmoid(2u) (the same identity): one fast exponential, like silu.
+__device__ __forceinline__ float gelu_tanh(float g) {
+  constexpr float kTwoSqrtTwoOverPi = 1.5957691216057308f;  // 2 * sqrt(2 / pi)
+  const float two_u = kTwoSqrtTwoOverPi * fmaf(0.044715f * g, g * g, g);
+  return g / (1.0f + __expf(-two_u));
+}
+
+// The gate's activation of a gated epilogue.
+template <Epilogue EPI>
+__device__ __forceinline__ float gate_activation(float g) {
+  static_assert(is_gated(EPI), "gate_activation: gated epilogues only");
+  if constexpr (EPI == Epilogue::kGeGLU) {
+    return gelu_tanh(g);
+  } else {
+    return silu(g);
+  }
+}
 
 // VEC consecutive elements moved as one load (16 bytes when VEC = 16 / sizeof(T)).
 template <typename T, int VEC>
@@ -81,9 +105,9 @@ struct GroupedParams {
   const int32_t* seg_begin;   // [experts]
   const int32_t* seg_end;     // [experts]
   int64_t positions;          // number of positions (bound of every segment)
-  int64_t w_rows;             // rows per expert in w: n, or 2n for SwiGLU
+  int64_t w_rows;             // rows per expert in w: n, or 2n for the gated epilogues
   int32_t experts, n, k;      // n output columns per position
-  T* out;                     // kStore, kSwiGLU: [positions][n]
+  T* out;                     // kStore, kSwiGLU, kGeGLU: [positions][n]
   float* acc;                 // kCombine: [heads][tokens][n], fp32
   const float* coeff;         // kCombine: [tokens][heads][experts]
   const int32_t* out_tokens;  // kCombine: token of each position
@@ -107,7 +131,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
   constexpr int kChunk = kStreamChunkBytes / sizeof(T);
   static_assert(kChunk % (32 * VEC) == 0, "a chunk is whole packs for every lane");
   constexpr int kPacksPerLane = kChunk / (32 * VEC);
-  constexpr int kRowsPerWarp = EPI == Epilogue::kSwiGLU ? 2 : 1;
+  constexpr int kRowsPerWarp = is_gated(EPI) ? 2 : 1;
   __shared__ __align__(16) T tile[TILE][kChunk];
   __shared__ int32_t tile_rows[TILE];
 
@@ -203,8 +227,8 @@ __global__ void __launch_bounds__(kStreamThreads) stream_kernel(const GroupedPar
         const int64_t pos = p0 + lane;
         if constexpr (EPI == Epilogue::kStore) {
           p.out[pos * p.n + col] = from_float<T>(mine[0]);
-        } else if constexpr (EPI == Epilogue::kSwiGLU) {
-          p.out[pos * p.n + col] = from_float<T>(silu(mine[0]) * mine[kRowsPerWarp - 1]);
+        } else if constexpr (is_gated(EPI)) {
+          p.out[pos * p.n + col] = from_float<T>(gate_activation<EPI>(mine[0]) * mine[kRowsPerWarp - 1]);
         } else {
           // This warp alone owns column col of acc, so the read-modify-write needs no atomics.
           const int64_t t = p.out_tokens[pos];
@@ -234,9 +258,9 @@ template <typename T>
 constexpr int kTilePitch = kUseTensorCores<T> ? kTileK + 8 : kTileK + 1;
 constexpr int kAccPitch = kTileN + 4;
 
-template <typename T, bool SWIGLU>
+template <typename T, bool GATED>
 constexpr int tile_smem_bytes() {
-  constexpr int halves = SWIGLU ? 2 : 1;
+  constexpr int halves = GATED ? 2 : 1;
   constexpr int staged = (kTileM + halves * kTileN) * kTilePitch<T> * static_cast<int>(sizeof(T));
   constexpr int results = halves * kTileM * kAccPitch * static_cast<int>(sizeof(float));
   return staged > results ? staged : results;
@@ -265,10 +289,13 @@ __device__ __forceinline__ void stage_tile(T* dst, int tile_rows, int rows, RowP
   }
 }
 
-template <typename T, int VEC, bool SWIGLU>
+// EPI: kStore, or a gated epilogue (kSwiGLU, kGeGLU).
+template <typename T, int VEC, Epilogue EPI>
 __global__ void __launch_bounds__(kTileThreads) tile_kernel(const GroupedParams<T> p) {
-  constexpr int halves = SWIGLU ? 2 : 1;
-  __shared__ __align__(128) unsigned char smem[tile_smem_bytes<T, SWIGLU>()];
+  static_assert(EPI != Epilogue::kCombine, "tile_kernel: store or gated epilogues only");
+  constexpr bool kGated = is_gated(EPI);
+  constexpr int halves = kGated ? 2 : 1;
+  __shared__ __align__(128) unsigned char smem[tile_smem_bytes<T, kGated>()];
   T* a_tile = reinterpret_cast<T*>(smem);
   T* b_tile = a_tile + kTileM * kTilePitch<T>;  // halves x [kTileN][pitch]
   float* results = reinterpret_cast<float*>(smem);  // reused after the main loop
@@ -381,7 +408,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_kernel(const GroupedParams<
     const int r = i / kTileN, c = i % kTileN;
     if (r >= rows || c >= cols) continue;
     float v = results[r * kAccPitch + c];
-    if constexpr (SWIGLU) v = silu(v) * results[kTileM * kAccPitch + r * kAccPitch + c];
+    if constexpr (kGated) v = gate_activation<EPI>(v) * results[kTileM * kAccPitch + r * kAccPitch + c];
     p.out[(p0 + r) * p.n + n0 + c] = from_float<T>(v);
   }
 }
@@ -422,13 +449,14 @@ void launch_stream(const GroupedParams<T>& p, bool vectorized, int64_t max_posit
 }
 
 // max_row_tiles: an upper bound on the number of kTileM-row tiles over all experts.
-template <typename T, bool SWIGLU>
+// EPI: kStore, kSwiGLU or kGeGLU.
+template <typename T, Epilogue EPI>
 void launch_tile(const GroupedParams<T>& p, bool vectorized, int64_t max_row_tiles, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(max_row_tiles), static_cast<unsigned>((p.n + kTileN - 1) / kTileN));
   if (vectorized) {
-    tile_kernel<T, 16 / sizeof(T), SWIGLU><<<grid, kTileThreads, 0, stream>>>(p);
+    tile_kernel<T, 16 / sizeof(T), EPI><<<grid, kTileThreads, 0, stream>>>(p);
   } else {
-    tile_kernel<T, 1, SWIGLU><<<grid, kTileThreads, 0, stream>>>(p);
+    tile_kernel<T, 1, EPI><<<grid, kTileThreads, 0, stream>>>(p);
   }
 }
 

@@ -3,9 +3,10 @@
 //
 // Same contract as stream_kernel (grouped_kernels.cuh): expert e owns positions
 // [seg_begin[e], seg_end[e]) (clamped), position p reads source row src_rows[p]
-// (or p), and the epilogue stores, applies SwiGLU or combines into acc.
+// (or p), and the epilogue stores, applies the gated activation (SwiGLU or
+// GeGLU) or combines into acc.
 //
-// A block owns 32 weight rows of one expert (SwiGLU: 16 gate rows and the
+// A block owns 32 weight rows of one expert (gated: 16 gate rows and the
 // matching 16 up rows) and ALL of the expert's positions (up to 8 * NT per
 // pass), so each weight byte is read from memory once. The weights are the A
 // operand of mma.sync m16n8k16 (two m16 tiles per warp) and the positions the
@@ -72,9 +73,9 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 template <typename T, Epilogue EPI, int NT>
 __global__ void __launch_bounds__(kMmaThreads) mma_stream_kernel(const GroupedParams<T> p) {
   constexpr int kPositions = 8 * NT;  // positions per pass
-  constexpr bool kSwiGLU = EPI == Epilogue::kSwiGLU;
-  constexpr int kOutCols = kSwiGLU ? kMmaBlockRows / 2 : kMmaBlockRows;  // output columns per block
-  // sums[i][j]: weight row i of the block (SwiGLU: gate rows 0..15, up rows 16..31) . position j.
+  constexpr bool kGated = is_gated(EPI);
+  constexpr int kOutCols = kGated ? kMmaBlockRows / 2 : kMmaBlockRows;  // output columns per block
+  // sums[i][j]: weight row i of the block (gated: gate rows 0..15, up rows 16..31) . position j.
   __shared__ float sums[kMmaBlockRows][kPositions + 1];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -91,8 +92,8 @@ __global__ void __launch_bounds__(kMmaThreads) mma_stream_kernel(const GroupedPa
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = 8 * hf + g;                          // row inside the m-tile
-      const int64_t col = kSwiGLU ? n0 + r : n0 + 16 * mt + r;  // output column
-      const int64_t row = kSwiGLU ? mt * static_cast<int64_t>(p.n) + col : col;
+      const int64_t col = kGated ? n0 + r : n0 + 16 * mt + r;  // output column
+      const int64_t row = kGated ? mt * static_cast<int64_t>(p.n) + col : col;
       w_row[mt][hf] = col < p.n ? p.w + (static_cast<int64_t>(e) * p.w_rows + row) * p.k : nullptr;
     }
 
@@ -168,8 +169,8 @@ __global__ void __launch_bounds__(kMmaThreads) mma_stream_kernel(const GroupedPa
       if (col >= p.n) continue;
       if constexpr (EPI == Epilogue::kStore) {
         p.out[pos * p.n + col] = from_float<T>(sums[r][j]);
-      } else if constexpr (kSwiGLU) {
-        p.out[pos * p.n + col] = from_float<T>(silu(sums[r][j]) * sums[kOutCols + r][j]);
+      } else if constexpr (kGated) {
+        p.out[pos * p.n + col] = from_float<T>(gate_activation<EPI>(sums[r][j]) * sums[kOutCols + r][j]);
       } else {
         // Blocks of other experts add to the same entries, hence the atomics.
         const int64_t tok = p.out_tokens[pos];
@@ -196,7 +197,7 @@ void launch_mma_stream(const GroupedParams<T>& p, int64_t max_positions, cudaStr
   if constexpr (std::is_same_v<T, float>) {
     return;  // mma_stream_supported rules fp32 out
   } else {
-    constexpr int kOutCols = EPI == Epilogue::kSwiGLU ? kMmaBlockRows / 2 : kMmaBlockRows;
+    constexpr int kOutCols = is_gated(EPI) ? kMmaBlockRows / 2 : kMmaBlockRows;
     const dim3 grid(static_cast<unsigned>((p.n + kOutCols - 1) / kOutCols), static_cast<unsigned>(p.experts));
     if (max_positions <= 8) {
       mma_stream_kernel<T, EPI, 1><<<grid, kMmaThreads, 0, stream>>>(p);

@@ -1,5 +1,5 @@
 // Shapes and argument checks of the grouped expert ops (contracts: docs/architecture.md):
-//   expert_mlp(x[T,H], w_gate_up[E,2I,H], w_down[E,H,I], coeff[T,R,E]) -> out[R,T,H]
+//   expert_mlp(x[T,H], w_gate_up[E,2I,H], w_down[E,H,I], coeff[T,R,E], activation) -> out[R,T,H]
 //   grouped_gemm(x[T,K], w[E,N,K], expert_offsets int32[E+1]) -> [T,N]
 #pragma once
 
@@ -15,8 +15,17 @@ constexpr int64_t kMaxRoutingHeads = 8;
 
 #ifndef __CUDACC_RTC__
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace jakiro {
+
+// The gate's activation of expert_mlp's gated MLP: silu (SwiGLU: Llama, Qwen, Mistral, Phi-3)
+// or the tanh-approximated GELU (GeGLU: Gemma's gelu_pytorch_tanh).
+enum class ExpertActivation { kSilu, kGeluTanh };
+
+// Parses expert_mlp's activation argument ("silu" or "gelu_tanh"); anything else is a
+// ValueError naming the accepted values.
+ExpertActivation check_expert_activation(c10::string_view activation, const char* op);
 
 struct ExpertMlpShape {
   int64_t tokens, hidden, intermediate, experts, heads;  // T, H, I, E, R

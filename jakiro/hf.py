@@ -242,6 +242,8 @@ def speculative_decoding(model, input_ids, logits_processor=None, stopping_crite
     the row ends after the first token that stops it, so the output is ``generate``'s).
     ``return_dict_in_generate=True`` gives a ``GenerateDecoderOnlyOutput`` whose ``sequences``
     is filled; ``scores``, ``logits``, ``attentions``, ``hidden_states`` and ``cache`` are None.
+    (transformers 5 hands a callable ``custom_generate`` neither the ``streamer`` nor the
+    ``tokenizer``: both are read from the ``generate`` call that runs this function.)
 
     Refused with a ``ValueError`` naming what: logits processors other than the above
     (repetition penalty, no_repeat_ngram_size, bad words, min_p, typical_p, forced or

@@ -10,7 +10,10 @@ weight + activation traffic and TFLOP/s, and % of the measured copy bandwidth.
 grouped_gemm is timed against a per-expert torch.mm loop and torch._grouped_mm.
 On CUDA "jakiro" is the default implementation (JAKIRO_EXPERT_MLP_KERNEL=v1) and
 "jakiro_auto" the opt-in tensor-core / cuBLAS paths, side by side.
+The experts are SwiGLU (silu) except the cases marked "geglu": GeGLU with the
+tanh-approximated GELU (Gemma targets), the baselines computing the same activation.
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -23,25 +26,28 @@ from jakiro import ops  # noqa: E402
 from jakiro.testing import make_expert_mlp_inputs, make_expert_offsets  # noqa: E402
 
 EXPERTS, HEADS = 2, 2
-# (name, H, I, T, training)
+# (name, H, I, T, training[, activation]); the activation is silu unless given
 CASES = [("draft", 4096, 4096, t, False) for t in (1, 10, 60, 600)] + \
         [("smollm2", 576, 576, t, False) for t in (1, 10, 60, 600)] + \
-        [("train", 4096, 4096, 4096, True), ("train-smollm2", 576, 576, 4096, True)]
+        [("train", 4096, 4096, 4096, True), ("train-smollm2", 576, 576, 4096, True)] + \
+        [("draft geglu", 4096, 4096, t, False, "gelu_tanh") for t in (10, 600)]
 QUICK_CASES = [("smollm2", 576, 576, 1, False), ("smollm2", 576, 576, 60, False),
-               ("train-smollm2", 576, 576, 256, True)]
+               ("train-smollm2", 576, 576, 256, True), ("smollm2 geglu", 576, 576, 60, False, "gelu_tanh")]
+ACTIVATION_FNS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 # grouped_gemm alone: (T, K, N, E), rows spread over the experts at random
 GEMM_CASES = [(60, 4096, 8192, 2), (600, 4096, 8192, 2), (4096, 4096, 8192, 8), (4096, 576, 1152, 8)]
 GEMM_QUICK_CASES = [(60, 576, 1152, 2), (512, 576, 1152, 4)]
 
 
-def authors_block(x, w_gate_up, w_down, coeff):
+def authors_block(x, w_gate_up, w_down, coeff, activation="silu"):
     """Each expert an nn.Linear stack run on every token; heads combined elementwise."""
     inter = w_down.shape[2]
+    act = ACTIVATION_FNS[activation]
     ys = []
     for e in range(w_down.shape[0]):
         gate = F.linear(x, w_gate_up[e, :inter])
         up = F.linear(x, w_gate_up[e, inter:])
-        ys.append(F.linear(F.silu(gate) * up, w_down[e]))
+        ys.append(F.linear(act(gate) * up, w_down[e]))
     c = coeff.to(x.dtype)
     heads = []
     for r in range(c.shape[1]):
@@ -53,29 +59,30 @@ def authors_block(x, w_gate_up, w_down, coeff):
     return torch.stack(heads)
 
 
-def mm_loop(x, w_gate_up, w_down, coeff):
+def mm_loop(x, w_gate_up, w_down, coeff, activation="silu"):
     """A per-expert loop of torch.mm on the fused gate/up weights."""
     inter = w_down.shape[2]
+    act = ACTIVATION_FNS[activation]
     ys = []
     for e in range(w_down.shape[0]):
         gate_up = torch.mm(x, w_gate_up[e].t())
-        ys.append(torch.mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w_down[e].t()))
+        ys.append(torch.mm(act(gate_up[:, :inter]) * gate_up[:, inter:], w_down[e].t()))
     return torch.einsum("tre,eth->rth", coeff.to(x.dtype), torch.stack(ys))
 
 
-def grouped_mm(x, w_gate_up, w_down, coeff):
+def grouped_mm(x, w_gate_up, w_down, coeff, activation="silu"):
     """torch._grouped_mm over the tokens repeated once per expert (dense routing)."""
     experts, inter, tokens = w_down.shape[0], w_down.shape[2], x.shape[0]
     offs = torch.arange(1, experts + 1, device=x.device, dtype=torch.int32) * tokens
     rows = x.repeat(experts, 1)
     gate_up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=offs)
-    h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    h = ACTIVATION_FNS[activation](gate_up[:, :inter]) * gate_up[:, inter:]
     y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs).view(experts, tokens, -1)
     return torch.einsum("tre,eth->rth", coeff.to(x.dtype), y)
 
 
-def jakiro_op(x, w_gate_up, w_down, coeff):
-    return ops.expert_mlp(x, w_gate_up, w_down, coeff)
+def jakiro_op(x, w_gate_up, w_down, coeff, activation="silu"):
+    return ops.expert_mlp(x, w_gate_up, w_down, coeff, activation)
 
 
 def with_kernel(kernel, fn):
@@ -150,7 +157,8 @@ def main(argv=None):
     impls = {**jakiro_impls(jakiro_op, device), "authors_block": authors_block, "mm_loop": mm_loop}
     if hasattr(torch, "_grouped_mm"):
         impls["torch._grouped_mm"] = grouped_mm
-    for name, hidden, inter, tokens, training in QUICK_CASES if args.quick else CASES:
+    for name, hidden, inter, tokens, training, *activation in QUICK_CASES if args.quick else CASES:
+        activation = activation[0] if activation else "silu"
         x, wgu, wd, coeff = make_expert_mlp_inputs(tokens, hidden, inter, EXPERTS, HEADS, "signed", dtype, device, gen)
         inputs = (x, wgu, wd, coeff)
         elsize = x.element_size()
@@ -164,6 +172,8 @@ def main(argv=None):
         case = f"{name} H={hidden} I={inter} T={tokens}" + (" fwd+bwd" if training else "")
         rows = []
         for impl, fn in impls.items():
+            if activation != "silu":
+                fn = functools.partial(fn, activation=activation)
             call = training_step(fn, inputs, grad) if training else (lambda fn=fn: fn(*inputs))
             try:
                 t = time_fn(call, device, warmup=warmup, iters=iters,

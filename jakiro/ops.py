@@ -422,7 +422,7 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
     ``T <= 64``, a WMMA tile kernel above. ``auto`` (opt-in) streams each expert's weights once
     through tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above runs
     every expert on every token with cuBLAS (an expert's output still reaches only the tokens
-    routed to it; its gate and up products are rounded to x's dtype before SwiGLU); ``cublas``
+    routed to it; its gate and up products are rounded to x's dtype before the activation); ``cublas``
     the cuBLAS path at every T. Any other value is a ValueError.
 
     No host synchronisation on CUDA (CUDA-graph safe).

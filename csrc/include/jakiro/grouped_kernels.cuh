@@ -36,7 +36,9 @@ namespace grouped {
 enum class Epilogue { kStore, kSwiGLU, kGeGLU, kCombine };
 
 // Whether the epilogue multiplies an activated gate row by an up row.
-__host__ __device__ constexpr bool is_gated(Epilogue epi) { return epi == Epilogue::kSwiGLU || epi == Epilogue::kGeGLU; }
+__host__ __device__ constexpr bool is_gated(Epilogue epi) {
+  return epi == Epilogue::kSwiGLU || epi == Epilogue::kGeGLU;
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

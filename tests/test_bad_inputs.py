@@ -96,7 +96,9 @@ def _value_cases(good):
     add("tree_attention", tree_len=-1)
     add("tree_attention", tree_mask=lambda m: m[..., :0])
     add("tree_attention", scale=NAN)
-    add("tree_attention", q=lambda q: q[..., :32], k_cache=lambda k: k[..., :32], v_cache=lambda v: v[..., :32])
+    add("tree_attention", q=lambda q: q[..., :12], k_cache=lambda k: k[..., :12], v_cache=lambda v: v[..., :12])
+    add("tree_attention", window=-1)
+    add("tree_attention", softcap=NAN)
     add("tree_attention", k_cache=lambda k: k.transpose(2, 3))
     for name in ("verify_greedy", "verify_sampling"):
         add(name, tokens=lambda t: _fill(t, 1, 2, 11))

@@ -1,4 +1,5 @@
-"""tree_attention: kernels vs the dense fp64 reference, a branch-as-chain oracle, SDPA, bad input."""
+"""tree_attention: kernels vs the dense fp64 reference, a branch-as-chain oracle, SDPA, Hugging Face's
+sliding-window mask, batch invariance on the CPU, bad input; every head size, windows, soft-caps."""
 import itertools
 import re
 
@@ -41,6 +42,7 @@ def call(inputs, **overrides):
 
 
 def call_reference(inputs):
+    """The reference on the CPU; ``inputs`` may carry ``window`` and ``softcap`` too."""
     cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items() if k != "parents"}
     return reference.tree_attention(**cpu)
 
@@ -383,8 +385,8 @@ BAD_INPUTS = [
     (lambda i: dict(i, v_cache=i["v_cache"].double()), "v_cache must be Float"),
     (lambda i: dict(i, q=i["q"].double(), k_cache=i["k_cache"].double(), v_cache=i["v_cache"].double()),
      "q must be Half, BFloat16 or Float"),
-    (lambda i: dict(i, q=i["q"][..., :32], k_cache=i["k_cache"][..., :32], v_cache=i["v_cache"][..., :32]),
-     "head_dim .* must be 64 or 128, got 32"),
+    (lambda i: dict(i, q=i["q"][..., :12], k_cache=i["k_cache"][..., :12], v_cache=i["v_cache"][..., :12]),
+     r"head_dim \(last dimension of q\) must be .*, got 12"),
     (lambda i: dict(i, cache_seqlens=i["cache_seqlens"].long()), "cache_seqlens must be Int"),
     (lambda i: dict(i, q=i["q"][0]), r"q must have shape \[B, Hq, Nq, D\]"),
     (lambda i: dict(i, k_cache=i["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
@@ -395,6 +397,11 @@ BAD_INPUTS = [
     (lambda i: dict(i, tree_len=-1), r"tree_len must be in \[0, S"),
     (lambda i: dict(i, cache_seqlens=i["cache_seqlens"][:1]), r"cache_seqlens must have shape \[B=2\]"),
     (lambda i: dict(i, scale=float("nan")), "scale must be finite"),
+    (lambda i: dict(i, window=-1), r"window must be >= 0 \(0: no sliding window\), got -1"),
+    (lambda i: dict(i, softcap=-1.0), r"softcap must be finite and >= 0 \(0: no soft-cap\), got -1"),
+    (lambda i: dict(i, softcap=float("nan")), "softcap must be finite and >= 0"),
+    (lambda i: dict(i, softcap=float("inf")), "softcap must be finite and >= 0"),
+    (lambda i: dict(i, window=0, softcap=0.0), None),  # both off
 ]
 
 
@@ -481,13 +488,16 @@ def test_cuda_kernel_choice_is_explicit(monkeypatch):
     assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (3, 0.0), (0, 2.5), (2, 1.5)])
+def test_opcheck(device, window, softcap):
     inputs = base_inputs(device)
     args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["tree_mask"],
-            inputs["tree_len"], inputs["scale"], True)
+            inputs["tree_len"], inputs["scale"], True, window, softcap)
     torch.library.opcheck(torch.ops.jakiro.tree_attention.default, args)
-    causal = (*args[:4], None, 0, inputs["scale"], True)
+    causal = (*args[:4], None, 0, inputs["scale"], True, window, softcap)
     torch.library.opcheck(torch.ops.jakiro.tree_attention.default, causal)
+    # the schema's defaults: old positional callers (up to validate) keep working
+    torch.library.opcheck(torch.ops.jakiro.tree_attention.default, args[:8])
 
 
 def test_compiles_with_torch_compile():
@@ -499,3 +509,270 @@ def test_compiles_with_torch_compile():
 
     out = attend(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["tree_mask"])
     torch.testing.assert_close(out, call(inputs) * 2)
+
+
+def test_compiles_with_window_and_softcap():
+    inputs = make_tree_attention_inputs(batch=2, hq=4, hkv=2, nq=5, head_dim=80, prefix_lens=[40, 42])
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def attend(q, k, v, lens, mask):
+        return ops.tree_attention(q, k, v, lens, mask, tree_len=5, window=4, softcap=30.0)
+
+    out = attend(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["tree_mask"])
+    torch.testing.assert_close(out, call(inputs, window=4, softcap=30.0))
+
+
+# ---------------------------------------------------------------------------
+# Head sizes, sliding windows and soft-caps.
+
+CPU_HEAD_DIMS = list(range(8, 257, 8))
+CUDA_HEAD_DIMS = [64, 80, 96, 128, 256]
+
+
+def test_head_dims_per_device():
+    assert ops.tree_attention_head_dims("cpu") == tuple(CPU_HEAD_DIMS)
+    assert ops.tree_attention_head_dims(torch.device("cuda", 0)) == tuple(CUDA_HEAD_DIMS)
+    assert ops.tree_attention_head_dims("meta") == ()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", CPU_HEAD_DIMS)
+def test_every_cpu_head_size_matches_reference(head_dim, dtype):
+    # Odd batch, queries, cache size and GQA group; a tree for half the sizes, causal for the
+    # rest; every third size with a window and a soft-cap. 64 and 128 run the copies compiled
+    # for their size, the others the run-time-size copy.
+    gen = torch.Generator().manual_seed(head_dim)
+    index = head_dim // 8
+    inputs = make_tree_attention_inputs(batch=3, hq=6, hkv=2, nq=7, head_dim=head_dim, prefix_lens=[0, 13, 29],
+                                        tree_shape="random" if index % 2 else None, dtype=dtype, generator=gen)
+    if index % 3 == 0:
+        inputs.update(window=5, softcap=1.5)
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("causal, window, softcap", [(False, 0, 0.0), (True, 0, 0.0), (False, 3, 2.0),
+                                                     (True, 17, 0.0)])
+def test_cuda_head_sizes_match_reference(device, head_dim, causal, window, softcap, dtype):
+    # The head sizes every device serves, through every CUDA kernel (the device fixture);
+    # 65 queries x group 4 = 260 packed rows: two row blocks of every kernel (at D = 256
+    # the staged kernel takes one row group per warp, 128 rows per block: three blocks).
+    gen = torch.Generator().manual_seed(head_dim + window)
+    inputs = make_tree_attention_inputs(batch=3, hq=8, hkv=2, nq=65, head_dim=head_dim, prefix_lens=[0, 40, 300],
+                                        tree_shape=None if causal else "random", dtype=dtype, device=device,
+                                        generator=gen)
+    inputs.update(window=window, softcap=softcap)
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+def test_unsupported_head_size_names_the_allowed_ones():
+    for head_dim in (12, 264, 4):
+        inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=3, head_dim=head_dim, prefix_lens=5)
+        with pytest.raises(ValueError, match=r"tree_attention: head_dim \(last dimension of q\) must be a multiple of "
+                                             rf"8 from 8 to 256 on the CPU, got {head_dim}"):
+            call(inputs)
+
+
+@pytest.mark.cuda
+def test_cuda_unsupported_head_size_names_the_allowed_ones():
+    for head_dim in (32, 72, 120, 192):  # fine on the CPU, not compiled for CUDA
+        inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=3, head_dim=head_dim, prefix_lens=5,
+                                            device="cuda")
+        with pytest.raises(ValueError, match=r"tree_attention: head_dim \(last dimension of q\) must be 64, 80, 96, "
+                                             rf"128 or 256 on CUDA, got {head_dim}"):
+            call(inputs)
+
+
+def test_meta_calls_check_window_and_softcap():
+    # The fake implementation's checks read as the kernels' (torch.compile, meta tensors).
+    inputs = base_inputs("meta")
+    assert call(inputs, window=2, softcap=3.0).device.type == "meta"
+    with pytest.raises(ValueError, match=r"tree_attention: window must be >= 0"):
+        call(inputs, window=-2)
+    with pytest.raises(ValueError, match=r"tree_attention: softcap must be finite and >= 0"):
+        call(inputs, softcap=float("inf"))
+
+
+def window_chain_oracle(inputs, window):
+    """Each tree query attends, causally, to the last ``window`` keys of its chain: the prefix,
+    then its root->node path (a sliding window over the sequence that the query ends)."""
+    q, k, v = inputs["q"].cpu().double(), inputs["k_cache"].cpu().double(), inputs["v_cache"].cpu().double()
+    parents, tree_len, scale = inputs["parents"], inputs["tree_len"], inputs["scale"]
+    batch, hq, nq, _ = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        prefix = int(inputs["cache_seqlens"][b]) - tree_len
+        for i in range(nq):
+            path, node = [], tree_len - nq + i
+            while node >= 0:
+                path.append(prefix + node)
+                node = int(parents[b, node])
+            keys = (list(range(prefix)) + path[::-1])[-window:]
+            kk = k[b, :, keys].repeat_interleave(group, 0)
+            vv = v[b, :, keys].repeat_interleave(group, 0)
+            out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i:i + 1], kk, vv, scale=scale)[:, 0]
+    return out
+
+
+# window against the chains: 1 (only itself), shorter than the tree's depth (old ancestors and
+# the prefix go), about the chain, longer than every chain (no effect)
+WINDOWS = [1, 2, 5, 30, 10000]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("shape, nq, tree_len", [("chain", 12, 12), ("binary", 20, 20), ("random", 9, 33)])
+def test_tree_window_matches_chain_oracle(device, shape, nq, tree_len, window, dtype):
+    # nq < tree_len: the draft's expansion (frontier rows); else the target's verify pass.
+    gen = torch.Generator().manual_seed(tree_len + window)
+    inputs = make_tree_attention_inputs(batch=3, hq=6, hkv=2, nq=nq, tree_len=tree_len, head_dim=64,
+                                        prefix_lens=[0, 3, 25], tree_shape=shape, dtype=dtype, device=device,
+                                        generator=gen)
+    expected = window_chain_oracle(inputs, window).to(dtype)
+    assert_close_scaled(call(inputs, window=window), expected, dtype)
+    assert_close_scaled(call_reference(dict(inputs, window=window)), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("nq, prefix", [(1, 40), (9, 0), (33, 100)])
+def test_causal_window_matches_reference(device, nq, prefix, window, dtype):
+    gen = torch.Generator().manual_seed(nq + window)
+    inputs = make_tree_attention_inputs(batch=2, hq=4, hkv=2, nq=nq, head_dim=96, prefix_lens=[prefix, prefix + 6],
+                                        tree_shape=None, dtype=dtype, device=device, generator=gen)
+    inputs["window"] = window
+    assert_close_scaled(call(inputs), call_reference(inputs), dtype)
+
+
+def test_window_visibility_by_hand():
+    # One row: prefix of 3 keys (positions 0-2), a 4-node tree 0 <- 1 <- 2 and 0 <- 3 at slots
+    # 3-6 (positions 3, 4, 5 and 4). Window 2: node 0 keeps key 2 and itself; node 2 only
+    # nodes 1 and 2; node 3 nodes 0 and 3.
+    parents = torch.tensor([[-1, 0, 1, 0]], dtype=torch.int32)
+    mask = reference.build_tree_mask(parents)[0]
+    seqlens = torch.tensor([7], dtype=torch.int32)
+    visible = reference.tree_attention_visibility(seqlens, mask, 4, 4, 8, window=2)[0].int().tolist()
+    assert visible == [[0, 0, 1, 1, 0, 0, 0, 0],
+                       [0, 0, 0, 1, 1, 0, 0, 0],
+                       [0, 0, 0, 0, 1, 1, 0, 0],
+                       [0, 0, 0, 1, 0, 0, 1, 0]]
+    causal = reference.tree_attention_visibility(seqlens, None, 0, 3, 8, window=3)[0].int().tolist()
+    assert causal == [[0, 0, 1, 1, 1, 0, 0, 0],
+                      [0, 0, 0, 1, 1, 1, 0, 0],
+                      [0, 0, 0, 0, 1, 1, 1, 0]]
+
+
+def test_a_query_whose_window_holds_no_key_gets_zeros(device):
+    # Frontier rows with no tree bit set: the query sits at position L - 1, so window 1 keeps
+    # the last prefix key; with an empty prefix it sees nothing and gets zeros.
+    inputs = make_tree_attention_inputs(batch=2, hq=2, hkv=1, nq=3, tree_len=4, head_dim=64, prefix_lens=[0, 6],
+                                        device=device)
+    inputs["tree_mask"] = torch.zeros_like(inputs["tree_mask"])
+    out = call(inputs, window=1).cpu()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    expected = inputs["v_cache"][1, :, 5].cpu().repeat_interleave(2, 0)  # one key: its value
+    for i in range(3):
+        torch.testing.assert_close(out[1, :, i], expected)
+    assert_close_scaled(out, call_reference(dict(inputs, window=1)), torch.float32)
+
+
+@pytest.mark.parametrize("window", [1, 4, 64])
+@pytest.mark.parametrize("nq", [1, 5, 40])
+def test_window_is_hugging_face_sliding_window(nq, window):
+    # Hugging Face's sliding-window causal mask (transformers.masking_utils), queries at the
+    # cache positions kv_len - nq .. kv_len - 1, against the reference's visibility and the op.
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    gen = torch.Generator().manual_seed(nq + window)
+    inputs = make_tree_attention_inputs(batch=1, hq=4, hkv=2, nq=nq, head_dim=64, prefix_lens=70, tree_shape=None,
+                                        spare_keys=0, generator=gen)
+    kv_len = inputs["k_cache"].shape[2]
+    q_idx = torch.arange(kv_len - nq, kv_len).view(-1, 1)
+    kv_idx = torch.arange(kv_len).view(1, -1)
+    hf = masking_utils.sliding_window_causal_mask_function(window)(0, 0, q_idx, kv_idx)
+    assert hf.shape == (nq, kv_len) and hf.sum(-1).max() == min(window, kv_len)
+    ours = reference.tree_attention_visibility(inputs["cache_seqlens"], None, 0, nq, kv_len, window=window)[0]
+    assert torch.equal(ours, hf)
+    expected = F.scaled_dot_product_attention(inputs["q"].double(), inputs["k_cache"].double(),
+                                              inputs["v_cache"].double(), attn_mask=hf, scale=inputs["scale"],
+                                              enable_gqa=True)
+    assert_close_scaled(call(inputs, window=window), expected.float(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [0.3, 1.0, 50.0])
+@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_matches_reference(device, causal, window, softcap, dtype):
+    # Soft-caps that saturate most scores (0.3), about their size (1.0) and Gemma 2's 50.0.
+    gen = torch.Generator().manual_seed(int(softcap * 10) + window)
+    inputs = make_tree_attention_inputs(batch=2, hq=6, hkv=3, nq=11, head_dim=128, prefix_lens=[30, 5],
+                                        tree_shape=None if causal else "random", dtype=dtype, device=device,
+                                        generator=gen)
+    inputs["q"] = inputs["q"] * 3  # scores of a few units, so the cap bends them
+    inputs.update(window=window, softcap=softcap)
+    out = call(inputs)
+    assert_close_scaled(out, call_reference(inputs), dtype)
+    if softcap < 50:
+        assert not torch.allclose(out.cpu().float(), call(inputs, softcap=None).cpu().float(), atol=1e-3)
+
+
+def test_softcap_bounds_the_scores():
+    # Every score becomes softcap * tanh(s / softcap): with a tiny cap the scores are all
+    # nearly equal, so each query's output is nearly the mean of the values it sees.
+    inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=2, nq=1, head_dim=32, prefix_lens=9, tree_shape=None,
+                                        spare_keys=0, generator=torch.Generator().manual_seed(3))
+    inputs["q"] = inputs["q"] * 100
+    out = call(inputs, softcap=1e-4)
+    torch.testing.assert_close(out[0, :, 0], inputs["v_cache"][0, :, :].mean(1), atol=1e-3, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["auto", "scalar", "mma_v1"])
+@pytest.mark.parametrize("head_dim, window, causal", [(80, 700, False), (256, 300, True), (128, 1, False),
+                                                      (96, 5000, True)])
+def test_cuda_window_over_split_caches(head_dim, window, causal, kernel, monkeypatch):
+    # Long caches with a window: blocks start at their rows' first key, splits share the
+    # window's span (the staged kernel by the real lengths, the others in fixed parts).
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    gen = torch.Generator().manual_seed(head_dim + window)
+    inputs = make_tree_attention_inputs(batch=2, hq=8, hkv=2, nq=24, head_dim=head_dim, prefix_lens=[6000, 1500],
+                                        dtype=torch.bfloat16, device="cuda", generator=gen, spare_keys=200,
+                                        tree_shape=None if causal else "random")
+    inputs.update(window=window, softcap=30.0)
+    assert_close_scaled(call(inputs), call_reference(inputs), torch.bfloat16)
+
+
+# (head size, window, softcap): a compiled size and run-time sizes, with windows inside the
+# tree, across the prefix and past everything
+WINDOW_INVARIANCE = [(64, 3, 0.0), (64, 700, 0.0), (80, 5, 20.0), (256, 40, 0.0), (24, 600, 2.0)]
+
+
+@pytest.mark.parametrize("copy", CPU_COPIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim, window, softcap", WINDOW_INVARIANCE)
+@pytest.mark.parametrize("prefixes, nodes, threads", [([37, 900], 16, 2), ([1100, 600], 9, 8)])
+def test_cpu_window_rows_equal_one_query_decoding(prefixes, nodes, threads, head_dim, window, softcap, dtype, copy,
+                                                  monkeypatch):
+    # Batch invariance with a window and a soft-cap, at run-time head sizes too: every tree
+    # query equals a one-query causal call over its own keys, contiguous, with the same window.
+    monkeypatch.setenv(KERNEL_ENV, copy)
+    gen = torch.Generator().manual_seed(nodes + window)
+    inputs = make_tree_attention_inputs(batch=2, hq=6, hkv=2, nq=nodes, head_dim=head_dim, prefix_lens=prefixes,
+                                        dtype=dtype, generator=gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = call(inputs, window=window, softcap=softcap)
+        for b in range(2):
+            for i in range(nodes):
+                keys = path_keys(inputs, b, i)
+                k = inputs["k_cache"][b:b + 1, :, keys].contiguous()
+                v = inputs["v_cache"][b:b + 1, :, keys].contiguous()
+                expected = ops.tree_attention(inputs["q"][b:b + 1, :, i:i + 1], k, v,
+                                              torch.tensor([len(keys)], dtype=torch.int32), None, 0, inputs["scale"],
+                                              window=window, softcap=softcap)[0, :, 0]
+                assert torch.equal(out[b, :, i], expected), f"row {b}, node {i}"
+    finally:
+        torch.set_num_threads(saved)

@@ -14,7 +14,7 @@ constexpr const char* kOp = "tree_attention";
 void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                const std::optional<at::Tensor>& tree_mask, int64_t tree_len,
-                               double scale) {
+                               double scale, int64_t window, double softcap) {
   check_dim(q, kOp, "q", 4, "[B, Hq, Nq, D]");
   check_dim(k_cache, kOp, "k_cache", 4, "[B, Hkv, S, D]");
   check_dim(v_cache, kOp, "v_cache", 4, "[B, Hkv, S, D]");
@@ -31,7 +31,13 @@ void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
 
   const int64_t batch = q.size(0), hq = q.size(1), nq = q.size(2), d = q.size(3);
   const int64_t hkv = k_cache.size(1), s = k_cache.size(2);
-  JAKIRO_CHECK(is_supported_head_dim(d), kOp, "head_dim (last dimension of q) must be 64 or 128, got ", d);
+  if (q.is_cuda()) {
+    JAKIRO_CHECK(cuda_head_dim_supported(d), kOp, "head_dim (last dimension of q) must be 64, 80, 96, 128 or 256 "
+                 "on CUDA, got ", d);
+  } else {
+    JAKIRO_CHECK(cpu_head_dim_supported(d), kOp, "head_dim (last dimension of q) must be a multiple of 8 from 8 to ",
+                 kCpuMaxHeadDim, " on the CPU, got ", d);
+  }
   JAKIRO_CHECK(k_cache.size(0) == batch && k_cache.size(3) == d, kOp, "k_cache must have shape [B=", batch,
                ", Hkv, S, D=", d, "], got ", k_cache.sizes());
   JAKIRO_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, "v_cache must have the shape of k_cache ",
@@ -47,6 +53,9 @@ void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                v_cache.strides());
   JAKIRO_CHECK(tree_len >= 0 && tree_len <= s, kOp, "tree_len must be in [0, S = ", s, "], got ", tree_len);
   JAKIRO_CHECK(std::isfinite(scale), kOp, "scale must be finite, got ", scale);
+  JAKIRO_CHECK(window >= 0, kOp, "window must be >= 0 (0: no sliding window), got ", window);
+  JAKIRO_CHECK(std::isfinite(softcap) && softcap >= 0, kOp, "softcap must be finite and >= 0 (0: no soft-cap), got ",
+               softcap);
 
   if (tree_mask.has_value()) {
     const at::Tensor& mask = *tree_mask;

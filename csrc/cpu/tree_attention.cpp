@@ -22,6 +22,12 @@
 // polynomial, so no -ffast-math is needed; on x86 two more copies of the split
 // step are compiled and picked at run time: AVX2+FMA, and AVX-512VL with 8-row
 // tiles (its 32 vector registers hold them; the same sums in the same order).
+//
+// Head sizes: every multiple of 8 up to 256. 64 and 128 (the common sizes) are
+// compiled for their size; the others run one copy that reads the size at run
+// time (the same code, so the same sums in the same order: batch invariance
+// holds for every size). A sliding window only hides keys (exact zeros, as
+// above) and the soft-cap maps each score on its own, so neither changes that.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -64,6 +70,7 @@ constexpr int64_t kRowBlock = 32;       // packed query rows per work unit, at m
 constexpr int kKeyBlock = 64;           // keys converted to fp32 at a time
 constexpr int64_t kKeysPerSplit = 512;  // virtual key positions per split, fixed (see the top)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kRuntimeHeadDim = 0;      // template head size meaning "read it at run time"
 
 static_assert(kRowBlock % 8 == 0 && kKeyBlock % 16 == 0 && kKeysPerSplit % kKeyBlock == 0, "tiles");
 
@@ -94,6 +101,19 @@ JAKIRO_ALWAYS_INLINE float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : poly * two_n;
 }
 
+// tanh(x), branch-free so the soft-cap loop vectorises: its Taylor series to
+// x^11 below |x| = 0.3 (error < 1e-8 there), (1 - e) / (1 + e) with e = exp(-2|x|)
+// above (no cancellation left: 1 - e > 0.45). Relative error about 3e-7.
+JAKIRO_ALWAYS_INLINE float tanh_float(float x) {
+  const float a = std::fabs(x);
+  const float z = a * a;
+  const float series =
+      a * (1.f + z * (-1.f / 3 + z * (2.f / 15 + z * (-17.f / 315 + z * (62.f / 2835 + z * (-1382.f / 155925))))));
+  const float e = exp_nonpositive(-2.f * a);
+  const float t = a < 0.3f ? series : (1.f - e) / (1.f + e);
+  return std::copysign(t, x);
+}
+
 // One query row of a work unit.
 struct RowState {
   QueryKeyRange range;
@@ -111,24 +131,39 @@ struct SplitWork {
   float* acc;      // [tiled_rows][D], zero on entry: unnormalised outputs on exit
   RowState* rows;
   int64_t num_rows, tiled_rows;
+  int head_dim;                  // D (the template's, or the run-time size)
+  float softcap, inv_softcap;    // softcap 0: off
   const scalar_t* k;  // key 0 of this (batch row, KV head)
   const scalar_t* v;
   int64_t k_stride, v_stride;  // between positions
   int64_t scan_begin, scan_end, split_begin, split_end, tree_start;
-  float* k_t;            // [D][kKeyBlock] scratch, transposed
+  float* k_t;            // [D][key_stride(D)] scratch, transposed
   float* v_block;        // [kKeyBlock][D] scratch
   float* scores;         // [tiled_rows][score_stride] scratch
   int64_t score_stride;  // scan length rounded up to kKeyBlock
 };
 
+// The head size: the template's when it is fixed, else the run-time one.
+template <int kD>
+JAKIRO_ALWAYS_INLINE int head_size(int runtime) { return kD != kRuntimeHeadDim ? kD : runtime; }
+
+// Floats between the rows (dimensions) of the transposed key block: kKeyBlock,
+// padded by a cache line above D = 128. The score loop walks all D rows for
+// every 16 keys; 256-byte rows use only 16 of the 64 sets of a 48 KB L1, which
+// hold 192 rows.
+JAKIRO_ALWAYS_INLINE int key_stride(int D) { return D > 128 ? kKeyBlock + 16 : kKeyBlock; }
+
 // scores[r][j] = q[r] . k[j] for kTileRows rows from r0 and kKeyBlock keys: tiles
 // of kTileRows rows x 16 keys held in registers, one pass over D per tile.
-template <int D, int kTileRows>
-JAKIRO_ALWAYS_INLINE void tile_scores(const float* q, const float* k_t, float* scores, int64_t stride, int64_t r0) {
+template <int kD, int kTileRows>
+JAKIRO_ALWAYS_INLINE void tile_scores(const float* q, const float* k_t, float* scores, int64_t stride, int64_t r0,
+                                      int head_dim) {
+  const int D = head_size<kD>(head_dim);
+  const int k_stride = key_stride(D);
   for (int j0 = 0; j0 < kKeyBlock; j0 += 16) {
     Vec8 acc[kTileRows][2] = {};
     for (int d = 0; d < D; ++d) {
-      const Vec8 k0 = load8(k_t + d * kKeyBlock + j0), k1 = load8(k_t + d * kKeyBlock + j0 + 8);
+      const Vec8 k0 = load8(k_t + d * k_stride + j0), k1 = load8(k_t + d * k_stride + j0 + 8);
       for (int rr = 0; rr < kTileRows; ++rr) {
         const float qd = q[(r0 + rr) * D + d];
         acc[rr][0] += qd * k0;
@@ -142,64 +177,77 @@ JAKIRO_ALWAYS_INLINE void tile_scores(const float* q, const float* k_t, float* s
   }
 }
 
-// acc[r] += sum_j p[r][j] v[j], j in key order, for kTileRows rows from r0:
-// tiles of kTileRows rows x 16 columns held in registers over the block's keys.
-template <int D, int kTileRows>
-JAKIRO_ALWAYS_INLINE void tile_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
-                                      int64_t r0) {
-  for (int d0 = 0; d0 < D; d0 += 16) {
-    Vec8 sum[kTileRows][2];
+// acc[r][d0 .. d0 + 8 kVecs) += sum_j p[r][j] v[j][same columns], j in key order,
+// for kTileRows rows from r0, held in registers over the block's keys. A
+// column's sum does not depend on the columns beside it.
+template <int kTileRows, int kVecs>
+JAKIRO_ALWAYS_INLINE void tile_value_columns(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
+                                             int64_t r0, int D, int d0) {
+  Vec8 sum[kTileRows][kVecs];
+  for (int rr = 0; rr < kTileRows; ++rr) {
+    for (int c = 0; c < kVecs; ++c) sum[rr][c] = load8(acc + (r0 + rr) * D + d0 + 8 * c);
+  }
+  for (int j = 0; j < num_keys; ++j) {
+    Vec8 vj[kVecs];
+    for (int c = 0; c < kVecs; ++c) vj[c] = load8(v + j * D + d0 + 8 * c);
     for (int rr = 0; rr < kTileRows; ++rr) {
-      sum[rr][0] = load8(acc + (r0 + rr) * D + d0);
-      sum[rr][1] = load8(acc + (r0 + rr) * D + d0 + 8);
-    }
-    for (int j = 0; j < num_keys; ++j) {
-      const Vec8 v0 = load8(v + j * D + d0), v1 = load8(v + j * D + d0 + 8);
-      for (int rr = 0; rr < kTileRows; ++rr) {
-        const float pj = p[(r0 + rr) * stride + j];
-        sum[rr][0] += pj * v0;
-        sum[rr][1] += pj * v1;
-      }
-    }
-    for (int rr = 0; rr < kTileRows; ++rr) {
-      store8(acc + (r0 + rr) * D + d0, sum[rr][0]);
-      store8(acc + (r0 + rr) * D + d0 + 8, sum[rr][1]);
+      const float pj = p[(r0 + rr) * stride + j];
+      for (int c = 0; c < kVecs; ++c) sum[rr][c] += pj * vj[c];
     }
   }
+  for (int rr = 0; rr < kTileRows; ++rr) {
+    for (int c = 0; c < kVecs; ++c) store8(acc + (r0 + rr) * D + d0 + 8 * c, sum[rr][c]);
+  }
+}
+
+// acc[r] += sum_j p[r][j] v[j] for kTileRows rows from r0: tiles of 16 columns,
+// then 8 when D is an odd multiple of 8.
+template <int kD, int kTileRows>
+JAKIRO_ALWAYS_INLINE void tile_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
+                                      int64_t r0, int head_dim) {
+  const int D = head_size<kD>(head_dim);
+  int d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) tile_value_columns<kTileRows, 2>(p, stride, v, num_keys, acc, r0, D, d0);
+  if (d0 < D) tile_value_columns<kTileRows, 1>(p, stride, v, num_keys, acc, r0, D, d0);
 }
 
 // Every row (a multiple of kRowQuantum) in kTileRows tiles, the rest in one
 // kRowQuantum tile: a row's sums do not depend on its tile.
-template <int D, int kTileRows>
+template <int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void block_scores(const float* q, const float* k_t, float* scores, int64_t stride,
-                                       int64_t rows) {
+                                       int64_t rows, int head_dim) {
   int64_t r0 = 0;
-  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_scores<D, kTileRows>(q, k_t, scores, stride, r0);
-  if (r0 < rows) tile_scores<D, kRowQuantum>(q, k_t, scores, stride, r0);
+  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_scores<kD, kTileRows>(q, k_t, scores, stride, r0, head_dim);
+  if (r0 < rows) tile_scores<kD, kRowQuantum>(q, k_t, scores, stride, r0, head_dim);
 }
 
-template <int D, int kTileRows>
+template <int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void block_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
-                                       int64_t rows) {
+                                       int64_t rows, int head_dim) {
   int64_t r0 = 0;
-  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_values<D, kTileRows>(p, stride, v, num_keys, acc, r0);
-  if (r0 < rows) tile_values<D, kRowQuantum>(p, stride, v, num_keys, acc, r0);
+  for (; r0 + kTileRows <= rows; r0 += kTileRows) {
+    tile_values<kD, kTileRows>(p, stride, v, num_keys, acc, r0, head_dim);
+  }
+  if (r0 < rows) tile_values<kD, kRowQuantum>(p, stride, v, num_keys, acc, r0, head_dim);
 }
 
 // Sets the scores of keys a row does not count in this split to -inf and returns
 // the maximum of the others. Keys below dense_end are the row's own prefix (or
 // causal range); a visible tree key's virtual position is the tree start plus
-// the number of visible tree keys before it.
+// the number of visible tree keys before it. Keys below the window's cut
+// (range.begin) are hidden but still ranked.
 template <typename scalar_t>
 JAKIRO_ALWAYS_INLINE float mask_row(const SplitWork<scalar_t>& w, RowState& row, float* s) {
   const int64_t n = w.scan_end - w.scan_begin;
   const int64_t dense = std::clamp<int64_t>(row.range.dense_end - w.scan_begin, 0, n);
   const int64_t visible = std::clamp<int64_t>(row.range.visible_end - w.scan_begin, 0, n);
+  const int64_t cut = std::clamp<int64_t>(row.range.begin - w.scan_begin, 0, n);
+  for (int64_t j = 0; j < std::min(cut, dense); ++j) s[j] = kNegInf;
   for (int64_t j = dense; j < visible; ++j) {
     bool counted = false;
     if (row.mask_row != nullptr && tree_key_visible(row.mask_row, w.tree_start, w.scan_begin + j)) {
       const int64_t position = w.tree_start + row.tree_rank++;
-      counted = position >= w.split_begin && position < w.split_end;
+      counted = j >= cut && position >= w.split_begin && position < w.split_end;
     }
     if (!counted) s[j] = kNegInf;
   }
@@ -218,21 +266,27 @@ JAKIRO_ALWAYS_INLINE float mask_row(const SplitWork<scalar_t>& w, RowState& row,
   return max;
 }
 
+// score -> softcap * tanh(score / softcap), element by element.
+JAKIRO_ALWAYS_INLINE void soft_cap(float* s, int64_t n, float softcap, float inv_softcap) {
+  for (int64_t j = 0; j < n; ++j) s[j] = softcap * tanh_float(s[j] * inv_softcap);
+}
+
 // The whole split for one row block: scores, exact softmax per row, P·V. Every
 // sum runs in key order, so keys a row does not count add exact zeros.
-template <typename scalar_t, int D, int kTileRows>
+template <typename scalar_t, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void attend_split(const SplitWork<scalar_t>& w) {
+  const int D = head_size<kD>(w.head_dim);
   const int64_t n = w.scan_end - w.scan_begin;
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, n - j0));
     for (int j = 0; j < num_keys; ++j) {
       const scalar_t* k = w.k + (w.scan_begin + j0 + j) * w.k_stride;
-      for (int d = 0; d < D; ++d) w.k_t[d * kKeyBlock + j] = static_cast<float>(k[d]);
+      for (int d = 0; d < D; ++d) w.k_t[d * key_stride(D) + j] = static_cast<float>(k[d]);
     }
     for (int j = num_keys; j < kKeyBlock; ++j) {
-      for (int d = 0; d < D; ++d) w.k_t[d * kKeyBlock + j] = 0.f;
+      for (int d = 0; d < D; ++d) w.k_t[d * key_stride(D) + j] = 0.f;
     }
-    block_scores<D, kTileRows>(w.q, w.k_t, w.scores + j0, w.score_stride, w.tiled_rows);
+    block_scores<kD, kTileRows>(w.q, w.k_t, w.scores + j0, w.score_stride, w.tiled_rows, D);
   }
   for (int64_t r = 0; r < w.tiled_rows; ++r) {
     float* s = w.scores + r * w.score_stride;
@@ -240,6 +294,7 @@ JAKIRO_ALWAYS_INLINE void attend_split(const SplitWork<scalar_t>& w) {
       std::fill(s, s + n, 0.f);
       continue;
     }
+    if (w.softcap > 0.f) soft_cap(s, n, w.softcap, w.inv_softcap);
     // Locals, not the row's fields, so the compiler knows s does not alias them.
     const float max = mask_row(w, w.rows[r], s);
     float sum = 0.f;
@@ -259,21 +314,21 @@ JAKIRO_ALWAYS_INLINE void attend_split(const SplitWork<scalar_t>& w) {
       const scalar_t* v = w.v + (w.scan_begin + j0 + j) * w.v_stride;
       for (int d = 0; d < D; ++d) w.v_block[j * D + d] = static_cast<float>(v[d]);
     }
-    block_values<D, kTileRows>(w.scores + j0, w.score_stride, w.v_block, num_keys, w.acc, w.tiled_rows);
+    block_values<kD, kTileRows>(w.scores + j0, w.score_stride, w.v_block, num_keys, w.acc, w.tiled_rows, D);
   }
 }
 
-template <typename scalar_t, int D>
-void attend_split_portable(const SplitWork<scalar_t>& w) { attend_split<scalar_t, D, 4>(w); }
+template <typename scalar_t, int kD>
+void attend_split_portable(const SplitWork<scalar_t>& w) { attend_split<scalar_t, kD, 4>(w); }
 
 #if JAKIRO_X86_COPIES
-template <typename scalar_t, int D>
+template <typename scalar_t, int kD>
 __attribute__((target("avx2,fma"))) void attend_split_avx2(const SplitWork<scalar_t>& w) {
-  attend_split<scalar_t, D, 4>(w);
+  attend_split<scalar_t, kD, 4>(w);
 }
-template <typename scalar_t, int D>
+template <typename scalar_t, int kD>
 __attribute__((target("avx512f,avx512vl"))) void attend_split_avx512(const SplitWork<scalar_t>& w) {
-  attend_split<scalar_t, D, 8>(w);
+  attend_split<scalar_t, kD, 8>(w);
 }
 #endif
 
@@ -297,15 +352,15 @@ const char* tree_attention_cpu_copy(const KernelEnv& env) {
   return env.value;
 }
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int kD>
 SplitFn<scalar_t> pick_split_step() {
   const KernelEnv env = read_kernel_env("JAKIRO_TREE_ATTENTION_KERNEL", "JAKIRO_TREE_ATTENTION_CPU");
   switch (choose_cpu_isa_value(tree_attention_cpu_copy(env), env.name, "portable", JAKIRO_X86_COPIES, kOp).isa) {
 #if JAKIRO_X86_COPIES
-    case CpuIsa::kAvx512: return &attend_split_avx512<scalar_t, D>;
-    case CpuIsa::kAvx2: return &attend_split_avx2<scalar_t, D>;
+    case CpuIsa::kAvx512: return &attend_split_avx512<scalar_t, kD>;
+    case CpuIsa::kAvx2: return &attend_split_avx2<scalar_t, kD>;
 #endif
-    default: return &attend_split_portable<scalar_t, D>;
+    default: return &attend_split_portable<scalar_t, kD>;
   }
 }
 
@@ -321,8 +376,9 @@ struct Inputs {
   const uint32_t* mask;  // contiguous [B, Nq, W] when has_mask
   int64_t mask_words;
   scalar_t* out;  // contiguous [B, Hq, Nq, D]
-  int64_t batch, hq, hkv, nq, cache_size, tree_len;
-  float scale;
+  int64_t batch, hq, hkv, nq, cache_size, tree_len, window;
+  int head_dim;
+  float scale, softcap;
 };
 
 // Set bits among the first `count` bits of a mask row.
@@ -335,12 +391,13 @@ int64_t bits_before(const uint32_t* mask_row, int64_t count) {
 
 // Merges one row's per-split results, weighting each by its share of the
 // softmax mass, exp(lse - max), in split order (splits that saw nothing skipped).
-template <typename scalar_t, int D>
+template <typename scalar_t, int kD>
 void merge_splits(const float* partial, int64_t partial_stride, const float* lse, int64_t lse_stride,
-                  int64_t splits, scalar_t* out) {
+                  int64_t splits, scalar_t* out, int head_dim) {
+  const int D = head_size<kD>(head_dim);
   float lse_max = kNegInf;
   for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, lse[sp * lse_stride]);
-  float value[D] = {};
+  float value[kCpuMaxHeadDim] = {};
   float weight_sum = 0.f;
   if (lse_max != kNegInf) {
     for (int64_t sp = 0; sp < splits; ++sp) {
@@ -355,9 +412,10 @@ void merge_splits(const float* partial, int64_t partial_stride, const float* lse
   for (int d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(value[d] * inv);
 }
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int kD>
 void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
-  static_assert(D % 16 == 0, "the P·V micro-kernel takes 16 columns at a time");
+  static_assert(kD % 8 == 0 && kD <= kCpuMaxHeadDim, "the P·V micro-kernel takes 8 columns at a time");
+  const int D = head_size<kD>(in.head_dim);
   const int64_t group = in.hq / in.hkv;
   const int64_t packed_rows = in.nq * group;
   const int64_t threads = at::get_num_threads();
@@ -382,10 +440,11 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
   const int64_t total_rows = in.batch * in.hq * in.nq;
   std::vector<float> partial_out(split_units ? splits * total_rows * D : 0);
   std::vector<float> partial_lse(split_units ? splits * total_rows : 0);
-  const SplitFn<scalar_t> attend = pick_split_step<scalar_t, D>();
+  const SplitFn<scalar_t> attend = pick_split_step<scalar_t, kD>();
 
   at::parallel_for(0, split_units ? base_units * splits : base_units, 1, [&](int64_t unit0, int64_t unit1) {
-    std::vector<float> q_buf(kRowBlock * D), acc(kRowBlock * D), k_t(D * kKeyBlock), v_block(kKeyBlock * D);
+    std::vector<float> q_buf(kRowBlock * D), acc(kRowBlock * D), k_t(D * key_stride(D)),
+        v_block(kKeyBlock * D);
     std::vector<float> scores;
     std::vector<float> own_out(!split_units && splits > 1 ? splits * kRowBlock * D : 0);
     std::vector<float> own_lse(!split_units && splits > 1 ? splits * kRowBlock : 0);
@@ -403,12 +462,15 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
       const int64_t kv_len = clamped_kv_len(in.seqlens[b], in.cache_size);
       const int64_t tree_start = in.has_mask ? query_key_range(kv_len, in.tree_len, true, in.nq, 0).dense_end : kv_len;
 
-      int64_t end = 0;  // keys past every row's visible end are skipped
+      // keys past every row's visible end, or before every row's window, are skipped
+      int64_t begin = std::numeric_limits<int64_t>::max(), end = 0;
       std::fill(q_buf.begin(), q_buf.end(), 0.f);  // the micro-kernels work on whole tiles of rows
       for (int64_t r = 0; r < num_rows; ++r) {
         const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
         rows[r].range = query_key_range(kv_len, in.tree_len, in.has_mask, in.nq, i);
         rows[r].mask_row = in.has_mask ? in.mask + (b * in.nq + i) * in.mask_words : nullptr;
+        apply_window(rows[r].range, rows[r].mask_row, in.tree_len, in.window);
+        begin = std::min(begin, rows[r].range.begin);
         end = std::max(end, rows[r].range.visible_end);
         const scalar_t* q = in.q + ((b * in.hq + h) * in.nq + i) * D;
         for (int d = 0; d < D; ++d) q_buf[r * D + d] = static_cast<float>(q[d]) * in.scale;
@@ -420,8 +482,8 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
         w.split_end = w.split_begin + kKeysPerSplit;
         w.tree_start = tree_start;
         // A tree key's virtual position is at most its own, so a split that
-        // reaches the tree reads all of it.
-        w.scan_begin = w.split_begin;
+        // reaches the tree reads all of it; no row counts a key before `begin`.
+        w.scan_begin = std::max(w.split_begin, begin);
         w.scan_end = in.has_mask && tree_start < w.split_end ? end : std::min(end, w.split_end);
         std::fill(acc.begin(), acc.end(), 0.f);
         if (w.scan_begin < w.scan_end) {
@@ -436,6 +498,9 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
           w.rows = rows;
           w.num_rows = num_rows;
           w.tiled_rows = tiled_rows;
+          w.head_dim = D;
+          w.softcap = in.softcap;
+          w.inv_softcap = in.softcap > 0.f ? 1.f / in.softcap : 0.f;
           w.k = in.k + b * in.k_strides[0] + hkv * in.k_strides[1];
           w.v = in.v + b * in.v_strides[0] + hkv * in.v_strides[1];
           w.k_stride = in.k_strides[2];
@@ -468,30 +533,31 @@ void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
       if (split_units || splits == 1) continue;
       for (int64_t r = 0; r < num_rows; ++r) {
         const int64_t i = (r0 + r) / group, h = hkv * group + (r0 + r) % group;
-        merge_splits<scalar_t, D>(own_out.data() + r * D, kRowBlock * D, own_lse.data() + r, kRowBlock, splits,
-                                  in.out + ((b * in.hq + h) * in.nq + i) * D);
+        merge_splits<scalar_t, kD>(own_out.data() + r * D, kRowBlock * D, own_lse.data() + r, kRowBlock, splits,
+                                   in.out + ((b * in.hq + h) * in.nq + i) * D, D);
       }
     }
   });
   if (!split_units) return;
   at::parallel_for(0, total_rows, 16, [&](int64_t row0, int64_t row1) {
     for (int64_t row = row0; row < row1; ++row) {
-      merge_splits<scalar_t, D>(partial_out.data() + row * D, total_rows * D, partial_lse.data() + row, total_rows,
-                                splits, in.out + row * D);
+      merge_splits<scalar_t, kD>(partial_out.data() + row * D, total_rows * D, partial_lse.data() + row, total_rows,
+                                 splits, in.out + row * D, D);
     }
   });
 }
 
+// 64 and 128 compiled for their size; every other size (checked) at run time.
 template <typename scalar_t>
-void dispatch_head_dim(const Inputs<scalar_t>& in, int64_t head_dim) {
-  if (head_dim == 64) return tree_attention_cpu_impl<scalar_t, 64>(in);
-  if (head_dim == 128) return tree_attention_cpu_impl<scalar_t, 128>(in);
-  JAKIRO_CHECK(false, kOp, "head_dim ", head_dim, " is not supported");
+void dispatch_head_dim(const Inputs<scalar_t>& in) {
+  if (in.head_dim == 64) return tree_attention_cpu_impl<scalar_t, 64>(in);
+  if (in.head_dim == 128) return tree_attention_cpu_impl<scalar_t, 128>(in);
+  tree_attention_cpu_impl<scalar_t, kRuntimeHeadDim>(in);
 }
 
 template <typename scalar_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seqlens,
-         const at::Tensor& mask, int64_t tree_len, double scale, at::Tensor& out) {
+         const at::Tensor& mask, int64_t tree_len, double scale, int64_t window, double softcap, at::Tensor& out) {
   Inputs<scalar_t> in{};
   in.q = q.const_data_ptr<scalar_t>();
   in.k = k.const_data_ptr<scalar_t>();
@@ -512,14 +578,17 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   in.cache_size = k.size(2);
   in.tree_len = tree_len;
   in.scale = static_cast<float>(scale);
-  dispatch_head_dim(in, q.size(3));
+  in.window = window;
+  in.softcap = static_cast<float>(softcap);
+  in.head_dim = static_cast<int>(q.size(3));
+  dispatch_head_dim(in);
 }
 
 at::Tensor tree_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& seqlens_in,
                               const std::optional<at::Tensor>& tree_mask, int64_t tree_len,
-                              double scale, bool validate) {
-  check_tree_attention_args(q_in, k_cache, v_cache, seqlens_in, tree_mask, tree_len, scale);
+                              double scale, bool validate, int64_t window, double softcap) {
+  check_tree_attention_args(q_in, k_cache, v_cache, seqlens_in, tree_mask, tree_len, scale, window, softcap);
   // Always validated on the CPU, where reading the lengths costs nothing.
   (void)validate;
   check_tree_attention_seqlens(seqlens_in, k_cache.size(2), tree_len);
@@ -529,9 +598,9 @@ at::Tensor tree_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache,
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   switch (q.scalar_type()) {
-    case at::kFloat: run<float>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, out); break;
-    case at::kHalf: run<c10::Half>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, out); break;
-    case at::kBFloat16: run<c10::BFloat16>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, out); break;
+    case at::kFloat: run<float>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, window, softcap, out); break;
+    case at::kHalf: run<c10::Half>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, window, softcap, out); break;
+    case at::kBFloat16: run<c10::BFloat16>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, window, softcap, out); break;
     default: JAKIRO_CHECK(false, kOp, "unsupported dtype ", q.scalar_type());
   }
   return out;

@@ -12,6 +12,11 @@
 // (thread per (row, key)), softmax (warp per row, lane per key), then P·V
 // (thread per (row, 1/8 of head_dim)). Barriers separate the phases. The mask
 // is read only for keys in a row's tree region.
+//
+// Head sizes 64, 80, 96, 128 and 256 are compiled (all three kernels; the
+// tensor-core tiles need multiples of 16). A sliding window is a per-row first
+// key (QueryKeyRange::begin): blocks start at their rows' lowest one. The
+// soft-cap maps each score, in the log2 units the kernels use, before the mask.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <ATen/ops/empty.h>
@@ -35,16 +40,30 @@ namespace {
 constexpr const char* kOp = "tree_attention";
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 32;                      // packed query rows per block
 constexpr int kKeys = 32;                      // keys per tile: one per lane in the softmax
-constexpr int kRowsPerWarp = kRows / kWarps;   // softmax rows owned by one warp
-constexpr int kColGroups = kThreads / kRows;   // threads sharing one row in P·V
 constexpr int kMinKeysPerSplit = 256;          // below this a split is not worth its merge
 constexpr int kMinKeysPerStagedSplit = 128;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kRows % kWarps == 0 && kThreads % kRows == 0 && kKeys == 32, "tile shape");
+
+// Packed query rows per block of the scalar kernel: 32, or 16 at D = 256 so that
+// its fp32 tiles fit in 99 KB of shared memory (sm_86, sm_89).
+template <int D>
+constexpr int scalar_rows() { return D > 128 ? 16 : 32; }
+
+// Calls f(std::integral_constant<int, D>) for the compiled head size D == head_dim.
+template <typename F>
+void with_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: JAKIRO_CHECK(false, kOp, "head_dim ", head_dim, " is not compiled for CUDA");
+  }
+}
 
 template <typename scalar_t>
 struct Params {
@@ -61,10 +80,31 @@ struct Params {
   float* partial_out;     // [splits, B * Hq * Nq, D] when splits > 1
   float* partial_lse;     // [splits, B * Hq * Nq], log2 domain
   int64_t hq, hkv, nq, group, cache_size, tree_len;
+  int64_t window;          // 0: no sliding window
   int64_t keys_per_split;
   int num_splits;
   float scale_log2;       // scale * log2(e): scores are in log2 units for exp2f
+  float softcap_log2;     // softcap * log2(e), 0: off; and its inverse
+  float inv_softcap_log2;
 };
+
+// The soft-cap of a score in log2 units: softcap * tanh(s / softcap) of the
+// natural score s is cap * tanh(score / cap) with cap = softcap * log2(e).
+__device__ __forceinline__ float soft_cap_log2(float score, float cap, float inv_cap) {
+  return cap * tanhf(score * inv_cap);
+}
+
+// The window-cut range of one packed row (padding rows, past `packed_rows`, see nothing).
+template <typename scalar_t>
+__device__ __forceinline__ QueryKeyRange packed_row_range(const Params<scalar_t>& p, int64_t b, int64_t row,
+                                                          int64_t kv_len) {
+  QueryKeyRange range{0, 0};
+  if (row >= p.nq * p.group) return range;
+  const int64_t i = row / p.group;
+  range = query_key_range(kv_len, p.tree_len, p.has_mask, p.nq, i);
+  apply_window(range, p.has_mask ? p.mask + (b * p.nq + i) * p.mask_words : nullptr, p.tree_len, p.window);
+  return range;
+}
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
@@ -78,17 +118,23 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 template <int D>
 constexpr size_t shared_bytes() {
-  // row ranges (2 x int64), then fp32: q, k (padded), v, p (padded), alpha, max, sum
-  return 2 * kRows * sizeof(int64_t) +
+  // row ranges (3 x int64), then fp32: q, k (padded), v, p (padded), alpha, max, sum
+  constexpr int kRows = scalar_rows<D>();
+  return 3 * kRows * sizeof(int64_t) +
          sizeof(float) * (kRows * D + kKeys * (D + 1) + kKeys * D + kRows * (kKeys + 1) + 3 * kRows);
 }
 
 template <typename scalar_t, int D>
 __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<scalar_t> p) {
+  constexpr int kRows = scalar_rows<D>();
+  constexpr int kRowsPerWarp = kRows / kWarps;   // softmax rows owned by one warp
+  constexpr int kColGroups = kThreads / kRows;   // threads sharing one row in P·V
+  static_assert(kRows % kWarps == 0 && kThreads % kRows == 0 && D % kColGroups == 0 && kKeys == 32, "tile shape");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* s_dense_end = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* s_visible_end = s_dense_end + kRows;
-  float* s_q = reinterpret_cast<float*>(s_visible_end + kRows);  // [kRows][D]
+  int64_t* s_begin = s_visible_end + kRows;
+  float* s_q = reinterpret_cast<float*>(s_begin + kRows);  // [kRows][D]
   float* s_k = s_q + kRows * D;                                   // [kKeys][D + 1]
   float* s_v = s_k + kKeys * (D + 1);                             // [kKeys][D]
   float* s_p = s_v + kKeys * D;                                   // [kRows][kKeys + 1]
@@ -115,17 +161,20 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<s
     s_q[idx] = value;
   }
   if (tid < kRows) {
-    const int64_t row = row0 + tid;
-    QueryKeyRange range{0, 0};  // padding rows see nothing
-    if (row < packed_rows) range = query_key_range(kv_len, p.tree_len, p.has_mask, p.nq, row / p.group);
+    const QueryKeyRange range = packed_row_range(p, b, row0 + tid, kv_len);
     s_dense_end[tid] = range.dense_end;
     s_visible_end[tid] = range.visible_end;
+    s_begin[tid] = range.begin;
   }
   __syncthreads();
 
-  int64_t block_end = 0;
-  for (int r = 0; r < kRows; ++r) block_end = max(block_end, s_visible_end[r]);
-  const int64_t begin = static_cast<int64_t>(split) * p.keys_per_split;
+  // Splits of keys_per_split keys from the real rows' first window key (0 without a window).
+  int64_t block_end = 0, block_begin = std::numeric_limits<int64_t>::max();
+  for (int r = 0; r < kRows; ++r) {
+    block_end = max(block_end, s_visible_end[r]);
+    if (row0 + r < packed_rows) block_begin = min(block_begin, s_begin[r]);
+  }
+  const int64_t begin = block_begin + static_cast<int64_t>(split) * p.keys_per_split;
   const int64_t end = min(begin + p.keys_per_split, block_end);
 
   float row_max[kRowsPerWarp], row_sum[kRowsPerWarp];
@@ -161,7 +210,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<s
       const float* k = s_k + lane * (D + 1);
 #pragma unroll 16
       for (int d = 0; d < D; ++d) dot = fmaf(q[d], k[d], dot);
-      bool visible = key < end && key < s_visible_end[r];
+      if (p.softcap_log2 > 0.f) dot = soft_cap_log2(dot, p.softcap_log2, p.inv_softcap_log2);
+      bool visible = key < end && key >= s_begin[r] && key < s_visible_end[r];
       if (visible && key >= s_dense_end[r]) {  // a tree key: test its bit
         const int64_t i = (row0 + r) / p.group;
         visible = p.has_mask && tree_key_visible(p.mask + (b * p.nq + i) * p.mask_words, tree_start, key);
@@ -295,12 +345,25 @@ bool aligned_16(const at::Tensor& t) {
 }
 
 // Row groups of 16 per warp of the staged kernel: 2 (256 rows per block) when
-// one group (128 rows) would not cover the packed rows.
-int staged_row_groups(int64_t packed_rows) { return packed_rows > staged_rows<1>() ? 2 : 1; }
+// one group (128 rows) would not cover the packed rows. At D = 256 always 1:
+// two groups' accumulators would not fit in registers.
+int staged_row_groups(int64_t packed_rows, int64_t head_dim) {
+  return packed_rows > staged_rows<1>() && head_dim <= 128 ? 2 : 1;
+}
 
-size_t staged_shared_bytes_for(int64_t head_dim, int row_groups) {
-  if (head_dim == 64) return row_groups == 1 ? staged_shared_bytes<64, 1>() : staged_shared_bytes<64, 2>();
-  return row_groups == 1 ? staged_shared_bytes<128, 1>() : staged_shared_bytes<128, 2>();
+// Shared memory per block of each kernel at this head size.
+struct SharedBytes {
+  size_t scalar, mma_v1, staged;
+};
+
+SharedBytes shared_bytes_for(int64_t head_dim, int row_groups) {
+  SharedBytes bytes{};
+  with_head_dim(head_dim, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    bytes = {shared_bytes<D>(), mma_shared_bytes<D>(),
+             row_groups == 1 ? staged_shared_bytes<D, 1>() : staged_shared_bytes<D, 2>()};
+  });
+  return bytes;
 }
 
 Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t packed_rows) {
@@ -314,22 +377,32 @@ Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const bool mma_possible = q.scalar_type() != at::kFloat && props->major >= 8 && aligned_16(q) && aligned_16(k) &&
                             aligned_16(v);
-  // e.g. sm_86/sm_89 allow 99 KB per block: too little for 256 rows at D = 128
-  const bool staged_fits =
-      staged_shared_bytes_for(q.size(3), staged_row_groups(packed_rows)) <= props->sharedMemPerBlockOptin;
+  // e.g. sm_86/sm_89 allow 99 KB per block: too little for 256 rows at D = 128,
+  // or for either tensor-core kernel at D = 256 (A100's 163 KB: mma_v1 only)
+  const int64_t head_dim = q.size(3);
+  const SharedBytes bytes = shared_bytes_for(head_dim, staged_row_groups(packed_rows, head_dim));
+  const size_t available = props->sharedMemPerBlockOptin;
+  const bool staged_fits = bytes.staged <= available, v1_fits = bytes.mma_v1 <= available;
   if (wanted == "mma") {
     JAKIRO_CHECK(mma_possible, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16 inputs on sm_80+ with "
                  "16-byte aligned pointers and strides");
     JAKIRO_CHECK(staged_fits, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs more shared memory per block than "
                  "this GPU offers");
   }
-  if (wanted == "scalar" || !mma_possible) return Kernel::kScalar;
-  if (wanted == "mma_v1" || !staged_fits) return Kernel::kMmaV1;
-  return Kernel::kMma;
+  Kernel kind = Kernel::kMma;
+  if (wanted == "scalar" || !mma_possible) {
+    kind = Kernel::kScalar;
+  } else if (wanted == "mma_v1" || !staged_fits) {
+    kind = v1_fits ? Kernel::kMmaV1 : Kernel::kScalar;
+  }
+  JAKIRO_CHECK(kind != Kernel::kScalar || bytes.scalar <= available, kOp, "head_dim ", head_dim, " needs ",
+               bytes.scalar, " bytes of shared memory per block, this GPU offers ", available);
+  return kind;
 }
 
 template <typename scalar_t, int D, int RG>
 void launch_staged(const Params<scalar_t>& p, const dim3& grid, cudaStream_t stream) {
+  static_assert(RG == 1 || D <= 128, "two row groups only up to D = 128");
   constexpr size_t smem = staged_shared_bytes<D, RG>();
   auto kernel = tree_attention_mma_staged_kernel<scalar_t, D, RG>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -344,7 +417,9 @@ void launch(const Params<scalar_t>& p, int64_t batch, int64_t row_tiles, Kernel 
                   static_cast<unsigned>(p.num_splits));
   if constexpr (!std::is_same_v<scalar_t, float>) {
     if (kernel_kind == Kernel::kMma) {
-      if (staged_row_groups(p.nq * p.group) == 1) {
+      if constexpr (D > 128) {
+        launch_staged<scalar_t, D, 1>(p, grid, stream);
+      } else if (staged_row_groups(p.nq * p.group, D) == 1) {
         launch_staged<scalar_t, D, 1>(p, grid, stream);
       } else {
         launch_staged<scalar_t, D, 2>(p, grid, stream);
@@ -377,15 +452,14 @@ void launch(const Params<scalar_t>& p, int64_t batch, int64_t row_tiles, Kernel 
 
 template <typename scalar_t>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seqlens,
-         const at::Tensor& mask, int64_t tree_len, double scale, at::Tensor& out) {
+         const at::Tensor& mask, int64_t tree_len, double scale, int64_t window, double softcap, at::Tensor& out) {
   const int64_t batch = q.size(0), hq = q.size(1), nq = q.size(2), head_dim = q.size(3);
   const int64_t hkv = k.size(1), cache_size = k.size(2), group = hq / hkv;
   const Kernel kernel_kind = choose_kernel(q, k, v, nq * group);
-  int64_t rows_per_block = kRows;
+  const int row_groups = staged_row_groups(nq * group, head_dim);
+  int64_t rows_per_block = head_dim > 128 ? scalar_rows<256>() : scalar_rows<128>();
   if (kernel_kind == Kernel::kMmaV1) rows_per_block = kMmaRows;
-  if (kernel_kind == Kernel::kMma) {
-    rows_per_block = staged_row_groups(nq * group) == 1 ? staged_rows<1>() : staged_rows<2>();
-  }
+  if (kernel_kind == Kernel::kMma) rows_per_block = row_groups == 1 ? staged_rows<1>() : staged_rows<2>();
   const int64_t row_tiles = (nq * group + rows_per_block - 1) / rows_per_block;
   JAKIRO_CHECK(row_tiles <= kMaxGridYZ, kOp, "too many query rows: Nq * Hq / Hkv = ", nq * group,
                " exceeds the CUDA kernel's limit of ", kMaxGridYZ * rows_per_block);
@@ -410,24 +484,30 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.group = group;
   p.cache_size = cache_size;
   p.tree_len = tree_len;
+  p.window = window;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.softcap_log2 = static_cast<float>(softcap) * kLog2e;
+  p.inv_softcap_log2 = softcap > 0 ? 1.f / p.softcap_log2 : 0.f;
 
   // Splits are whole numbers of the larger key tile, so neither kernel's
-  // tiles straddle a split boundary without need.
+  // tiles straddle a split boundary without need. With a window, a block's
+  // rows see at most window + max(Nq, tree_len) consecutive keys (from their
+  // lowest first key), so splits share out that many instead of S.
   constexpr int64_t kSplitQuantum = std::max(kKeys, kMmaKeys);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t span = window > 0 ? std::min(cache_size, window + std::max(nq, tree_len)) : cache_size;
   if (kernel_kind == Kernel::kMma) {
     // The staged kernel divides each block's real key count by num_splits on
     // the device (keys_per_split unused): the count alone is decided here.
-    const int blocks_per_sm = staged_row_groups(nq * group) == 1 ? 2 : 1;  // its __launch_bounds__
-    p.num_splits = choose_staged_splits(batch * hkv * row_tiles, cache_size, blocks_per_sm, num_sms);
+    const int blocks_per_sm = staged_min_blocks(head_dim, row_groups);  // its __launch_bounds__
+    p.num_splits = choose_staged_splits(batch * hkv * row_tiles, span, blocks_per_sm, num_sms);
     p.keys_per_split = 0;
   } else {
-    p.num_splits = choose_splits(batch * hkv * row_tiles, cache_size, num_sms);
-    const int64_t per_split = (cache_size + p.num_splits - 1) / p.num_splits;
+    p.num_splits = choose_splits(batch * hkv * row_tiles, span, num_sms);
+    const int64_t per_split = (span + p.num_splits - 1) / p.num_splits;
     const int64_t rounded = (per_split + kSplitQuantum - 1) / kSplitQuantum * kSplitQuantum;
     p.keys_per_split = std::max<int64_t>(kSplitQuantum, rounded);
-    p.num_splits = static_cast<int>(std::max<int64_t>(1, (cache_size + p.keys_per_split - 1) / p.keys_per_split));
+    p.num_splits = static_cast<int>(std::max<int64_t>(1, (span + p.keys_per_split - 1) / p.keys_per_split));
   }
 
   at::Tensor partial_out, partial_lse;
@@ -437,15 +517,13 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     p.partial_out = partial_out.mutable_data_ptr<float>();
     p.partial_lse = partial_lse.mutable_data_ptr<float>();
   }
-  if (head_dim == 64) return launch<scalar_t, 64>(p, batch, row_tiles, kernel_kind);
-  if (head_dim == 128) return launch<scalar_t, 128>(p, batch, row_tiles, kernel_kind);
-  JAKIRO_CHECK(false, kOp, "head_dim ", head_dim, " is not supported");
+  with_head_dim(head_dim, [&](auto dim) { launch<scalar_t, decltype(dim)::value>(p, batch, row_tiles, kernel_kind); });
 }
 
 at::Tensor tree_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& seqlens_in, const std::optional<at::Tensor>& tree_mask,
-                               int64_t tree_len, double scale, bool validate) {
-  check_tree_attention_args(q_in, k_cache, v_cache, seqlens_in, tree_mask, tree_len, scale);
+                               int64_t tree_len, double scale, bool validate, int64_t window, double softcap) {
+  check_tree_attention_args(q_in, k_cache, v_cache, seqlens_in, tree_mask, tree_len, scale, window, softcap);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
   const at::Tensor seqlens = seqlens_in.contiguous();
@@ -465,9 +543,9 @@ at::Tensor tree_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   switch (q.scalar_type()) {
-    case at::kFloat: run<float>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, out); break;
-    case at::kHalf: run<at::Half>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, out); break;
-    case at::kBFloat16: run<at::BFloat16>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, out); break;
+    case at::kFloat: run<float>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, window, softcap, out); break;
+    case at::kHalf: run<at::Half>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, window, softcap, out); break;
+    case at::kBFloat16: run<at::BFloat16>(q, k_cache, v_cache, seqlens, mask, tree_len, scale, window, softcap, out); break;
     default: JAKIRO_CHECK(false, kOp, "unsupported dtype ", q.scalar_type());
   }
   return out;

@@ -32,7 +32,7 @@ constexpr int kVtStride = kMmaKeys + kPad;            // of the transposed V til
 
 template <int D>
 constexpr size_t mma_shared_bytes() {
-  return 2 * kMmaRows * sizeof(int64_t) +
+  return 3 * kMmaRows * sizeof(int64_t) +
          sizeof(uint16_t) * (kMmaRows * mma_row_stride<D>() + kMmaKeys * mma_row_stride<D>() + D * kVtStride);
 }
 
@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(kMmaThreads) tree_attention_mma_kernel(const P
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* s_dense_end = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* s_visible_end = s_dense_end + kMmaRows;
-  uint16_t* s_q = reinterpret_cast<uint16_t*>(s_visible_end + kMmaRows);  // [kMmaRows][kStride]
+  int64_t* s_begin = s_visible_end + kMmaRows;
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(s_begin + kMmaRows);  // [kMmaRows][kStride]
   uint16_t* s_k = s_q + kMmaRows * kStride;                                // [kMmaKeys][kStride]
   uint16_t* s_vt = s_k + kMmaKeys * kStride;                               // [D][kVtStride]
 
@@ -110,30 +111,36 @@ __global__ void __launch_bounds__(kMmaThreads) tree_attention_mma_kernel(const P
     *reinterpret_cast<uint4*>(s_q + r * kStride + d0) = chunk;
   }
   if (tid < kMmaRows) {
-    const int64_t row = row0 + tid;
-    QueryKeyRange range{0, 0};  // padding rows see nothing
-    if (row < packed_rows) range = query_key_range(kv_len, p.tree_len, p.has_mask, p.nq, row / p.group);
+    const QueryKeyRange range = packed_row_range(p, b, row0 + tid, kv_len);
     s_dense_end[tid] = range.dense_end;
     s_visible_end[tid] = range.visible_end;
+    s_begin[tid] = range.begin;
   }
   __syncthreads();
 
-  // Tiles entirely below every real row's dense_end need no per-key test.
+  // Tiles entirely in [every real row's window begin, every real row's
+  // dense_end) need no per-key test. Splits start at the rows' lowest begin.
   int64_t block_end = 0, block_dense_end = std::numeric_limits<int64_t>::max();
+  int64_t block_begin = std::numeric_limits<int64_t>::max(), block_begin_max = 0;
   for (int r = 0; r < kMmaRows; ++r) {
     block_end = max(block_end, s_visible_end[r]);
-    if (row0 + r < packed_rows) block_dense_end = min(block_dense_end, s_dense_end[r]);
+    if (row0 + r < packed_rows) {
+      block_dense_end = min(block_dense_end, s_dense_end[r]);
+      block_begin = min(block_begin, s_begin[r]);
+      block_begin_max = max(block_begin_max, s_begin[r]);
+    }
   }
-  const int64_t begin = static_cast<int64_t>(split) * p.keys_per_split;
+  const int64_t begin = block_begin + static_cast<int64_t>(split) * p.keys_per_split;
   const int64_t end = min(begin + p.keys_per_split, block_end);
 
   // This thread's two rows (group and group + 8 of its warp's 16).
   const int local_row[2] = {warp * 16 + group, warp * 16 + group + 8};
-  int64_t dense_end[2], visible_end[2];
+  int64_t dense_end[2], visible_end[2], first_key[2];
   const uint32_t* mask_row[2];
   for (int h = 0; h < 2; ++h) {
     dense_end[h] = s_dense_end[local_row[h]];
     visible_end[h] = s_visible_end[local_row[h]];
+    first_key[h] = s_begin[local_row[h]];
     const int64_t row = row0 + local_row[h];
     mask_row[h] = p.has_mask && row < packed_rows ? p.mask + (b * p.nq + row / p.group) * p.mask_words : nullptr;
   }
@@ -179,14 +186,15 @@ __global__ void __launch_bounds__(kMmaThreads) tree_attention_mma_kernel(const P
       }
     }
 
-    const bool all_visible = key0 + kMmaKeys <= min(end, block_dense_end);
+    const bool all_visible = key0 >= block_begin_max && key0 + kMmaKeys <= min(end, block_dense_end);
     for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2;
         const int64_t key = key0 + nt * 8 + 2 * tig + (e % 2);
         float score = s[nt][e] * p.scale_log2;
+        if (p.softcap_log2 > 0.f) score = soft_cap_log2(score, p.softcap_log2, p.inv_softcap_log2);
         if (!all_visible) {
-          bool visible = key < end && key < visible_end[h];
+          bool visible = key < end && key >= first_key[h] && key < visible_end[h];
           if (visible && key >= dense_end[h]) {
             visible = mask_row[h] != nullptr && tree_key_visible(mask_row[h], tree_start, key);
           }

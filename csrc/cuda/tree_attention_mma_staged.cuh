@@ -34,10 +34,14 @@ constexpr int kStagedStages = 3;  // tiles in the cp.async ring
 template <int RG>
 constexpr int staged_rows() { return 16 * kStagedWarps * RG; }
 
+// Blocks per SM the kernel is built for (its __launch_bounds__): two leave
+// 128 registers per thread, enough for one row group's accumulators up to D = 128.
+constexpr int staged_min_blocks(int64_t head_dim, int row_groups) { return row_groups == 1 && head_dim <= 128 ? 2 : 1; }
+
 template <int D, int RG>
 constexpr size_t staged_shared_bytes() {
-  // row ranges (2 x int64 per row), Q [rows][stride], then K and V per stage [keys][stride]
-  return 2 * staged_rows<RG>() * sizeof(int64_t) +
+  // row ranges (3 x int64 per row), Q [rows][stride], then K and V per stage [keys][stride]
+  return 3 * staged_rows<RG>() * sizeof(int64_t) +
          sizeof(uint16_t) * (staged_rows<RG>() + kStagedStages * 2 * kStagedKeys) * mma_row_stride<D>();
 }
 
@@ -77,7 +81,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16
 }
 
 template <typename scalar_t, int D, int RG>
-__global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
+__global__ void __launch_bounds__(kStagedThreads, staged_min_blocks(D, RG))
     tree_attention_mma_staged_kernel(const Params<scalar_t> p) {
   constexpr int kStride = mma_row_stride<D>();  // halves; 16-byte multiple, rows 16 bytes apart in banks
   constexpr int kChunks = D / 8;                // 16-byte chunks per row
@@ -86,7 +90,8 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* s_dense_end = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* s_visible_end = s_dense_end + kRowsPerBlock;
-  uint16_t* s_q = reinterpret_cast<uint16_t*>(s_visible_end + kRowsPerBlock);  // [kRowsPerBlock][kStride]
+  int64_t* s_begin = s_visible_end + kRowsPerBlock;
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(s_begin + kRowsPerBlock);  // [kRowsPerBlock][kStride]
   uint16_t* s_kv = s_q + kRowsPerBlock * kStride;  // stage st: K at 2 st, V at 2 st + 1 (in tiles)
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -109,24 +114,31 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
     *reinterpret_cast<uint4*>(s_q + r * kStride + d0) = chunk;
   }
   for (int r = tid; r < kRowsPerBlock; r += kStagedThreads) {
-    const int64_t row = row0 + r;
-    QueryKeyRange range{0, 0};  // padding rows see nothing
-    if (row < packed_rows) range = query_key_range(kv_len, p.tree_len, p.has_mask, p.nq, row / p.group);
+    const QueryKeyRange range = packed_row_range(p, b, row0 + r, kv_len);
     s_dense_end[r] = range.dense_end;
     s_visible_end[r] = range.visible_end;
+    s_begin[r] = range.begin;
   }
   __syncthreads();
 
-  // Keys this block's rows see, and below which every real row sees every key.
+  // Keys this block's rows see: from the lowest window begin (0 without a
+  // window) to the last visible end; every real row sees every key in
+  // [highest begin, lowest dense_end).
   int64_t block_end = 0, block_dense_end = std::numeric_limits<int64_t>::max();
+  int64_t block_begin = std::numeric_limits<int64_t>::max(), block_begin_max = 0;
   for (int r = 0; r < kRowsPerBlock; ++r) {
     block_end = max(block_end, s_visible_end[r]);
-    if (row0 + r < packed_rows) block_dense_end = min(block_dense_end, s_dense_end[r]);
+    if (row0 + r < packed_rows) {
+      block_dense_end = min(block_dense_end, s_dense_end[r]);
+      block_begin = min(block_begin, s_begin[r]);
+      block_begin_max = max(block_begin_max, s_begin[r]);
+    }
   }
-  // This split's share of [0, block_end), in whole tiles.
-  const int64_t tiles_total = (block_end + kStagedKeys - 1) / kStagedKeys;
+  // This split's share of [first, block_end), in whole tiles from a tile boundary.
+  const int64_t first = block_begin / kStagedKeys * kStagedKeys;
+  const int64_t tiles_total = block_end > first ? (block_end - first + kStagedKeys - 1) / kStagedKeys : 0;
   const int64_t tiles_per_split = (tiles_total + p.num_splits - 1) / p.num_splits;
-  const int64_t begin = split * tiles_per_split * kStagedKeys;
+  const int64_t begin = first + split * tiles_per_split * kStagedKeys;
   const int64_t end = min(begin + tiles_per_split * kStagedKeys, block_end);
   const int64_t num_tiles = end > begin ? (end - begin + kStagedKeys - 1) / kStagedKeys : 0;
 
@@ -188,7 +200,7 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
     const uint16_t* s_k = s_kv + (tile % kStagedStages) * 2 * kTileHalves;
     const uint16_t* s_v = s_k + kTileHalves;
     const int64_t key0 = begin + tile * kStagedKeys;
-    const bool all_visible = key0 + kStagedKeys <= min(end, block_dense_end);
+    const bool all_visible = key0 >= block_begin_max && key0 + kStagedKeys <= min(end, block_dense_end);
 #pragma unroll
     for (int rg = 0; rg < RG; ++rg) {
       if (!active[rg]) continue;
@@ -220,9 +232,10 @@ __global__ void __launch_bounds__(kStagedThreads, RG == 1 ? 2 : 1)
           const int h = e / 2;
           const int64_t key = key0 + nt * 8 + 2 * tig + (e % 2);
           float score = s[nt][e] * p.scale_log2;
+          if (p.softcap_log2 > 0.f) score = soft_cap_log2(score, p.softcap_log2, p.inv_softcap_log2);
           if (!all_visible) {
             const int r = local_row(rg, h);
-            bool visible = key < end && key < s_visible_end[r];
+            bool visible = key < end && key >= s_begin[r] && key < s_visible_end[r];
             if (visible && key >= s_dense_end[r]) {  // a tree key of a real row (padding rows see none)
               const int64_t i = (row0 + r) / p.group;
               visible = p.has_mask && tree_key_visible(p.mask + (b * p.nq + i) * p.mask_words, tree_start, key);

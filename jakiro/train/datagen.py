@@ -77,16 +77,16 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
     from tqdm.auto import tqdm
 
     from jakiro.generate import vanilla_generate
-    from jakiro.ops import TREE_ATTENTION_HEAD_DIMS
+    from jakiro.ops import tree_attention_head_dims
     from jakiro.target import TargetModel
+    device = target.get_input_embeddings().weight.device
     try:
         stack = TargetModel(target)
     except ValueError:
         stack = None
-    if stack is not None and stack.head_dim not in TREE_ATTENTION_HEAD_DIMS:
+    if stack is not None and stack.head_dim not in tree_attention_head_dims(device):
         stack = None
     conversations = [[dict(m) for m in messages] for messages in conversations]
-    device = target.get_input_embeddings().weight.device
     eos = target.generation_config.eos_token_id if target.generation_config.eos_token_id is not None \
         else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

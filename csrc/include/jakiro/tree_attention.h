@@ -6,6 +6,12 @@
 // the tree, the keys before them the committed prefix (always visible). With a
 // tree mask, query i sees tree key t iff bit t of mask row i is set. Without
 // one, query i sees the keys < kv_len - Nq + i + 1 (bottom-right causal).
+//
+// A sliding window of W positions keeps the keys whose distance to the query
+// is below W. The keys a query sees form a chain (its prefix, then its
+// ancestors in the tree), so the kept ones are always the last W of that chain,
+// which is a single cut in cache order: every kernel only needs the first kept
+// key, QueryKeyRange::begin.
 #pragma once
 
 #include <cstdint>
@@ -14,11 +20,13 @@
 
 namespace jakiro {
 
-// Which keys one query row sees: every key below `dense_end`, none at or past
-// `visible_end`, and in between (the tree) the keys whose mask bit is set.
+// Which keys one query row sees: none below `begin` (the sliding window), every
+// key in [begin, dense_end), none at or past `visible_end`, and in between (the
+// tree) the keys whose mask bit is set.
 struct QueryKeyRange {
   int64_t dense_end;
   int64_t visible_end;
+  int64_t begin = 0;
 };
 
 // `kv_len` is clamped into [0, S] and the tree start into [0, kv_len] so that
@@ -46,9 +54,66 @@ JAKIRO_HOST_DEVICE bool tree_key_visible(const uint32_t* mask_row, int64_t tree_
   return (mask_row[t >> 5] >> (t & 31)) & 1u;
 }
 
-// Head sizes the kernels are built for.
-JAKIRO_HOST_DEVICE bool is_supported_head_dim(int64_t head_dim) {
-  return head_dim == 64 || head_dim == 128;
+JAKIRO_HOST_DEVICE int popcount32(uint32_t word) {
+#if defined(__CUDA_ARCH__)
+  return __popc(word);
+#else
+  return __builtin_popcount(word);
+#endif
+}
+
+// Low `count` bits of a word (count in [0, 32]).
+JAKIRO_HOST_DEVICE uint32_t low_bits(uint32_t word, int64_t count) {
+  return count >= 32 ? word : word & ((1u << count) - 1u);
+}
+
+// Sets the range's window cut. A query at position p keeps the keys at
+// distance p - position < window. Causal: p = visible_end - 1 and positions are
+// the slots. Tree: the n visible tree keys follow the prefix, so p = tree_start
+// + n - 1 and a visible tree key's distance is the number of visible tree keys
+// after it; with n > window the cut is the tree key of rank n - window (the
+// prefix goes), else it is in the prefix at tree_start + n - window. Only the
+// mask's first tree_len bits count; window 0 is no window.
+JAKIRO_HOST_DEVICE void apply_window(QueryKeyRange& range, const uint32_t* mask_row, int64_t tree_len,
+                                     int64_t window) {
+  if (window <= 0) return;
+  if (mask_row == nullptr) {
+    const int64_t cut = range.visible_end - window;
+    range.begin = cut > 0 ? cut : 0;
+    return;
+  }
+  const int64_t tree_start = range.dense_end;
+  int64_t seen = 0;
+  for (int64_t w = 0; w * 32 < tree_len; ++w) seen += popcount32(low_bits(mask_row[w], tree_len - w * 32));
+  int64_t rank = seen - window;  // visible tree keys before the first kept one
+  if (rank <= 0) {
+    range.begin = tree_start + rank > 0 ? tree_start + rank : 0;
+    return;
+  }
+  for (int64_t w = 0;; ++w) {  // the set bit of that rank exists: rank < seen
+    uint32_t word = low_bits(mask_row[w], tree_len - w * 32);
+    const int bits = popcount32(word);
+    if (rank >= bits) {
+      rank -= bits;
+      continue;
+    }
+    for (; rank > 0; --rank) word &= word - 1u;  // drop the lowest set bits
+    int bit = 0;
+    while (!((word >> bit) & 1u)) ++bit;
+    range.begin = tree_start + w * 32 + bit;
+    return;
+  }
+}
+
+// Head sizes the kernels are built for: the CPU kernel takes every multiple of
+// 8 up to 256 (csrc/cpu/tree_attention.cpp), the CUDA kernels a fixed list, all
+// multiples of 16 as the tensor-core tiles need (csrc/cuda/tree_attention.cu).
+constexpr int64_t kCpuMaxHeadDim = 256;
+JAKIRO_HOST_DEVICE bool cpu_head_dim_supported(int64_t head_dim) {
+  return head_dim >= 8 && head_dim <= kCpuMaxHeadDim && head_dim % 8 == 0;
+}
+JAKIRO_HOST_DEVICE bool cuda_head_dim_supported(int64_t head_dim) {
+  return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256;
 }
 
 }  // namespace jakiro
@@ -60,11 +125,11 @@ JAKIRO_HOST_DEVICE bool is_supported_head_dim(int64_t head_dim) {
 
 namespace jakiro {
 
-// Checks dtypes, devices, ranks, sizes and strides (no data access).
+// Checks dtypes, devices, ranks, sizes, strides and scalars (no data access).
 void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                const std::optional<at::Tensor>& tree_mask, int64_t tree_len,
-                               double scale);
+                               double scale, int64_t window, double softcap);
 
 // Reads cache_seqlens (a CPU tensor) and raises a ValueError naming the first
 // row whose length is outside [tree_len, S].

@@ -561,7 +561,7 @@ class JakiroDraft(nn.Module):
         u = F.rms_norm(h, (config.hidden_size,), weight, config.rms_norm_eps)
         flat = u.reshape(batch * length, -1)
         coeff = self._routing(flat, return_contrastive, return_experts)
-        moe = ops.expert_mlp(flat, self.w_gate_up, self.w_down, coeff, **({} if config.hidden_act == 'silu' else {'activation': config.hidden_act}))  # TMP  # [R, B*T, H]
+        moe = ops.expert_mlp(flat, self.w_gate_up, self.w_down, coeff, activation=config.hidden_act)  # [R, B*T, H]
         features = h.unsqueeze(0) + moe.view(-1, batch, length, config.hidden_size)
         head = 1
         contrastive = experts = None

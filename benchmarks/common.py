@@ -4,7 +4,9 @@ Timing rules (BENCHMARKS.md, introduction): warm-up first, then many timed calls
 median and p90. On CUDA each call is timed with CUDA events (optionally as a
 CUDA graph replaying ``graph_batch`` calls, to hide launch overhead); on the CPU
 with a monotonic clock. Baselines are timed in the same process as the kernel.
-Results go to JSON together with the environment (device, versions, dtype).
+Results go to JSON together with the environment (device, versions, dtype); ``--plot DIR`` also
+draws the rows as one picture per report (jakiro.plots.kernel_plot; needs matplotlib:
+``pip install 'jakiro[plots]'``, checked before anything runs).
 """
 from __future__ import annotations
 
@@ -168,15 +170,35 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Checks ``--plot`` (matplotlib installed) as soon as the options are read, before any case runs."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if getattr(parsed, "plot", None):
+            check_plot_option()
+        return parsed, rest
+
+
+def check_plot_option() -> None:
+    """Ends the run with the one-line install hint when ``--plot`` is given without matplotlib."""
+    from jakiro.plots import require_matplotlib
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        raise SystemExit(f"benchmarks: {error}") from None
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default=default_device(), help="cpu or cuda[:i]")
     p.add_argument("--out", default="bench-results", help="folder for the JSON results")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
     p.add_argument("--iters", type=int, default=100, help="timed calls per case")
     p.add_argument("--quick", action="store_true", help="fewer cases and calls (smoke run)")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of many calls")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="also draw each report's rows as DIR/<name>.png (needs matplotlib: pip install 'jakiro[plots]')")
     return p
 
 
@@ -192,6 +214,11 @@ def finish(report: Report, args) -> None:
     print(f"\n## {report.name} on {device_name(report.device)}\n")
     print(report.markdown())
     print(f"\nresults: {path}")
+    if getattr(args, "plot", None) and report.rows:
+        from jakiro.plots import kernel_plot
+        # The picture reads the saved JSON: the same rows as the table above.
+        picture = kernel_plot(json.loads(path.read_text()), Path(args.plot) / f"{report.name}.png")
+        print(f"plot: {picture}")
 
 
 def with_env(name: str, value: str, fn):

@@ -6,17 +6,21 @@ cache and attention stack, and tau, plus the ``total_tokens`` chosen by timing t
 (:mod:`jakiro.autotune`). Hugging Face ``generate`` runs too, as a second vanilla baseline.
 At temperature 0 every jakiro method must reproduce vanilla's tokens exactly: a difference stops
 the run with an error (:func:`greedy_must_match`), except in half precision on a GPU, where it is
-reported.
+reported. ``--plot DIR`` draws the report (tokens/s and speedups, the accepted-length histogram,
+speed and tau against the tree size: :mod:`jakiro.plots`).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 
 from jakiro.commands.options import (RunSettings, UsageError, add_target_arguments, at_least, check_context,
                                      greedy_must_match, load_draft, load_target_model, load_tokenizer,
                                      resolve_run_settings, resolve_total_tokens)
+from jakiro.progress import PROGRESS_HELP
 
 METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_expert")
 DATASETS = ("mtbench", "humaneval")
@@ -35,7 +39,11 @@ def add_parser(commands):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here (JSON)")
     p.add_argument("--markdown", default=None, help="also write the tables here (markdown)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="also draw the report as PNGs in DIR: tokens/s with speedups, the accepted-length "
+                        "histogram, speed and tau against the tree size (needs matplotlib: pip install "
+                        "'jakiro[plots]')")
+    p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
 def _split(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
@@ -72,8 +80,42 @@ def validate(args) -> BenchSettings:
     datasets = _split(args.datasets, DATASETS, "datasets")
     categories = _split(args.categories, None, "categories") if args.categories else None
     at_least(args, 1, "limit")
+    check_plot_option(args.plot)
     run = resolve_run_settings(args, ("jakiro", "eagle2") if "eagle2" in methods else ("jakiro",))
     return BenchSettings(run, datasets, methods, categories, temperatures)
+
+
+def check_plot_option(folder: str | None) -> None:
+    """``--plot DIR``: matplotlib must be installed (the one-line install hint otherwise), before any
+    model loads."""
+    if folder is None:
+        return
+    from jakiro.plots import require_matplotlib
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--plot {folder} is a file, not a folder")
+
+
+def write_plots(report: dict, folder: str, prefix: str) -> None:
+    """The report's pictures under ``folder``, and one line saying which (and which were skipped)."""
+    from jakiro.plots import describe, e2e_plots
+    written, notes = e2e_plots(report, folder, prefix=prefix)
+    print(f"[jakiro] {describe(written, notes)}", file=sys.stderr, flush=True)
+
+
+def tuned_total_tokens(settings: RunSettings, target, draft, mode) -> tuple[int, list[dict]]:
+    """:func:`resolve_total_tokens`, with a line before and after when it times the device."""
+    from jakiro.progress import stage
+    if settings.total_tokens != "auto":
+        return resolve_total_tokens(settings, target, draft)
+    with stage("[jakiro] timing tree sizes for total_tokens=auto", done="[jakiro] timed tree sizes",
+               mode=mode) as timing:
+        total_tokens, tuning = resolve_total_tokens(settings, target, draft)
+        timing.detail = f"total_tokens={total_tokens}"
+    return total_tokens, tuning
 
 
 def prompt_sets(tokenizer, datasets: list[str], limit: int | None, categories: list[str] | None) -> dict:
@@ -116,6 +158,9 @@ def build_methods(names: list[str], target, settings: RunSettings, total_tokens:
 
 def run(args, bench: BenchSettings) -> int:
     from jakiro.commands.evaluate import LosslessError, environment, markdown_table, run_side_by_side
+    from jakiro.progress import Progress, mode_from_args
+    started = time.perf_counter()
+    mode = mode_from_args(args)
     settings = bench.run
     folder, tokenizer, config = load_tokenizer(settings)
     max_new = settings.max_new_tokens
@@ -123,7 +168,7 @@ def run(args, bench: BenchSettings) -> int:
     check_context(settings, config, max((ids.shape[1] for items in prompts.values() for ids in items), default=0))
     target, tokenizer = load_target_model(settings, folder)
     device, dtype = settings.device, settings.dtype
-    total_tokens, tuning = resolve_total_tokens(settings, target, load_draft(settings, "jakiro", target))
+    total_tokens, tuning = tuned_total_tokens(settings, target, load_draft(settings, "jakiro", target), mode)
     runners = build_methods(bench.methods, target, settings, total_tokens)
     report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, draft_vocab=settings.draft_vocab,
                   total_tokens=total_tokens,
@@ -131,18 +176,20 @@ def run(args, bench: BenchSettings) -> int:
                   tree_top_k=settings.tree_top_k, max_new_tokens=max_new, results=[])
     print(f"[jakiro] {report['device']}, {report['dtype']}, total_tokens={total_tokens}"
           f"{' (auto)' if tuning else ''}, depth={settings.depth}, top_k={settings.tree_top_k}", flush=True)
-    for dataset, ids in prompts.items():
-        for temperature in bench.temperatures:
-            try:
-                stats = run_side_by_side(runners, ids, max_new_tokens=max_new, temperature=temperature,
-                                         seed=settings.seed, eos_token_id=tokenizer.eos_token_id,
-                                         unchecked=("hf-generate",),
-                                         strict=greedy_must_match(device, dtype, total_tokens),
-                                         progress=not args.no_progress)
-            except LosslessError as error:
-                raise SystemExit(f"jakiro bench-e2e: NOT LOSSLESS on {dataset}: {error}") from None
-            for row in (s.summary(stats[0]) for s in stats):
-                report["results"].append(dict(dataset=dataset, temperature=temperature, prompts=len(ids), **row))
+    runs = sum(len(ids) for ids in prompts.values()) * len(bench.temperatures) * len(runners)
+    with Progress(total=runs, desc="jakiro bench-e2e", unit="run", mode=mode) as bar:
+        for dataset, ids in prompts.items():
+            for temperature in bench.temperatures:
+                bar.set_postfix(dataset=dataset, temperature=temperature)
+                try:
+                    stats = run_side_by_side(runners, ids, max_new_tokens=max_new, temperature=temperature,
+                                             seed=settings.seed, eos_token_id=tokenizer.eos_token_id,
+                                             unchecked=("hf-generate",),
+                                             strict=greedy_must_match(device, dtype, total_tokens), progress=bar)
+                except LosslessError as error:
+                    raise SystemExit(f"jakiro bench-e2e: NOT LOSSLESS on {dataset}: {error}") from None
+                for row in (s.summary(stats[0]) for s in stats):
+                    report["results"].append(dict(dataset=dataset, temperature=temperature, prompts=len(ids), **row))
     columns = ["dataset", "temperature", "method", "prompts", "tokens", "tokens_per_s", "speedup", "tau"]
     if any("diverged_prompts" in row for row in report["results"]):
         columns.append("diverged_prompts")
@@ -155,6 +202,25 @@ def run(args, bench: BenchSettings) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2)
+    if args.plot:
+        write_plots(report, args.plot, "bench_e2e")
     json.dump(report, sys.stdout)
-    print()
+    print(flush=True)
+    print(summary(report, runs, time.perf_counter() - started), file=sys.stderr, flush=True)
     return 0
+
+
+def summary(report: dict, runs: int, seconds: float) -> str:
+    """The closing line: what ran, how long, and the best speculative speedup."""
+    from jakiro.progress import summary_line
+    rows = report["results"]
+    groups = len({(r["dataset"], r["temperature"]) for r in rows})
+    methods = len({r["method"] for r in rows})
+    what = f"bench-e2e: {runs} generate calls ({methods} methods, {groups} prompt set/temperature pairs)"
+    spec = [r for r in rows if r["method"] not in ("vanilla", "hf-generate") and "speedup" in r]
+    if not spec:
+        return summary_line(what, seconds)
+    best = max(spec, key=lambda r: r["speedup"])
+    kind = "greedy" if best["temperature"] == 0 else f"T={best['temperature']:g}"
+    return summary_line(what, seconds, f"best: {best['method']} {best['speedup']:.2f}x vanilla at tau "
+                                       f"{best['tau']:.2f} ({best['dataset']}, {kind})")

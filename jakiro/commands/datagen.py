@@ -6,6 +6,7 @@ import os
 import torch
 
 from jakiro.commands.options import DTYPES, UsageError, at_least, check_device, load_target_or_exit
+from jakiro.progress import PROGRESS_HELP
 
 
 def add_parser(commands):
@@ -33,7 +34,7 @@ def add_parser(commands):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="target dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
 def validate(args):
@@ -47,9 +48,12 @@ def validate(args):
 
 def run(args, settings=None) -> int:
     import itertools
+    import time
 
+    from jakiro.progress import mode_from_args, summary_line
     from jakiro.train.conversations import ROLES, read_conversations
     from jakiro.train.datagen import generate_features
+    started = time.perf_counter()
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     try:
         conversations = read_conversations(args.data, args.format)
@@ -62,7 +66,7 @@ def run(args, settings=None) -> int:
         index = generate_features(target, tokenizer, itertools.chain([first], conversations), args.out,
                                   max_len=args.max_len, limit=args.limit, per_shard=args.per_shard,
                                   regenerate=args.regenerate, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, progress=not args.no_progress)
+                                  batch_size=args.batch_size, progress=mode_from_args(args))
     except ValueError as error:
         raise SystemExit(str(error)) from None
     samples = sum(entry["samples"] for entry in index["shards"])
@@ -70,5 +74,8 @@ def run(args, settings=None) -> int:
         raise UsageError(f"no conversation of --data {args.data} gave a training sample (one needs 3 tokens or "
                          f"more, assistant tokens among them, within --max-len {args.max_len}); {args.out} holds "
                          "no shard")
-    print(f"[jakiro] {samples} conversations in {len(index['shards'])} shards under {args.out}")
+    seconds = time.perf_counter() - started
+    tokens = sum(entry.get("tokens", 0) for entry in index["shards"])
+    print(summary_line(f"wrote {samples} conversations in {len(index['shards'])} shards under {args.out}",
+                       seconds, f"{tokens} tokens, {samples / max(seconds, 1e-9):.2f} conversations/s"), flush=True)
     return 0

@@ -12,7 +12,7 @@ import sys
 
 from jakiro.commands.options import (RunSettings, UsageError, add_target_arguments, check_context,
                                      greedy_must_match, load_draft, load_target_model, load_tokenizer,
-                                     resolve_run_settings, resolve_total_tokens)
+                                     resolve_run_settings)
 
 # One question from each of several MT-bench categories, in this order.
 CATEGORIES = ("writing", "stem", "coding", "reasoning", "humanities", "roleplay", "extraction", "math")
@@ -26,19 +26,25 @@ def add_parser(commands):
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy, checked token for token against vanilla (the default)")
     p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="also draw the run as PNGs in DIR: tokens/s with the speedup, the accepted-length "
+                        "histogram, speed and tau against the tree size (needs matplotlib: pip install "
+                        "'jakiro[plots]')")
 
 
 def validate(args) -> RunSettings:
     """``jakiro demo``'s options, checked before any model loads."""
     if not 1 <= args.questions <= len(CATEGORIES):
         raise UsageError(f"--questions must be in [1, {len(CATEGORIES)}], got {args.questions}")
+    from jakiro.commands.bench_e2e import check_plot_option
+    check_plot_option(args.plot)
     return resolve_run_settings(args)
 
 
 def run(args, settings: RunSettings) -> int:
     from transformers import TextStreamer
 
-    from jakiro.commands.bench_e2e import build_methods
+    from jakiro.commands.bench_e2e import build_methods, tuned_total_tokens, write_plots
     from jakiro.commands.evaluate import LosslessError, encode_prompt, environment, markdown_table, run_side_by_side
     from jakiro.commands.prompts import mtbench_questions
     folder, tokenizer, config = load_tokenizer(settings)
@@ -49,7 +55,7 @@ def run(args, settings: RunSettings) -> int:
     check_context(settings, config, max(ids.shape[1] for ids in prompts))
     target, tokenizer = load_target_model(settings, folder)
     device, dtype = settings.device, settings.dtype
-    total_tokens, tuning = resolve_total_tokens(settings, target, load_draft(settings, "jakiro", target))
+    total_tokens, tuning = tuned_total_tokens(settings, target, load_draft(settings, "jakiro", target), "auto")
     methods = build_methods(["vanilla", "jakiro-mixture"], target, settings, total_tokens)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     jakiro_run = methods["jakiro-mixture"]
@@ -92,6 +98,13 @@ def run(args, settings: RunSettings) -> int:
           + ("greedy answers identical to vanilla decoding." if summary["lossless_checked"]
              else f"sampled at temperature {args.temperature}." if args.temperature > 0
              else f"{len(jakiro.diverged)} answers parted from vanilla at a {summary['dtype']} near-tie."))
+    if args.plot:
+        report = dict(env, total_tokens=total_tokens, total_tokens_auto=bool(tuning), tuning=tuning,
+                      depth=settings.depth, tree_top_k=settings.tree_top_k, max_new_tokens=max_new,
+                      results=[dict(dataset="mtbench (demo)", temperature=args.temperature, prompts=len(prompts),
+                                    **s.summary(vanilla)) for s in (vanilla, jakiro)])
+        sys.stdout.flush()
+        write_plots(report, args.plot, "demo")
     if args.json:
         print(json.dumps(summary))
     sys.stdout.flush()

@@ -27,6 +27,7 @@ class MethodStats:
     seconds: float = 0.0
     cycles: int = 0
     committed: int = 0            # sum over cycles of accepted draft tokens + 1
+    accept_hist: list = field(default_factory=list)   # [k]: cycles that accepted k draft tokens
     outputs: list = field(default_factory=list)
     diverged: list = field(default_factory=list)   # (prompt, first differing token), non-strict runs
 
@@ -47,10 +48,17 @@ class MethodStats:
         accepted = accepted[accepted >= 0]
         self.cycles += int(accepted.numel())
         self.committed += int((accepted + 1).sum())
+        if accepted.numel():
+            counts = torch.bincount(accepted.to(torch.int64)).tolist()
+            if len(counts) > len(self.accept_hist):
+                self.accept_hist += [0] * (len(counts) - len(self.accept_hist))
+            for k, count in enumerate(counts):
+                self.accept_hist[k] += count
 
     def summary(self, vanilla: "MethodStats | None" = None) -> dict:
         row = dict(method=self.name, tokens=self.new_tokens, seconds=round(self.seconds, 4),
-                   tokens_per_s=round(self.tokens_per_s, 3), tau=round(self.tau, 4), cycles=self.cycles)
+                   tokens_per_s=round(self.tokens_per_s, 3), tau=round(self.tau, 4), cycles=self.cycles,
+                   accept_hist=list(self.accept_hist))
         if vanilla is not None:
             row["speedup"] = round(self.tokens_per_s / max(vanilla.tokens_per_s, 1e-12), 4)
         if self.diverged:
@@ -71,7 +79,7 @@ def encode_prompt(tokenizer, text: str, chat: bool = True) -> torch.Tensor:
 def run_side_by_side(methods: dict[str, Callable], prompts: list[torch.Tensor], *, max_new_tokens: int,
                      temperature: float = 0.0, seed: int = 0, eos_token_id=None, reference: str | None = None,
                      unchecked: tuple[str, ...] = (), strict: bool = True, on_prompt: Callable | None = None,
-                     warmup: bool = True, progress: bool = True) -> list[MethodStats]:
+                     warmup: bool = True, progress=True) -> list[MethodStats]:
     """Runs every method on every prompt, in the given order; returns one :class:`MethodStats`
     per method.
 
@@ -83,9 +91,11 @@ def run_side_by_side(methods: dict[str, Callable], prompts: list[torch.Tensor], 
     pass and a one-token pass may round a near-tie apart). ``on_prompt(index, method_name,
     result)`` is called after each run (e.g. to print
     the answer). Sampling runs draw from a CPU generator seeded with ``seed + prompt index``.
-    ``warmup``: one short untimed call per method first.
+    ``warmup``: one short untimed call per method first. ``progress``: True (a bar on a terminal,
+    else a line every 10% or 30 s), False, a mode of :func:`jakiro.progress.resolve_mode`, or a
+    :class:`jakiro.progress.Progress` shared by several calls (updated once per run, left open).
     """
-    from tqdm.auto import tqdm
+    from jakiro.progress import Progress
     if not methods:
         raise ValueError("run_side_by_side: no methods")
     reference = reference or next(iter(methods))
@@ -97,8 +107,9 @@ def run_side_by_side(methods: dict[str, Callable], prompts: list[torch.Tensor], 
         for fn in methods.values():
             fn(prompts[0], **dict(options, max_new_tokens=min(8, max_new_tokens)),
                generator=torch.Generator(device="cpu").manual_seed(seed))
-    bar = tqdm(total=len(prompts) * len(methods), disable=not progress, desc="jakiro e2e", unit="run",
-               leave=False)
+    shared = isinstance(progress, Progress)
+    bar = progress if shared else Progress(total=len(prompts) * len(methods), desc="jakiro e2e", unit="run",
+                                           mode=progress, leave=False)
     for index, ids in enumerate(prompts):
         outputs = {}
         for name, fn in methods.items():
@@ -121,7 +132,8 @@ def run_side_by_side(methods: dict[str, Callable], prompts: list[torch.Tensor], 
                         continue
                     raise LosslessError(f"{name}: greedy output differs from {reference} on prompt {index} "
                                         f"at new token {first} ({len(tokens)} vs {len(expected)} tokens)")
-    bar.close()
+    if not shared:
+        bar.close()
     return list(stats.values())
 
 

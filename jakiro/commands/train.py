@@ -7,6 +7,7 @@ import os
 import torch
 
 from jakiro.commands.options import UsageError, at_least, check_device, load_target_or_exit
+from jakiro.progress import PROGRESS_HELP
 
 
 def add_parser(commands):
@@ -52,7 +53,7 @@ def add_parser(commands):
                    help="start from a saved draft's weights and configuration (a `jakiro train` output's "
                         "draft/ folder or a shipped draft) instead of a fresh draft: fine-tuning")
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
 def validate(args):
@@ -94,7 +95,10 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def run(args, settings=None) -> int:
+    import time
+
     from jakiro.draft import JakiroDraft
+    from jakiro.progress import mode_from_args, summary_line
     from jakiro.train.data import FeatureDataset, token_counts
     from jakiro.train.trainer import TrainConfig, Trainer
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -127,8 +131,10 @@ def run(args, settings=None) -> int:
                              checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                              max_len=args.max_len, bf16=None if args.precision == "auto" else args.precision == "bf16",
                              loss_vocab=args.loss_vocab, rounds=args.rounds)
-        trainer = Trainer(draft, dataset, args.out, config, progress=not args.no_progress)
+        trainer = Trainer(draft, dataset, args.out, config, progress=mode_from_args(args))
+        started = time.perf_counter()
         metrics = trainer.train(resume=args.resume)
+        seconds = time.perf_counter() - started
     except ValueError as error:
         raise SystemExit(str(error)) from None
     finally:
@@ -137,5 +143,7 @@ def run(args, settings=None) -> int:
     if trainer.rank == 0:
         draft.save_token_counts(os.path.join(args.out, "draft"), token_counts(args.data, draft.config.vocab_size))
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-        print(f"[jakiro] trained {trainer.step} steps; last: {summary}; draft saved under {args.out}/draft")
+        rate = "" if args.resume else f"{trainer.step / max(seconds, 1e-9):.2f} steps/s; "
+        print(summary_line(f"trained {trainer.step} steps", seconds,
+                           f"{rate}last: {summary}; draft saved under {args.out}/draft"), flush=True)
     return 0

@@ -67,16 +67,15 @@ def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 512,
-                       batch_size: int = 8, progress: bool = False) -> list[list[dict]]:
+                       batch_size: int = 8, progress: bool | str = False) -> list[list[dict]]:
     """Self-distillation: every assistant turn rewritten by ``target`` (greedy), turn by turn, so
     later turns see the target's own earlier answers. Prompts are batched (left padding).
 
     Decoding runs on jakiro's own stack (:func:`jakiro.generate.vanilla_generate`, the tokens
     speculative decoding reproduces; on the CPU ~1.4x Hugging Face ``generate``), or on
     ``target.generate`` for a model the jakiro stack does not run (family or head size)."""
-    from tqdm.auto import tqdm
-
     from jakiro.generate import vanilla_generate
+    from jakiro.progress import Progress
     from jakiro.ops import tree_attention_head_dims
     from jakiro.target import TargetModel
     device = target.get_input_embeddings().weight.device
@@ -102,8 +101,8 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
             return conversations
         # Similar lengths share a batch: less padding to compute.
         jobs.sort(key=lambda job: -len(_render(tokenizer, conversations[job[0]][:job[1]], True)))
-        bar = tqdm(total=len(jobs), disable=not progress, desc=f"jakiro datagen: answers (turn {turn + 1})",
-                   unit="answer", leave=False)
+        bar = Progress(total=len(jobs), desc=f"jakiro datagen: answers (turn {turn + 1})", unit="answer",
+                       mode=progress, leave=False)
         for at in range(0, len(jobs), batch_size):
             chunk = jobs[at:at + batch_size]
             prompts = [tokenizer(_render(tokenizer, conversations[c][:i], True), add_special_tokens=False)["input_ids"]
@@ -130,15 +129,17 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
 def generate_features(target, tokenizer, conversations: Iterable[list[dict]], out_dir: str, *,
                       max_len: int = 2048, limit: int | None = None, per_shard: int = 256,
                       regenerate: bool = False, max_new_tokens: int = 512, batch_size: int = 8,
-                      progress: bool = True) -> dict:
+                      progress: bool | str = True) -> dict:
     """Writes the shards and index of ``conversations`` to ``out_dir``; returns the index.
 
     Shard ``k`` holds the usable conversations among records ``k*per_shard .. (k+1)*per_shard-1``
     of the stream, so a rerun skips the shards its index already lists (resumable; rerun with the
     same ``limit`` and ``per_shard``: a last, partial shard counts as finished). ``regenerate``:
     the target first rewrites the answers (:func:`regenerate_answers`, ``batch_size`` prompts at a time).
+    ``progress``: True (a bar on a terminal, else a line every 10% or 30 s), False, or a mode of
+    :func:`jakiro.progress.resolve_mode`.
     """
-    from tqdm.auto import tqdm
+    from jakiro.progress import Progress
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("jakiro datagen: the target's tokenizer has no chat template")
     os.makedirs(out_dir, exist_ok=True)
@@ -153,7 +154,7 @@ def generate_features(target, tokenizer, conversations: Iterable[list[dict]], ou
     done = {entry["file"] for entry in index["shards"] if os.path.isfile(os.path.join(out_dir, entry["file"]))}
     index["shards"] = [entry for entry in index["shards"] if entry["file"] in done]
     stream = iter(conversations) if limit is None else itertools.islice(conversations, limit)
-    bar = tqdm(total=limit, disable=not progress, desc="jakiro datagen", unit="conv")
+    bar = Progress(total=limit, desc="jakiro datagen", unit="conv", mode=progress)
     for number in itertools.count():
         records = list(itertools.islice(stream, per_shard))
         if not records:

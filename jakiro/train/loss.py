@@ -60,9 +60,11 @@ class TargetDistribution:
            head_dtype: torch.dtype = torch.float32) -> "TargetDistribution":
         trained = loss_mask > 0
         trained[:, 0] = False                   # f_0 is read, never predicted
-        row = torch.full(trained.shape, -1, dtype=torch.int64, device=features.device)
-        row[trained] = torch.arange(int(trained.sum()), device=features.device)
-        logits = _head_logits(head, features[trained], head_dtype)
+        # One host sync on CUDA (the count sizes the rows); boolean-mask indexing syncs at every use.
+        index = trained.flatten().nonzero().squeeze(1)
+        row = torch.full((trained.numel(),), -1, dtype=torch.int64, device=features.device)
+        row = row.scatter(0, index, torch.arange(index.numel(), device=features.device)).view(trained.shape)
+        logits = _head_logits(head, features.flatten(0, 1).index_select(0, index), head_dtype)
         return cls(torch.softmax(logits, dim=-1), logits.argmax(-1), row)
 
 
@@ -81,8 +83,10 @@ def branch_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, h
     regression = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
     feature_loss = (regression * mask).sum() / count
     # The LM head (V x H per position) dominates the cost: run it on the trained positions only.
-    keep = mask.flatten() > 0
-    pred, rows = pred.flatten(0, -2)[keep], target_rows.flatten()[keep]
+    # Integer indices: one host sync on CUDA, where a boolean mask would sync once per use and
+    # again in the backward (index_select's backward is an index_add, which never syncs).
+    keep = (mask.flatten() > 0).nonzero().squeeze(1)
+    pred, rows = pred.flatten(0, -2).index_select(0, keep), target_rows.flatten().index_select(0, keep)
     target_probs, target_token = distribution.probs[rows], distribution.token[rows]
     logits = _head_logits(head, pred, head_dtype)
     ce_loss = -(target_probs * torch.log_softmax(logits, dim=-1)).sum() / count

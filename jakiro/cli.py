@@ -6,8 +6,9 @@
     jakiro datagen --data FILE --format sharegpt|jsonl --out DIR    training features
     jakiro train --data DIR --out DIR [--eagle2]                     a draft (torchrun-ready)
 
-Every command defaults to the embedded SmolLM2-135M-Instruct target (``--target`` takes an
-HF folder or a GGUF file) and, where a draft is needed, the Jakiro draft shipped for it.
+Every command defaults to the embedded SmolLM2-135M-Instruct target (``--target`` also takes
+gemma3-270m or qwen2.5-coder-0.5b, an HF folder or a GGUF file) and, where a draft is needed,
+the Jakiro draft shipped for it (``--draft untrained`` for a target without one).
 
 Every command checks its arguments before it loads a model; a bad one ends the run with a
 one-line message on stderr and exit status 2 (:class:`UsageError`).
@@ -21,7 +22,7 @@ import sys
 from jakiro.commands.options import UsageError  # noqa: F401  (re-exported: jakiro.cli.UsageError)
 
 # Sub-command -> its module in jakiro.commands (add_parser, validate, run).
-COMMANDS = {"demo": "demo", "generate": "generate", "bench-e2e": "bench_e2e", "datagen": "datagen", "train": "train"}
+COMMANDS = {"demo": "demo", "generate": "generate", "bench-e2e": "bench_e2e", "datagen": "datagen", "train": "train", "export": "export"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -234,7 +234,7 @@ def plot_tree_sizes(report: dict, path) -> Path | None:
     anchor = sizes.index(chosen) if chosen in sizes else None
     if measured is not None and anchor is not None:
         label, tau, speed = measured
-        taus = [tau * g / gain[anchor] for g in gain]
+        taus = [max(1.0, tau * g / gain[anchor]) for g in gain]     # tau >= 1: a cycle commits a token
         speeds = [speed * float(table[anchor]["cost"]) / float(row["cost"]) for row in table]
         right.plot(sizes, speeds, "o-", color="#d62728", label="tokens/s (model)")
         right.plot([chosen], [speed], "*", color="#d62728", markersize=13, label=f"measured ({label})")

@@ -320,7 +320,7 @@ def kernel_plot(result: dict, path, name: str | None = None) -> Path:
         ax.errorbar(xs, median, yerr=[[0.0] * len(median), [p - m for p, m in zip(p90, median)]], fmt="o" + style,
                     color=colors[impl], markersize=4, linewidth=1.2, capsize=2, label=impl)
     ax.set_yscale("log")
-    ax.set_ylabel("median µs per call (whisker: p90)")
+    ax.set_ylabel("µs per call\n(median, whisker to p90)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncols=min(len(impls), 4))
     env = result.get("environment") or {}
@@ -341,7 +341,7 @@ def kernel_plot(result: dict, path, name: str | None = None) -> Path:
         bottom.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         bottom.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}×"))
         bottom.yaxis.set_minor_formatter(NullFormatter())
-        bottom.set_ylabel(f"speedup of {ours}\n(baseline time / {ours} time)")
+        bottom.set_ylabel(f"{ours} speedup\n(baseline µs / {ours} µs)")
         bottom.grid(alpha=0.3)
         bottom.legend(fontsize=7, ncols=min(len(baselines), 4))
     bottom.set_xticks(xs, cases, rotation=60, ha="right", fontsize=7)
@@ -367,7 +367,7 @@ def kernel_plots(results: dict[str, dict], out_dir, prefix: str = "") -> list[Pa
     for name, payload in results.items():
         if payload.get("rows"):
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-            written.append(kernel_plot(payload, out / f"{prefix}{safe}.png", name=name))
+            written.append(kernel_plot(payload, out / f"{prefix}{safe}.png", name=payload.get("benchmark") or name))
     return written
 
 

@@ -188,9 +188,11 @@ PYEOF
 }
 
 record() {   # record STEP STATUS SECONDS NOTE
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$LOGS/steps.tsv"
+  local note=${4//$'\t'/ }
+  note=${note//$'\n'/ }
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$note" >> "$LOGS/steps.tsv"
   [ "$2" = FAILED ] && STATUS=1
-  printf '%-12s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4"
+  printf '%-12s %-8s %5ss  %s\n' "$1" "$2" "$3" "$note"
   render_summary
 }
 

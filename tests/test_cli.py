@@ -55,6 +55,19 @@ def test_cli_defaults_to_the_shipped_draft_which_needs_the_default_target(saved_
                      "--max-new-tokens", "3", "--device", "cpu"]) == 0
 
 
+def test_an_untrained_draft_serves_any_target_exactly(saved_models, capsys):
+    root, target = saved_models
+    code = cli.main(["generate", "--target", str(root / "target"), "--draft", "untrained", "--prompt", "w5 w9 w13",
+                     "--max-new-tokens", "6", "--depth", "2", "--tree-top-k", "3", "--total-tokens", "8",
+                     "--device", "cpu", "--dtype", "float32"])
+    assert code == 0
+    out, _ = capsys.readouterr()
+    prompt = torch.tensor([[7, 11, 15]])
+    expected = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+                               eos_token_id=1, pad_token_id=0)[0, 3:]
+    assert out.split() == [f"w{int(t) - 2}" for t in expected if int(t) != 1]
+
+
 def test_python_dash_m_entry_point(saved_models):
     root, _ = saved_models
     run = subprocess.run([sys.executable, "-m", "jakiro.cli", "generate", "--target", str(root / "target"),

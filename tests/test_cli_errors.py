@@ -100,6 +100,9 @@ def test_generate_checks_its_arguments_before_loading_a_model(saved, no_model, c
     ("bench-e2e", ["--limit", "0"], "--limit must be >= 1"),
     ("bench-e2e", ["--total-tokens", "0"], "--total-tokens must be in [2, "),
     ("bench-e2e", ["--methods", "eagle2", "--eagle2-draft", "/nowhere"], "--eagle2-draft /nowhere has no config.json"),
+    ("demo", ["--target", "gemma3-270m"], "no trained draft ships for --target gemma3-270m: pass --draft FOLDER"),
+    ("bench-e2e", ["--target", "qwen2.5-coder-0.5b", "--draft", "untrained"],
+     "no trained draft ships for --target qwen2.5-coder-0.5b: pass --eagle2-draft FOLDER"),
 ])
 def test_demo_and_bench_check_their_arguments_before_loading_a_model(no_model, capsys, command, extra, match):
     fails([command, "--device", "cpu"] + extra, capsys, match)

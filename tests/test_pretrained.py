@@ -388,6 +388,20 @@ def _convert_load_and_run(name, tmp_path, monkeypatch, ids, top_ids, top_logits)
         shutil.rmtree(tmp_path / "cache", ignore_errors=True)      # GBs: not kept with pytest's tmp folders
 
 
+def _assert_speculation_is_lossless(model, ids, new_tokens):
+    """Greedy speculative decoding with an untrained draft of each configuration equals the
+    model's own greedy generate (an untrained draft proves correctness; speed needs a trained one)."""
+    import jakiro
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    for eagle2 in (False, True):
+        torch.manual_seed(0)
+        draft = jakiro.JakiroDraft.from_target(model, eagle2=eagle2).bind(model, torch.bfloat16)
+        generator = jakiro.SpeculativeGenerator(model, draft, depth=3, top_k=4, total_tokens=12)
+        result = generator.generate(ids, max_new_tokens=new_tokens)
+        assert torch.equal(result.sequences[0, ids.shape[1]:], expected), (eagle2, result.sequences, expected)
+
+
 @pytest.mark.skipif(not _installed("gemma3-270m"), reason=_skip_reason("gemma3-270m"))
 def test_gemma3_270m_converts_loads_and_runs(tmp_path, monkeypatch):
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])      # <bos>The capital of France is
@@ -401,6 +415,9 @@ def test_gemma3_270m_converts_loads_and_runs(tmp_path, monkeypatch):
     assert tokenizer("The capital of France is")["input_ids"] == ids[0].tolist()
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 1, 0)
     assert not tokenizer.chat_template
+    # Past the 512-token window of the local layers: a 506-token prompt and 12 new tokens.
+    long_ids = torch.cat((ids, torch.randint(300, 20000, (1, 500), generator=torch.Generator().manual_seed(0))), 1)
+    _assert_speculation_is_lossless(model, long_ids, 12)
 
 
 @pytest.mark.skipif(not _installed("qwen2.5-coder-0.5b"), reason=_skip_reason("qwen2.5-coder-0.5b"))
@@ -419,3 +436,4 @@ def test_qwen2_5_coder_converts_loads_and_runs(tmp_path, monkeypatch):
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     # A code model continues a function header with an indented body.
     assert tokenizer.decode(logits[0, -1].argmax()).startswith("\n")
+    _assert_speculation_is_lossless(model, ids, 16)

@@ -315,7 +315,7 @@ class SpeculativeGenerator:
     """Lossless speculative generation of ``target`` with ``draft``.
 
     Args:
-        target: a Hugging Face causal LM (Llama, Qwen2, Mistral families).
+        target: a Hugging Face causal LM of a supported family (``jakiro.target.SUPPORTED_MODEL_TYPES``).
         draft: a :class:`~jakiro.draft.JakiroDraft` bound to ``target``.
         depth, top_k, total_tokens: tree shape (see :class:`~jakiro.tree.TreeDrafter`).
         max_cache_len: cache positions per row (default: the target's max_position_embeddings).

@@ -21,16 +21,16 @@ __all__ = [
 
 # Head sizes the tree_attention kernels are built for, per device type
 # (csrc/include/jakiro/tree_attention.h).
-_TREE_ATTENTION_HEAD_DIMS = {"cpu": tuple(range(8, 257, 8)), "cuda": (64, 80, 96, 128, 256)}
-_TREE_ATTENTION_HEAD_DIMS_TEXT = {"cpu": "a multiple of 8 from 8 to 256 on the CPU",
-                                  "cuda": "64, 80, 96, 128 or 256 on CUDA"}
+_TREE_ATTENTION_HEAD_DIMS = {"cpu": tuple(range(8, 257, 8)), "cuda": tuple(range(8, 257, 8))}
+_TREE_ATTENTION_DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
 MAX_VOCAB = 262144  # csrc/include/jakiro/verify.h kMaxVocab
 
 
 def tree_attention_head_dims(device) -> tuple[int, ...]:
     """Head sizes :func:`tree_attention` accepts on ``device`` (a ``torch.device``, or a
-    device type such as ``"cpu"``): every multiple of 8 from 8 to 256 on the CPU; 64, 80, 96,
-    128 and 256 on CUDA. Empty for other device types."""
+    device type such as ``"cpu"``): every multiple of 8 from 8 to 256 on the CPU and on CUDA
+    (where 64, 80, 96, 128 and 256 have tensor-core kernels, :func:`tree_attention`). Empty
+    for other device types."""
     return _TREE_ATTENTION_HEAD_DIMS.get(torch.device(device).type, ())
 
 
@@ -123,12 +123,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     reproduces one-token decoding exactly), with the same ``window`` and ``softcap``, at
     every head size. On CUDA it is not.
 
-    Kernels by head size ``D`` (docs/kernels.md): on the CPU every multiple of 8 from 8 to
-    256; 64 and 128 run copies compiled for their size, the others one copy that reads ``D``
-    at run time (the same arithmetic). On CUDA 64, 80, 96, 128 and 256, each with the
-    tensor-core kernels for fp16/bf16 and the scalar kernel for fp32; at 256 the staged
-    tensor-core kernel needs more shared memory than an A100 has (``mma_v1`` runs there),
-    and GPUs with 99 KB per block (sm_86, sm_89) run the scalar kernel.
+    Kernels by head size ``D`` (docs/kernels.md); every multiple of 8 from 8 to 256 runs on
+    both devices. On the CPU, 64 and 128 run copies compiled for their size, the others one
+    copy that reads ``D`` at run time (the same arithmetic). On CUDA, 64, 80, 96, 128 and
+    256 have the tensor-core kernels for fp16/bf16 and the scalar kernel (fp32); every other
+    size runs the scalar kernel of the next of 64, 128 or 256, zero-padded (correct, slower).
+    At 256 the staged tensor-core kernel needs more shared memory than an A100 has
+    (``mma_v1`` runs there), and GPUs with 99 KB per block (sm_86, sm_89) run the scalar
+    kernel.
 
     Args:
         q: ``[B, Hq, Nq, D]``, float16, bfloat16 or float32; any strides.
@@ -185,7 +187,8 @@ def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len
     if head_dims:  # a meta tensor stands for any device
         torch._check_value(q.shape[-1] in head_dims,
                            lambda: f"tree_attention: head_dim (last dimension of q) must be "
-                                   f"{_TREE_ATTENTION_HEAD_DIMS_TEXT[q.device.type]}, got {q.shape[-1]}")
+                                   f"a multiple of 8 from 8 to 256 on {_TREE_ATTENTION_DEVICE_NAMES[q.device.type]}, "
+                                   f"got {q.shape[-1]}")
     torch._check_value(window >= 0, lambda: f"tree_attention: window must be >= 0 (0: no sliding window), got {window}")
     torch._check_value(math.isfinite(softcap) and softcap >= 0,
                        lambda: f"tree_attention: softcap must be finite and >= 0 (0: no soft-cap), got {softcap}")

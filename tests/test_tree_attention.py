@@ -525,26 +525,28 @@ def test_compiles_with_window_and_softcap():
 # ---------------------------------------------------------------------------
 # Head sizes, sliding windows and soft-caps.
 
-CPU_HEAD_DIMS = list(range(8, 257, 8))
-CUDA_HEAD_DIMS = [64, 80, 96, 128, 256]
+HEAD_DIMS = list(range(8, 257, 8))
+CUDA_HEAD_DIMS = [64, 80, 96, 128, 256]  # with tensor-core kernels of their own
 
 
 def test_head_dims_per_device():
-    assert ops.tree_attention_head_dims("cpu") == tuple(CPU_HEAD_DIMS)
-    assert ops.tree_attention_head_dims(torch.device("cuda", 0)) == tuple(CUDA_HEAD_DIMS)
+    assert ops.tree_attention_head_dims("cpu") == tuple(HEAD_DIMS)
+    assert ops.tree_attention_head_dims(torch.device("cuda", 0)) == tuple(HEAD_DIMS)
     assert ops.tree_attention_head_dims("meta") == ()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", CPU_HEAD_DIMS)
-def test_every_cpu_head_size_matches_reference(head_dim, dtype):
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_every_head_size_matches_reference(device, head_dim, dtype):
     # Odd batch, queries, cache size and GQA group; a tree for half the sizes, causal for the
-    # rest; every third size with a window and a soft-cap. 64 and 128 run the copies compiled
-    # for their size, the others the run-time-size copy.
+    # rest; every third size with a window and a soft-cap. On the CPU 64 and 128 run the
+    # copies compiled for their size, the others the run-time-size copy; on CUDA the sizes
+    # without kernels of their own run the scalar kernel of 64, 128 or 256, padded.
     gen = torch.Generator().manual_seed(head_dim)
     index = head_dim // 8
     inputs = make_tree_attention_inputs(batch=3, hq=6, hkv=2, nq=7, head_dim=head_dim, prefix_lens=[0, 13, 29],
-                                        tree_shape="random" if index % 2 else None, dtype=dtype, generator=gen)
+                                        tree_shape="random" if index % 2 else None, dtype=dtype, device=device,
+                                        generator=gen)
     if index % 3 == 0:
         inputs.update(window=5, softcap=1.5)
     assert_close_scaled(call(inputs), call_reference(inputs), dtype)
@@ -575,13 +577,20 @@ def test_unsupported_head_size_names_the_allowed_ones():
 
 
 @pytest.mark.cuda
-def test_cuda_unsupported_head_size_names_the_allowed_ones():
-    for head_dim in (32, 72, 120, 192):  # fine on the CPU, not compiled for CUDA
+def test_cuda_unsupported_head_size_names_the_allowed_ones(monkeypatch):
+    for head_dim in (12, 264, 4):
         inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=3, head_dim=head_dim, prefix_lens=5,
                                             device="cuda")
-        with pytest.raises(ValueError, match=r"tree_attention: head_dim \(last dimension of q\) must be 64, 80, 96, "
-                                             rf"128 or 256 on CUDA, got {head_dim}"):
+        with pytest.raises(ValueError, match=r"tree_attention: head_dim \(last dimension of q\) must be a multiple of "
+                                             rf"8 from 8 to 256 on CUDA, got {head_dim}"):
             call(inputs)
+    # a size without tensor-core kernels cannot demand them
+    monkeypatch.setenv(KERNEL_ENV, "mma")
+    inputs = make_tree_attention_inputs(batch=1, hq=2, hkv=1, nq=3, head_dim=72, prefix_lens=5,
+                                        dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="JAKIRO_TREE_ATTENTION_KERNEL=mma needs a head size of 64, 80, 96, 128 "
+                                         "or 256, got 72"):
+        call(inputs)
 
 
 def test_meta_calls_check_window_and_softcap():
@@ -731,10 +740,11 @@ def test_softcap_bounds_the_scores():
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["auto", "scalar", "mma_v1"])
 @pytest.mark.parametrize("head_dim, window, causal", [(80, 700, False), (256, 300, True), (128, 1, False),
-                                                      (96, 5000, True)])
+                                                      (96, 5000, True), (40, 0, False), (200, 900, True)])
 def test_cuda_window_over_split_caches(head_dim, window, causal, kernel, monkeypatch):
     # Long caches with a window: blocks start at their rows' first key, splits share the
-    # window's span (the staged kernel by the real lengths, the others in fixed parts).
+    # window's span (the staged kernel by the real lengths, the others in fixed parts). 40
+    # and 200 run the padded scalar kernel, its split outputs merged at their real size.
     monkeypatch.setenv(KERNEL_ENV, kernel)
     gen = torch.Generator().manual_seed(head_dim + window)
     inputs = make_tree_attention_inputs(batch=2, hq=8, hkv=2, nq=24, head_dim=head_dim, prefix_lens=[6000, 1500],

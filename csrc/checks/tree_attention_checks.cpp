@@ -31,13 +31,8 @@ void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
 
   const int64_t batch = q.size(0), hq = q.size(1), nq = q.size(2), d = q.size(3);
   const int64_t hkv = k_cache.size(1), s = k_cache.size(2);
-  if (q.is_cuda()) {
-    JAKIRO_CHECK(cuda_head_dim_supported(d), kOp, "head_dim (last dimension of q) must be 64, 80, 96, 128 or 256 "
-                 "on CUDA, got ", d);
-  } else {
-    JAKIRO_CHECK(cpu_head_dim_supported(d), kOp, "head_dim (last dimension of q) must be a multiple of 8 from 8 to ",
-                 kCpuMaxHeadDim, " on the CPU, got ", d);
-  }
+  JAKIRO_CHECK(head_dim_supported(d), kOp, "head_dim (last dimension of q) must be a multiple of 8 from 8 to ",
+               kMaxHeadDim, q.is_cuda() ? " on CUDA" : " on the CPU", ", got ", d);
   JAKIRO_CHECK(k_cache.size(0) == batch && k_cache.size(3) == d, kOp, "k_cache must have shape [B=", batch,
                ", Hkv, S, D=", d, "], got ", k_cache.sizes());
   JAKIRO_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, "v_cache must have the shape of k_cache ",

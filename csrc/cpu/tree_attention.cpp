@@ -397,7 +397,7 @@ void merge_splits(const float* partial, int64_t partial_stride, const float* lse
   const int D = head_size<kD>(head_dim);
   float lse_max = kNegInf;
   for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, lse[sp * lse_stride]);
-  float value[kCpuMaxHeadDim] = {};
+  float value[kMaxHeadDim] = {};
   float weight_sum = 0.f;
   if (lse_max != kNegInf) {
     for (int64_t sp = 0; sp < splits; ++sp) {
@@ -414,7 +414,7 @@ void merge_splits(const float* partial, int64_t partial_stride, const float* lse
 
 template <typename scalar_t, int kD>
 void tree_attention_cpu_impl(const Inputs<scalar_t>& in) {
-  static_assert(kD % 8 == 0 && kD <= kCpuMaxHeadDim, "the P·V micro-kernel takes 8 columns at a time");
+  static_assert(kD % 8 == 0 && kD <= kMaxHeadDim, "the P·V micro-kernel takes 8 columns at a time");
   const int D = head_size<kD>(in.head_dim);
   const int64_t group = in.hq / in.hkv;
   const int64_t packed_rows = in.nq * group;

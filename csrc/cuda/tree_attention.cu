@@ -14,7 +14,9 @@
 // is read only for keys in a row's tree region.
 //
 // Head sizes 64, 80, 96, 128 and 256 are compiled (all three kernels; the
-// tensor-core tiles need multiples of 16). A sliding window is a per-row first
+// tensor-core tiles need multiples of 16). Every other multiple of 8 up to 256
+// runs the scalar kernel of the next compiled size of 64, 128 or 256, its
+// shared tiles zero-padded past the real size. A sliding window is a per-row first
 // key (QueryKeyRange::begin): blocks start at their rows' lowest one. The
 // soft-cap maps each score, in the log2 units the kernels use, before the mask.
 #include <ATen/cuda/CUDAContext.h>
@@ -52,17 +54,24 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <int D>
 constexpr int scalar_rows() { return D > 128 ? 16 : 32; }
 
-// Calls f(std::integral_constant<int, D>) for the compiled head size D == head_dim.
+// The head sizes every kernel is compiled for.
+bool head_dim_compiled(int64_t head_dim) {
+  return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256;
+}
+
+// Calls f(std::integral_constant<int, D>) for the compiled size D that serves
+// head_dim: itself when compiled, else the next of 64, 128, 256 (padded, scalar only).
 template <typename F>
 void with_head_dim(int64_t head_dim, F&& f) {
   switch (head_dim) {
-    case 64: return f(std::integral_constant<int, 64>{});
     case 80: return f(std::integral_constant<int, 80>{});
     case 96: return f(std::integral_constant<int, 96>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    case 256: return f(std::integral_constant<int, 256>{});
-    default: JAKIRO_CHECK(false, kOp, "head_dim ", head_dim, " is not compiled for CUDA");
+    default: break;
   }
+  if (head_dim <= 64) return f(std::integral_constant<int, 64>{});
+  if (head_dim <= 128) return f(std::integral_constant<int, 128>{});
+  JAKIRO_CHECK(head_dim <= 256, kOp, "head_dim ", head_dim, " exceeds 256");
+  return f(std::integral_constant<int, 256>{});
 }
 
 template <typename scalar_t>
@@ -80,6 +89,7 @@ struct Params {
   float* partial_out;     // [splits, B * Hq * Nq, D] when splits > 1
   float* partial_lse;     // [splits, B * Hq * Nq], log2 domain
   int64_t hq, hkv, nq, group, cache_size, tree_len;
+  int head_dim;            // the real size (the scalar kernel's padded copies read it)
   int64_t window;          // 0: no sliding window
   int64_t keys_per_split;
   int num_splits;
@@ -124,8 +134,11 @@ constexpr size_t shared_bytes() {
          sizeof(float) * (kRows * D + kKeys * (D + 1) + kKeys * D + kRows * (kKeys + 1) + 3 * kRows);
 }
 
-template <typename scalar_t, int D>
+// D: the compiled size; kPadded: the real size p.head_dim is smaller, and
+// the shared tiles hold zeros past it.
+template <typename scalar_t, int D, bool kPadded>
 __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<scalar_t> p) {
+  const int head_dim = kPadded ? p.head_dim : D;
   constexpr int kRows = scalar_rows<D>();
   constexpr int kRowsPerWarp = kRows / kWarps;   // softmax rows owned by one warp
   constexpr int kColGroups = kThreads / kRows;   // threads sharing one row in P·V
@@ -154,9 +167,9 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<s
     const int r = idx / D, d = idx % D;
     const int64_t row = row0 + r;
     float value = 0.f;
-    if (row < packed_rows) {
+    if (row < packed_rows && d < head_dim) {
       const int64_t i = row / p.group, h = hkv * p.group + row % p.group;
-      value = static_cast<float>(p.q[((b * p.hq + h) * p.nq + i) * D + d]) * p.scale_log2;
+      value = static_cast<float>(p.q[((b * p.hq + h) * p.nq + i) * head_dim + d]) * p.scale_log2;
     }
     s_q[idx] = value;
   }
@@ -193,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<s
       const int j = idx / D, d = idx % D;
       const int64_t key = key0 + j;
       float kx = 0.f, vx = 0.f;
-      if (key < end) {
+      if (key < end && d < head_dim) {
         kx = static_cast<float>(k_head[key * p.k_strides[2] + d]);
         vx = static_cast<float>(v_head[key * p.v_strides[2] + d]);
       }
@@ -209,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<s
       const float* q = s_q + r * D;
       const float* k = s_k + lane * (D + 1);
 #pragma unroll 16
-      for (int d = 0; d < D; ++d) dot = fmaf(q[d], k[d], dot);
+      for (int d = 0; d < head_dim; ++d) dot = fmaf(q[d], k[d], dot);
       if (p.softcap_log2 > 0.f) dot = soft_cap_log2(dot, p.softcap_log2, p.inv_softcap_log2);
       bool visible = key < end && key >= s_begin[r] && key < s_visible_end[r];
       if (visible && key >= s_dense_end[r]) {  // a tree key: test its bit
@@ -261,13 +274,17 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(const Params<s
   const float sum = s_sum[pv_row];
   const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key gets zeros
   if (p.num_splits == 1) {
-    scalar_t* out = p.out + out_row * D + pv_col;
-    for (int c = 0; c < D / kColGroups; ++c) out[c * kColGroups] = static_cast<scalar_t>(acc[c] * inv);
+    scalar_t* out = p.out + out_row * head_dim + pv_col;
+    for (int c = 0; c < D / kColGroups; ++c) {
+      if (!kPadded || pv_col + c * kColGroups < head_dim) out[c * kColGroups] = static_cast<scalar_t>(acc[c] * inv);
+    }
     return;
   }
   const int64_t total_rows = gridDim.x / p.hkv * p.hq * p.nq;
-  float* out = p.partial_out + (split * total_rows + out_row) * D + pv_col;
-  for (int c = 0; c < D / kColGroups; ++c) out[c * kColGroups] = acc[c] * inv;
+  float* out = p.partial_out + (split * total_rows + out_row) * head_dim + pv_col;
+  for (int c = 0; c < D / kColGroups; ++c) {
+    if (!kPadded || pv_col + c * kColGroups < head_dim) out[c * kColGroups] = acc[c] * inv;
+  }
   if (pv_col == 0) p.partial_lse[split * total_rows + out_row] = sum > 0.f ? s_max[pv_row] + log2f(sum) : -INFINITY;
 }
 
@@ -375,15 +392,18 @@ Kernel choose_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                "portable (CPU copies, auto on CUDA), got ", wanted);
   if (cpu_value) wanted = "auto";
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const bool mma_possible = q.scalar_type() != at::kFloat && props->major >= 8 && aligned_16(q) && aligned_16(k) &&
-                            aligned_16(v);
+  const int64_t head_dim = q.size(3);
+  const bool compiled = head_dim_compiled(head_dim);  // else only the padded scalar kernel
+  const bool mma_possible = compiled && q.scalar_type() != at::kFloat && props->major >= 8 && aligned_16(q) &&
+                            aligned_16(k) && aligned_16(v);
   // e.g. sm_86/sm_89 allow 99 KB per block: too little for 256 rows at D = 128,
   // or for either tensor-core kernel at D = 256 (A100's 163 KB: mma_v1 only)
-  const int64_t head_dim = q.size(3);
   const SharedBytes bytes = shared_bytes_for(head_dim, staged_row_groups(packed_rows, head_dim));
   const size_t available = props->sharedMemPerBlockOptin;
   const bool staged_fits = bytes.staged <= available, v1_fits = bytes.mma_v1 <= available;
   if (wanted == "mma") {
+    JAKIRO_CHECK(compiled, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs a head size of 64, 80, 96, 128 or 256, got ",
+                 head_dim);
     JAKIRO_CHECK(mma_possible, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs fp16/bf16 inputs on sm_80+ with "
                  "16-byte aligned pointers and strides");
     JAKIRO_CHECK(staged_fits, kOp, "JAKIRO_TREE_ATTENTION_KERNEL=mma needs more shared memory per block than "
@@ -435,17 +455,20 @@ void launch(const Params<scalar_t>& p, int64_t batch, int64_t row_tiles, Kernel 
   }
   if (kernel_kind == Kernel::kScalar) {
     constexpr size_t smem = shared_bytes<D>();
-    auto kernel = tree_attention_kernel<scalar_t, D>;
+    auto kernel = tree_attention_kernel<scalar_t, D, false>;
+    if constexpr (D == 64 || D == 128 || D == 256) {  // the sizes that serve smaller ones, padded
+      if (p.head_dim != D) kernel = tree_attention_kernel<scalar_t, D, true>;
+    }
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     kernel<<<grid, kThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (p.num_splits > 1) {
     const int64_t total_rows = batch * p.hq * p.nq;
-    const int64_t elements = total_rows * D;
+    const int64_t elements = total_rows * p.head_dim;
     const int threads = 256;
     merge_splits_kernel<scalar_t><<<static_cast<unsigned>((elements + threads - 1) / threads), threads, 0, stream>>>(
-        p.partial_out, p.partial_lse, p.out, total_rows, D, p.num_splits);
+        p.partial_out, p.partial_lse, p.out, total_rows, p.head_dim, p.num_splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -484,6 +507,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.group = group;
   p.cache_size = cache_size;
   p.tree_len = tree_len;
+  p.head_dim = static_cast<int>(head_dim);
   p.window = window;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
   p.softcap_log2 = static_cast<float>(softcap) * kLog2e;

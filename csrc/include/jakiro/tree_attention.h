@@ -105,15 +105,12 @@ JAKIRO_HOST_DEVICE void apply_window(QueryKeyRange& range, const uint32_t* mask_
   }
 }
 
-// Head sizes the kernels are built for: the CPU kernel takes every multiple of
-// 8 up to 256 (csrc/cpu/tree_attention.cpp), the CUDA kernels a fixed list, all
-// multiples of 16 as the tensor-core tiles need (csrc/cuda/tree_attention.cu).
-constexpr int64_t kCpuMaxHeadDim = 256;
-JAKIRO_HOST_DEVICE bool cpu_head_dim_supported(int64_t head_dim) {
-  return head_dim >= 8 && head_dim <= kCpuMaxHeadDim && head_dim % 8 == 0;
-}
-JAKIRO_HOST_DEVICE bool cuda_head_dim_supported(int64_t head_dim) {
-  return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256;
+// Head sizes the kernels take, on both devices: every multiple of 8 up to 256
+// (csrc/cpu/tree_attention.cpp, csrc/cuda/tree_attention.cu say which sizes
+// have kernels of their own).
+constexpr int64_t kMaxHeadDim = 256;
+JAKIRO_HOST_DEVICE bool head_dim_supported(int64_t head_dim) {
+  return head_dim >= 8 && head_dim <= kMaxHeadDim && head_dim % 8 == 0;
 }
 
 }  // namespace jakiro

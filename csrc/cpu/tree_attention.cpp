@@ -102,7 +102,7 @@ JAKIRO_ALWAYS_INLINE float exp_nonpositive(float x) {
 }
 
 // tanh(x), branch-free so the soft-cap loop vectorises: its Taylor series to
-// x^11 below |x| = 0.3 (error < 1e-8 there), (1 - e) / (1 + e) with e = exp(-2|x|)
+// x^11 below |x| = 0.3 (truncated below 1e-8 there), (1 - e) / (1 + e) with e = exp(-2|x|)
 // above (no cancellation left: 1 - e > 0.45). Relative error about 3e-7.
 JAKIRO_ALWAYS_INLINE float tanh_float(float x) {
   const float a = std::fabs(x);

@@ -153,12 +153,23 @@ def step_vllm_one(args) -> int:
 
 
 def step_vllm(args) -> int:
+    """Every method in its own process, its output in LOGS/vllm-METHOD.log. Exit 3 when vLLM's
+    plain decoding fails (vLLM does not run here: nothing of jakiro's is involved), 1 when a
+    speculative method fails."""
     plan = json.loads((Path(args.work) / "jakiro.json").read_text())
+    logs = Path(args.logs or args.work)
+    logs.mkdir(parents=True, exist_ok=True)
     for method in _vllm_methods(plan):
-        command = [sys.executable, __file__, "vllm-one", "--work", args.work, "--method", method]
-        if subprocess.run(command).returncode != 0:
-            print(f"vllm_check: vLLM failed with method {method} (its output is above)", file=sys.stderr)
-            return 1
+        log = logs / f"vllm-{method.replace(':', '-')}.log"
+        command = [sys.executable, os.path.abspath(__file__), "vllm-one", "--work", args.work, "--method", method]
+        with open(log, "w") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
+        summary = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("vllm_check:")]
+        print("\n".join(summary) if summary else f"vllm_check: vllm {method}: exit {code}", flush=True)
+        if code != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            print(f"{tail}\nvllm_check: vLLM failed with method {method} (log: {log})", file=sys.stderr)
+            return 3 if method == "vanilla" else 1
     return 0
 
 
@@ -213,6 +224,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("-k", type=int, default=3, help="speculative tokens per step (vLLM) / chain depth (jakiro)")
     parser.add_argument("--method", help="vllm-one: the method to run")
+    parser.add_argument("--logs", help="vllm: where each engine's log goes (default: WORK)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return {"jakiro": step_jakiro, "vllm": step_vllm, "vllm-one": step_vllm_one, "report": step_report}[args.step](args)

@@ -38,8 +38,8 @@ def validate(args) -> ExportSettings:
     """The folders, checked before anything is read: DRAFT exists, OUT does not (or --force)."""
     from jakiro.pretrained import SHIPPED_DRAFTS, shipped_draft
 
-    draft = str(shipped_draft(args.draft)) if args.draft in SHIPPED_DRAFTS and not os.path.exists(args.draft) \
-        else args.draft
+    # A shipped draft's name wins over a folder of that name (as --target's names do): ./jakiro is the folder.
+    draft = str(shipped_draft(args.draft)) if args.draft in SHIPPED_DRAFTS else args.draft
     if not os.path.isdir(draft):
         raise UsageError(f"DRAFT {args.draft} is not a folder (a draft folder, or one of "
                          f"{', '.join(sorted(SHIPPED_DRAFTS))} for a shipped draft)")

@@ -9,7 +9,10 @@
   instead of about eight and a dozen tensor ops, whose dispatch costs dominate rows of a few
   hundred values (BENCHMARKS.md, rms_norm and rotary_embedding).
 
-All three kernels are batch-invariant, which keeps tree verification exact. A route is
+Which linear layers take the kernel is measured on the CPU at hand (:mod:`jakiro.calibration`):
+the draft's at each row count, where ``F.linear`` wins keeps ``F.linear``; the target's keep the
+kernel at every row count unless ``JAKIRO_CALIBRATE=all`` (then one choice per layer for all row
+counts). All three kernels are batch-invariant, which keeps tree verification exact. A route is
 ``(owner, attribute, replacement)``: a layer instance's ``forward``, or the
 ``apply_rotary_pos_emb`` function of a model's ``transformers`` module. The target adapter
 installs its layer routes for good on its own copy of the model's modules
@@ -27,6 +30,9 @@ import threading
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from jakiro import calibration
 
 # Families whose RMSNorm forward is Llama's, ``weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype)``
 # with the statistics in float32: what ``jakiro.ops.rms_norm`` computes. (Gemma's ``(1 + w)``
@@ -45,13 +51,19 @@ _MISSING = object()
 
 
 class _LinearForward:
-    """A forward for one ``nn.Linear`` that runs ``torch.ops.jakiro.linear`` on its weights."""
+    """A forward for one ``nn.Linear`` that runs ``torch.ops.jakiro.linear`` on its weights, or,
+    at the row counts ``choice`` gives to torch (:mod:`jakiro.calibration`), ``F.linear``."""
 
-    def __init__(self, module: nn.Linear):
+    def __init__(self, module: nn.Linear, choice=calibration.ALWAYS):
         self.module = module
+        self.choice = choice
+        self.always = choice == calibration.ALWAYS
 
     def __call__(self, x):
-        return torch.ops.jakiro.linear(x, self.module.weight, self.module.bias)
+        module = self.module
+        if self.always or calibration.uses_jakiro(self.choice, x.numel() // max(x.shape[-1], 1)):
+            return torch.ops.jakiro.linear(x, module.weight, module.bias)
+        return F.linear(x, module.weight, module.bias)
 
 
 class _RmsNormForward:
@@ -86,13 +98,18 @@ def _from_transformers(module: nn.Module, names: tuple[str, ...]) -> bool:
     return cls.__name__ in names and cls.__module__.startswith("transformers.")
 
 
-def cpu_routes(modules) -> list[tuple[object, str, object]]:
+def cpu_routes(modules, policy: calibration.Policy | None = None) -> list[tuple[object, str, object]]:
     """The routes of the layers inside ``modules`` that sit on the CPU: plain ``nn.Linear``
     layers, Hugging Face RMSNorms (:data:`RMS_NORM_CLASSES`) and the rotary embedding of
     Hugging Face attention layers (:data:`ATTENTION_CLASSES`). Subclasses (quantised layers)
     and layers whose forward was already replaced on the instance (accelerate's hooks) keep
-    their own."""
+    their own.
+
+    ``policy`` (:data:`jakiro.calibration.TARGET` or ``DRAFT``): the linear layers' op chosen by
+    timing this CPU; a layer whose every row count keeps ``F.linear`` is not routed. None: every
+    linear layer on ``torch.ops.jakiro.linear``."""
     routes = {}
+    linear = []
     for module in modules:
         for m in module.modules():
             weight = getattr(m, "weight", None)
@@ -105,10 +122,15 @@ def cpu_routes(modules) -> list[tuple[object, str, object]]:
                     or weight.device.type != "cpu":
                 continue
             if type(m) is nn.Linear:
-                routes[id(m)] = (m, "forward", _LinearForward(m))
+                routes[id(m)] = None        # its place in the order; the route once the choices are made
+                linear.append(m)
             elif _from_transformers(m, RMS_NORM_CLASSES) and hasattr(m, "variance_epsilon"):
                 routes[id(m)] = (m, "forward", _RmsNormForward(m))
-    return list(routes.values())
+    choices = calibration.linear_choices(linear, policy) if policy is not None and linear else {}
+    for m in linear:
+        choice = choices.get(id(m), calibration.ALWAYS)
+        routes[id(m)] = None if choice == calibration.NEVER else (m, "forward", _LinearForward(m, choice))
+    return [route for route in routes.values() if route is not None]
 
 
 def route_kind(route) -> str:

@@ -18,7 +18,8 @@ sliding-window layers keep working past their window. What the family's ``ForCau
 the LM head's output (Gemma's final logit soft-cap) is repeated in :meth:`TargetModel.forward`.
 
 On the CPU the copy's ``nn.Linear`` layers (the LM head included) run
-``torch.ops.jakiro.linear``, its RMSNorm layers ``torch.ops.jakiro.rms_norm``, and during a
+``torch.ops.jakiro.linear`` (unless ``JAKIRO_CALIBRATE=all`` measured ``F.linear`` faster for a
+layer: :mod:`jakiro.calibration`), its RMSNorm layers ``torch.ops.jakiro.rms_norm``, and during a
 forward pass its rotary embedding ``torch.ops.jakiro.rotary_embedding``
 (:mod:`jakiro.cpu_routing`).
 """
@@ -32,6 +33,7 @@ import weakref
 import torch
 import transformers
 
+from jakiro import calibration
 from jakiro.cpu_routing import cpu_routes, install, route_kind, use_kernels
 from jakiro.kv_cache import AttentionStep, KVCache
 
@@ -112,7 +114,9 @@ class TargetModel:
         self.hidden_size = config.hidden_size
         self.final_logit_softcap = getattr(config, "final_logit_softcapping", None)
         # CPU layers on jakiro's kernels (``kernels``: which of them; () keeps the model's own code).
-        self._kernel_routes = [route for route in cpu_routes((self.decoder, self.lm_head))
+        # Linear layers: the kernel everywhere (batch-invariant), or with JAKIRO_CALIBRATE=all one
+        # op per layer for every row count, the faster on this CPU (jakiro.calibration).
+        self._kernel_routes = [route for route in cpu_routes((self.decoder, self.lm_head), calibration.TARGET)
                                if route_kind(route) in kernels]
         install([route for route in self._kernel_routes if route[1] == "forward"])     # the copy's own layers
         self._call_routes = [route for route in self._kernel_routes if route[1] != "forward"]  # module functions

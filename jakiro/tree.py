@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from jakiro import ops
+from jakiro import calibration, ops
 from jakiro.cpu_routing import cpu_routes, use_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
 from jakiro.kv_cache import AttentionStep, KVCache
@@ -122,7 +122,9 @@ class TreeDrafter:
         self.contrastive = draft.config.contrastive
         self.per_expert = draft.config.candidate_mode == "per_expert"
         self._bits = None
-        self._kernel_routes = cpu_routes(draft.inference_modules())
+        # The draft's numbers never reach the output: each layer and row count takes whichever of
+        # jakiro's kernel and F.linear is faster on this CPU (jakiro.calibration, cached per CPU).
+        self._kernel_routes = cpu_routes(draft.inference_modules(), calibration.DRAFT)
 
     @property
     def max_new_pairs(self) -> int:

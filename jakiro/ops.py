@@ -9,9 +9,13 @@ implementation, then its autograd (and autocast) registration where it has one.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
+
+from jakiro import native
 
 __all__ = [
     "build_tree_mask", "compact_kv", "expert_mlp", "grouped_gemm", "linear", "rms_norm", "rotary_embedding",
@@ -82,6 +86,102 @@ def _build_tree_mask_fake(parents, validate=True):
     mask = parents.new_empty((batch, n, tree_mask_words(n)))
     depth = parents.new_empty((batch, n))
     return mask, depth
+
+
+# ---------------------------------------------------------------------------
+# Dispatch between jakiro's CUDA kernels and the torch-native paths (jakiro/native.py), by shape,
+# from the measurements in BENCHMARKS.md; docs/kernels.md, "Dispatch", has the same table with
+# its sources. On the CPU jakiro's kernels always run (the CPU tree_attention is batch-invariant,
+# which exact speculative decoding needs) unless JAKIRO_<OP>_KERNEL=native forces the native path.
+#
+# tree_attention, BENCHMARKS.md "Tree attention", NVIDIA H200, bf16, D=128, Hq=32, Nq=tree_len=60:
+# jakiro vs SDPA with a dense mask is 0.97-2.51x at B=1 (Hkv=8 and 32, prefix 512-32768) and
+# 0.46-0.74x at B=8 and B=32 (every prefix, both Hkv). B=2..7 were not measured: fitting each
+# case's times linearly in B puts the crossover at B=1.1-4.1 (1.9-2.1 at Hkv=32, prefix >= 8192;
+# 3.1-4.1 at Hkv=8), so the native path starts at B=3. The kernels measured are the tensor-core
+# ones; where only the scalar kernel runs (fp32, head sizes without tensor-core kernels, GPUs
+# before sm_80) the native path runs at every B: the first tensor-core kernel, faster than the
+# scalar one, already loses to the dense mask in 6 of the 8 B=1 cases. A soft-cap always runs
+# jakiro's kernel (SDPA cannot express it).
+_TREE_ATTENTION_NATIVE_MIN_BATCH = 3
+_TREE_ATTENTION_TENSOR_CORE_HEAD_DIMS = (64, 80, 96, 128, 256)
+# expert_mlp and grouped_gemm, BENCHMARKS.md "Expert MLP", NVIDIA H100, bf16, E=2, R=2, dense
+# routing, jakiro = v1 (the default kernels); native measured as the per-expert mm loop and
+# torch._grouped_mm. W = weight elements per expert (3 H I for expert_mlp, K N for grouped_gemm).
+# - T < 10: jakiro's weight streaming (2.81x the authors' block and 1.6x the mm loop at T=1,
+#   H=I=4096; 3.9x the loop at H=I=576).
+# - 10 <= T <= 64 (weight streaming): native iff T * W >= 2.1e8. Linear fits between H=I=576
+#   and 4096 cross at T * W = 2.0e8 (T=10: jakiro 52 vs 194 us at 576, 424 vs 198 at 4096) and
+#   2.2e8 (T=60: 117 vs 191, 1459 vs 209).
+# - T > 64: expert_mlp native iff W >= 4.5e6 (T=600: jakiro 89 vs 200 us at 576, 1774 vs 326 at
+#   4096, crossing at H I = 1.5e6; training T=4096: 792 vs 1181 at 576, 16614 vs 7239 at 4096);
+#   grouped_gemm native at every W (torch._grouped_mm 2.3-7.2x faster on all four measured rows,
+#   T=60-4096, K N from 576x1152 to 4096x8192, E=2-8).
+# expert_mlp's native path runs every expert on every token; the rule is measured at E=2 (dense
+# routing), so with more experts (sparse routing: jakiro runs only the routed ones) jakiro's
+# kernels run. grouped_gemm's native path is torch._grouped_mm only where it needs no host read
+# (native.grouped_mm_applies: bf16 on sm_90/sm_100 with 16-byte rows); elsewhere jakiro's kernels.
+_STREAM_NATIVE_MIN_TOKENS = 10
+_STREAM_MAX_TOKENS = 64
+_STREAM_NATIVE_MIN_WORK = 2.1e8
+_EXPERT_MLP_TILE_NATIVE_MIN_WEIGHTS = 4.5e6
+_EXPERT_MLP_NATIVE_MAX_EXPERTS = 2
+# The values of each variable that leave the choice to the dispatch rule on CUDA; "native" forces
+# the native path on every device, any other value forces jakiro's kernels (and the C++ checks it).
+_DISPATCH_VALUES = {"JAKIRO_TREE_ATTENTION_KERNEL": ("", "auto"), "JAKIRO_EXPERT_MLP_KERNEL": ("",)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _use_native(variable: str, device: torch.device, rule) -> bool:
+    """Whether the native path runs: forced by ``variable=native``, else on CUDA, under the
+    variable's default value, by ``rule()``."""
+    value = os.environ.get(variable, "")
+    if value == "native":
+        return True
+    return device.type == "cuda" and value in _DISPATCH_VALUES[variable] and rule()
+
+
+def tree_attention_native_rule(q: torch.Tensor, k_cache: torch.Tensor, softcap: float | None = None) -> bool:
+    """The CUDA dispatch rule of :func:`tree_attention`: True where the native path (SDPA with
+    a dense mask) is measured or estimated faster than jakiro's kernel (comment above)."""
+    if softcap:
+        return False
+    if q.shape[0] >= _TREE_ATTENTION_NATIVE_MIN_BATCH:
+        return True
+    tensor_cores = (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in _TREE_ATTENTION_TENSOR_CORE_HEAD_DIMS
+                    and q.is_cuda and _cuda_capability(q.device.index or 0)[0] >= 8)
+    return not tensor_cores
+
+
+def _streaming_rule(tokens: int, weights_per_expert: int) -> bool | None:
+    """Native (True) or jakiro (False) in the weight-streaming band, None above it."""
+    if tokens < _STREAM_NATIVE_MIN_TOKENS:
+        return False
+    if tokens <= _STREAM_MAX_TOKENS:
+        return tokens * weights_per_expert >= _STREAM_NATIVE_MIN_WORK
+    return None
+
+
+def expert_mlp_native_rule(x: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """The CUDA dispatch rule of :func:`expert_mlp` (comment above)."""
+    experts, hidden, intermediate = w_down.shape
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or experts > _EXPERT_MLP_NATIVE_MAX_EXPERTS:
+        return False
+    weights = 3 * hidden * intermediate
+    streaming = _streaming_rule(x.shape[0], weights)
+    return weights >= _EXPERT_MLP_TILE_NATIVE_MIN_WEIGHTS if streaming is None else streaming
+
+
+def grouped_gemm_native_rule(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The CUDA dispatch rule of :func:`grouped_gemm` (comment above)."""
+    if x.dim() != 2 or w.dim() != 3 or not native.grouped_mm_applies(x, w):
+        return False
+    streaming = _streaming_rule(x.shape[0], w.shape[1] * w.shape[2])
+    return True if streaming is None else streaming
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -165,6 +265,9 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if _use_native("JAKIRO_TREE_ATTENTION_KERNEL", q.device, lambda: tree_attention_native_rule(q, k_cache, softcap)):
+        return native.tree_attention_native(q, k_cache, v_cache, cache_seqlens, tree_mask, tree_len, scale, validate,
+                                            window=window, softcap=softcap)
     return torch.ops.jakiro.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, int(tree_len),
                                            float(scale), validate, 0 if window is None else int(window),
                                            0.0 if softcap is None else float(softcap))
@@ -438,7 +541,24 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
     if op_activation is None:
         raise ValueError(f"expert_mlp: activation must be one of {', '.join(map(repr, EXPERT_MLP_ACTIVATIONS))}, "
                          f"got {activation!r}")
+    if _use_native("JAKIRO_EXPERT_MLP_KERNEL", x.device, lambda: expert_mlp_native_rule(x, w_down)):
+        return _expert_mlp_native_autocast(x, w_gate_up, w_down, coeff, op_activation)
     return torch.ops.jakiro.expert_mlp(x, w_gate_up, w_down, coeff, op_activation)
+
+
+def _expert_mlp_native_autocast(x, w_gate_up, w_down, coeff, activation):
+    """The native path with the op's autocast rule (the autocast kernel below): floating inputs
+    in the autocast dtype, a float32 coeff kept, then the products with autocast off."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+        with torch.autocast(device_type, enabled=False):
+            return native.expert_mlp_native(cast(x), cast(w_gate_up), cast(w_down),
+                                            coeff if coeff.dtype == torch.float32 else cast(coeff), activation)
+    return native.expert_mlp_native(x, w_gate_up, w_down, coeff, activation)
 
 
 def _check_expert_mlp_activation(activation):
@@ -575,6 +695,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
         ValueError: naming the argument, for a wrong rank, size, dtype or device, or offsets that
             do not start at 0, decrease, or do not end at T.
     """
+    if _use_native("JAKIRO_EXPERT_MLP_KERNEL", x.device, lambda: grouped_gemm_native_rule(x, w)):
+        return native.grouped_gemm_native(x, w, expert_offsets, validate)
     return torch.ops.jakiro.grouped_gemm(x, w, expert_offsets, validate)
 
 

@@ -150,7 +150,9 @@ def expert_mlp_native(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
     CUDA paths and an ``nn.Linear`` stack do), the down products are one batched ``bmm``, and
     the heads combine in fp32 (fp64 for float64). An expert's output reaches a token only when
     one of the token's coefficients for it is non-zero, as in the op (a non-finite output of an
-    expert a token skips is not multiplied by zero). Differentiable by autograd.
+    expert a token skips is not multiplied by zero). Differentiable by autograd, with the op's
+    gradients: when a gradient is needed every output takes part (the op's backward also runs
+    every expert on every token).
     """
     _require(activation in ("silu", "gelu_tanh"),
              f'expert_mlp: activation must be "silu" or "gelu_tanh", got "{activation}"')
@@ -168,8 +170,11 @@ def expert_mlp_native(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
     gate_up = gate_up.view(tokens, experts, 2 * intermediate).transpose(0, 1)  # [E, T, 2I]
     h = _gated(gate_up[..., :intermediate], gate_up[..., intermediate:], activation)
     y = torch.bmm(h, w_down.transpose(1, 2))                                  # [E, T, H]
-    routed = (coeff != 0).any(1).T.unsqueeze(-1)                              # [E, T, 1]
-    y = torch.where(routed, y, y.new_zeros(()))
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, coeff))):
+        routed = (coeff != 0).any(1).T.unsqueeze(-1)                          # [E, T, 1]
+        y = torch.where(routed, y, y.new_zeros(()))
+    # else every output stays, so a zero coefficient's gradient is the expert's output, as the
+    # op's backward defines it
     return torch.einsum("tre,eth->rth", coeff.to(acc), y.to(acc)).to(x.dtype)
 
 

@@ -232,6 +232,13 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     (``mma_v1`` runs there), and GPUs with 99 KB per block (sm_86, sm_89) run the scalar
     kernel.
 
+    Native path (``jakiro.native.tree_attention_native``: SDPA over a dense boolean mask built on
+    the device, same contract): on CUDA, under ``JAKIRO_TREE_ATTENTION_KERNEL=auto`` (the
+    default), it runs instead of the kernels where the measured tables make it faster
+    (:func:`tree_attention_native_rule`: ``B >= 3``, or no tensor-core kernel; never with a
+    ``softcap``; docs/kernels.md, "Dispatch"). ``=native`` forces it on any device (with a
+    ``softcap``: ValueError); on the CPU the kernel runs otherwise.
+
     Args:
         q: ``[B, Hq, Nq, D]``, float16, bfloat16 or float32; any strides.
         k_cache, v_cache: ``[B, Hkv, S, D]`` of q's dtype and device; ``Hq % Hkv == 0``
@@ -529,7 +536,11 @@ def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, c
     through tensor cores for its routed tokens when ``T <= 64`` (fp16/bf16 on sm_80+), and above runs
     every expert on every token with cuBLAS (an expert's output still reaches only the tokens
     routed to it; its gate and up products are rounded to x's dtype before the activation); ``cublas``
-    the cuBLAS path at every T. Any other value is a ValueError.
+    the cuBLAS path at every T. Unset, the wrapper picks per shape between ``v1`` and the
+    native path (``jakiro.native.expert_mlp_native``: every expert on every token with cuBLAS
+    products, the same contract) by :func:`expert_mlp_native_rule` (docs/kernels.md,
+    "Dispatch"); ``native`` forces the native path on any device (on the CPU the kernel runs
+    otherwise). Any other value is a ValueError.
 
     No host synchronisation on CUDA (CUDA-graph safe).
 
@@ -689,7 +700,10 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
     ``T <= 64`` streams each expert's weights once through tensor cores, ``T <= 512`` runs a
     tile kernel, and larger T one cuBLAS product per expert, which reads the offsets back to
     the host (one synchronisation, even with ``validate=False``; under CUDA-graph capture the
-    tile kernel runs instead). ``cublas`` takes that path at every T, ``v1`` never.
+    tile kernel runs instead). ``cublas`` takes that path at every T, ``v1`` never. Unset, the
+    wrapper picks per shape between ``v1`` and ``torch._grouped_mm`` (where it needs no host
+    read) by :func:`grouped_gemm_native_rule`; ``native`` forces
+    ``jakiro.native.grouped_gemm_native`` on any device.
 
     Raises:
         ValueError: naming the argument, for a wrong rank, size, dtype or device, or offsets that

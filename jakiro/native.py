@@ -22,7 +22,7 @@ __all__ = ["expert_mlp_native", "grouped_gemm_native", "grouped_mm_applies", "tr
 
 
 def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return t.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _require(condition: bool, message: str):

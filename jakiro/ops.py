@@ -133,7 +133,8 @@ _DISPATCH_VALUES = {"JAKIRO_TREE_ATTENTION_KERNEL": ("", "auto"), "JAKIRO_EXPERT
 
 @functools.lru_cache(maxsize=None)
 def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    # (0, 0) without a usable GPU (CUDA tensors under FakeTensorMode): no tensor-core kernel
+    return torch.cuda.get_device_capability(index) if torch.cuda.is_available() else (0, 0)
 
 
 def _use_native(variable: str, device: torch.device, rule) -> bool:

@@ -11,10 +11,13 @@ How a class is timed (:func:`measure`): the model's own weight matrices of that 
 :data:`MAX_TIMED_MATRICES` of them, within :data:`MAX_TIMED_BYTES`; a wider matrix, such as a
 262k-token LM head, is cut to that many bytes of rows: a per-row stream costs the same per byte)
 are multiplied by a random ``[rows, K]`` input, each product by the two ops in turn (interleaved,
-the order alternating), :data:`REPEATS` passes round all classes; each op keeps its minimum. ``F.linear`` is the baseline: jakiro's kernel is chosen only
-when its minimum times ``1 + MARGIN`` is still below ``F.linear``'s (:func:`jakiro_wins`), so a tie
-or a noisy near-tie never leaves torch's own op. The margin is 10%: the spread of minima
-between repeated calibrations on a shared 2-core machine.
+the order alternating), :data:`REPEATS` passes round all classes; each op keeps its minimum.
+``F.linear`` is the baseline: jakiro's kernel is chosen only when its minimum times
+``1 + MARGIN`` is still below ``F.linear``'s (:func:`jakiro_wins`), so a tie or a noisy near-tie
+never leaves torch's own op. The margin is 10%: the spread of minima between repeated
+calibrations on a shared 2-core machine. The timed matrices sit in cache, which is what the
+draft's do between tree levels; a whole target forward streams from memory, where the kernel
+fares better (BENCHMARKS.md) - one more reason the target is not calibrated by default.
 
 Two policies:
 

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -265,15 +266,15 @@ def _folder_size(folder: Path) -> int:
 
 
 def _convert_logged(gguf: Path, out: Path, progress: bool, source: str | None = None):
+    """Converts with a start line, "still running" lines every 30 s in logs, and an end line."""
+    from jakiro.progress import stage
     size = gguf.stat().st_size
-    if progress:
-        print(f"[jakiro] converting {gguf.name} ({_megabytes(size)}) to float32 safetensors under {out} "
-              "(once; up to a few minutes)", flush=True)
-    start = time.perf_counter()
-    convert_gguf(gguf, out, source=source)
-    if progress:
-        print(f"[jakiro] converted {gguf.name} in {time.perf_counter() - start:.1f} s "
-              f"({_megabytes(_folder_size(out))} of safetensors)", flush=True)
+    with stage(f"[jakiro] converting {gguf.name} ({_megabytes(size)}) to float32 safetensors under {out} "
+               "(once; up to a few minutes)", done=f"[jakiro] converted {gguf.name}",
+               still=f"[jakiro] converting {gguf.name}", mode="auto" if progress else "off",
+               stream=sys.stdout) as step:
+        convert_gguf(gguf, out, source=source)
+        step.detail = f"{_megabytes(_folder_size(out))} of safetensors"
 
 
 def _convert_named(entry: NamedTarget, out: Path, progress: bool):

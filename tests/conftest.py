@@ -1,8 +1,15 @@
 """Shared test fixtures: devices to run on and the CUDA skip rule."""
+import os
+
 import pytest
 import torch
 
 import jakiro
+
+# The draft's linear layers are routed by a per-CPU calibration (jakiro.calibration): the tests run
+# without it, so routes are the same on every machine and nothing is written to the user's cache
+# (child processes inherit this too); tests/test_calibration.py switches it on where it tests it.
+os.environ.setdefault("JAKIRO_CALIBRATE", "0")
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_COMPILED = jakiro.build_info()["cuda_compiled"]

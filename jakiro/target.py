@@ -100,6 +100,9 @@ class TargetModel:
             why = UNSUPPORTED_REASONS.get(model_type, "not tested with jakiro's attention backend")
             raise ValueError(f"target: model_type {model_type!r} is not supported ({why}); supported: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"target: this {model_type} model attends bidirectionally (an encoder, e.g. for "
+                             f"embeddings): speculative decoding needs a causal model")
         transformers.AttentionInterface.register(BACKEND_NAME, _jakiro_attention)
         self.model = model
         self.config = config

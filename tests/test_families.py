@@ -120,6 +120,8 @@ def test_every_supported_family_has_a_tiny_test_model():
     (lambda: __import__("transformers").GraniteForCausalLM(__import__("transformers").GraniteConfig(
         num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=64)),
      r"model_type 'granite' is not supported \(its ForCausalLM divides the logits by logits_scaling"),
+    (lambda: make_tiny_target("gemma3", use_bidirectional_attention=True),
+     r"target: this gemma3_text model attends bidirectionally \(an encoder"),
 ])
 def test_unsupported_families_are_refused_in_one_line(make, message):
     with pytest.raises(ValueError, match=message):

@@ -255,6 +255,26 @@ def make_tiny_target(family: str = "llama", *, vocab: int = 256, hidden: int = 6
     return model
 
 
+def save_tiny_target_and_draft(root, seed: int = 3):
+    """Saves a tiny Llama target (:func:`make_tiny_target`, 256 tokens) with a word-level tokenizer
+    (``<unk>``, ``<eos>``, then ``w0`` .. ``w253``: word ``wN`` is token ``N + 2``) to ``root/target``
+    and a fresh draft for it to ``root/draft``: what the command-line tests run. Returns the target."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jakiro.draft import JakiroDraft
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    target = make_tiny_target("llama", seed=seed)
+    target.save_pretrained(f"{root}/target")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(
+        f"{root}/target")
+    torch.manual_seed(seed + 1)
+    JakiroDraft.from_target(target).save_pretrained(f"{root}/draft")
+    return target
+
+
 def rig_draft(draft, sharpness: float = 80.0):
     """Makes ``draft`` predict from the next token alone: ``out = c * embed(x_{t+1})`` with
     ``c = sharpness / rms(embedding)`` (features ``sharpness`` times the target's RMS-normed scale).

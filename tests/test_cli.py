@@ -7,27 +7,14 @@ import sys
 import pytest
 import torch
 
-import jakiro
 from jakiro import cli
-from jakiro.testing import make_tiny_target
+from jakiro.testing import save_tiny_target_and_draft
 
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("cli")
-    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    target = make_tiny_target("llama", seed=3)
-    target.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
-    torch.manual_seed(4)
-    jakiro.JakiroDraft.from_target(target).save_pretrained(root / "draft")
-    return root, target
+    return root, save_tiny_target_and_draft(root)
 
 
 def test_cli_generate_streams_and_summarises(saved_models, capsys):

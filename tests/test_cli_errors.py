@@ -9,28 +9,17 @@ import time
 import pytest
 import torch
 
-import jakiro
 from jakiro import cli, pretrained
-from jakiro.testing import SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer, make_feature_shards, make_tiny_target
+from jakiro.testing import (SMOLLM2_CHAT_TEMPLATE, make_chat_tokenizer, make_feature_shards, make_tiny_target,
+                            save_tiny_target_and_draft)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny target (1024 positions) with a word-level tokenizer, a draft for it, a chat target
     and datagen features of hidden size 32."""
-    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("cli_errors")
-    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
-    backend = Tokenizer(token_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    target = make_tiny_target("llama", seed=3)
-    target.save_pretrained(root / "target")
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        root / "target")
-    torch.manual_seed(4)
-    jakiro.JakiroDraft.from_target(target).save_pretrained(root / "draft")
+    save_tiny_target_and_draft(root)
     chat = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64, seed=2)
     chat.save_pretrained(root / "chat")
     make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE).save_pretrained(root / "chat")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import jakiro
 from jakiro import cli, plots, pretrained
 from jakiro.commands.evaluate import MethodStats
 from jakiro.generate import GenerationResult
@@ -127,20 +126,9 @@ def test_benchmark_plot_option_without_matplotlib_fails_at_once(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from jakiro.testing import make_tiny_target
+    from jakiro.testing import save_tiny_target_and_draft
     root = tmp_path_factory.mktemp("plots")
-    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    target = make_tiny_target("llama", seed=3)
-    target.save_pretrained(root / "target")
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        root / "target")
-    torch.manual_seed(4)
-    jakiro.JakiroDraft.from_target(target).save_pretrained(root / "draft")
+    save_tiny_target_and_draft(root)
     return root
 
 

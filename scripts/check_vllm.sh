@@ -18,6 +18,7 @@
 # JAKIRO_VLLM_WORK   exports, logs, caches and the report (default .vllm-check)
 # JAKIRO_VLLM_PROMPTS, JAKIRO_VLLM_MAX_NEW_TOKENS, JAKIRO_VLLM_K
 #                    MT-bench prompts (8), new tokens per answer (128), speculative tokens per step (3)
+# JAKIRO_VLLM_THREADS  torch threads of jakiro's side (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -87,7 +88,9 @@ ARGS=(--work "$WORK/run" --prompts "${JAKIRO_VLLM_PROMPTS:-8}" --max-new-tokens 
       -k "${JAKIRO_VLLM_K:-3}")
 rm -rf "$WORK/run"
 say "the prompts, the exports and jakiro's tau (.venv)"
-nice "$PY" scripts/vllm_check.py jakiro "${ARGS[@]}"
+# One thread, as vLLM serves on a CPU: tau does not depend on it, and two OpenMP threads on a
+# 2-core machine that is busy with anything else run 20x slower (spinning at every barrier).
+OMP_NUM_THREADS=${JAKIRO_VLLM_THREADS:-1} nice "$PY" scripts/vllm_check.py jakiro "${ARGS[@]}"
 jakiro_at=$(date +%s)
 # Run from WORK: the vLLM venv must import its own jakiro, not the checkout's (built for .venv's torch).
 say "vLLM's model loader on the exports (tests/test_export.py in $VENV)"

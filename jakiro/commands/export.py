@@ -39,7 +39,10 @@ def validate(args) -> ExportSettings:
     from jakiro.pretrained import SHIPPED_DRAFTS, shipped_draft
 
     # A shipped draft's name wins over a folder of that name (as --target's names do): ./jakiro is the folder.
-    draft = str(shipped_draft(args.draft)) if args.draft in SHIPPED_DRAFTS else args.draft
+    try:
+        draft = str(shipped_draft(args.draft)) if args.draft in SHIPPED_DRAFTS else args.draft
+    except FileNotFoundError as error:      # a broken install
+        raise UsageError(str(error)) from None
     if not os.path.isdir(draft):
         raise UsageError(f"DRAFT {args.draft} is not a folder (a draft folder, or one of "
                          f"{', '.join(sorted(SHIPPED_DRAFTS))} for a shipped draft)")

@@ -238,8 +238,10 @@ def test_deprecated_cpu_alias_still_applies_with_a_warning(monkeypatch, capfd):
         call(inputs)
 
 
-def chain_oracle(inputs):
-    """Each tree query's output is causal attention over its root->node path (plus the prefix)."""
+def chain_oracle(inputs, window=None):
+    """Each tree query's output is causal attention over its root->node path (plus the prefix);
+    with ``window``, over the last ``window`` keys of that chain (a sliding window over the
+    sequence that the query ends: old ancestors and the prefix go first)."""
     q, k, v = inputs["q"].cpu().double(), inputs["k_cache"].cpu().double(), inputs["v_cache"].cpu().double()
     parents, tree_len, scale = inputs["parents"], inputs["tree_len"], inputs["scale"]
     batch, hq, nq, _ = q.shape
@@ -250,9 +252,11 @@ def chain_oracle(inputs):
         for i in range(nq):
             path, node = [], tree_len - nq + i
             while node >= 0:
-                path.append(node)
+                path.append(prefix + node)
                 node = int(parents[b, node])
-            keys = list(range(prefix)) + [prefix + node for node in reversed(path)]
+            keys = list(range(prefix)) + path[::-1]
+            if window is not None:
+                keys = keys[-window:]
             kk = k[b, :, keys].repeat_interleave(group, 0)
             vv = v[b, :, keys].repeat_interleave(group, 0)
             # the node is the last token of its chain: it sees every key of the chain
@@ -603,28 +607,6 @@ def test_meta_calls_check_window_and_softcap():
         call(inputs, softcap=float("inf"))
 
 
-def window_chain_oracle(inputs, window):
-    """Each tree query attends, causally, to the last ``window`` keys of its chain: the prefix,
-    then its root->node path (a sliding window over the sequence that the query ends)."""
-    q, k, v = inputs["q"].cpu().double(), inputs["k_cache"].cpu().double(), inputs["v_cache"].cpu().double()
-    parents, tree_len, scale = inputs["parents"], inputs["tree_len"], inputs["scale"]
-    batch, hq, nq, _ = q.shape
-    group = hq // k.shape[1]
-    out = torch.zeros_like(q)
-    for b in range(batch):
-        prefix = int(inputs["cache_seqlens"][b]) - tree_len
-        for i in range(nq):
-            path, node = [], tree_len - nq + i
-            while node >= 0:
-                path.append(prefix + node)
-                node = int(parents[b, node])
-            keys = (list(range(prefix)) + path[::-1])[-window:]
-            kk = k[b, :, keys].repeat_interleave(group, 0)
-            vv = v[b, :, keys].repeat_interleave(group, 0)
-            out[b, :, i] = F.scaled_dot_product_attention(q[b, :, i:i + 1], kk, vv, scale=scale)[:, 0]
-    return out
-
-
 # window against the chains: 1 (only itself), shorter than the tree's depth (old ancestors and
 # the prefix go), about the chain, longer than every chain (no effect)
 WINDOWS = [1, 2, 5, 30, 10000]
@@ -639,7 +621,7 @@ def test_tree_window_matches_chain_oracle(device, shape, nq, tree_len, window, d
     inputs = make_tree_attention_inputs(batch=3, hq=6, hkv=2, nq=nq, tree_len=tree_len, head_dim=64,
                                         prefix_lens=[0, 3, 25], tree_shape=shape, dtype=dtype, device=device,
                                         generator=gen)
-    expected = window_chain_oracle(inputs, window).to(dtype)
+    expected = chain_oracle(inputs, window).to(dtype)
     assert_close_scaled(call(inputs, window=window), expected, dtype)
     assert_close_scaled(call_reference(dict(inputs, window=window)), expected, dtype)
 

@@ -216,10 +216,15 @@ def _summary(out: Path) -> dict:
     return {s["step"]: s for s in summary["steps"]}
 
 
+def _stage_env(tmp_path: Path) -> dict:
+    """The runbook's environment for a staging rehearsal: parts under tmp/stage, the stash under tmp/stash."""
+    return {"JAKIRO_STAGE_SOURCE": str(tmp_path / "stage"), "JAKIRO_STAGE_DIR": str(tmp_path / "stash"),
+            "PYTHON": sys.executable}
+
+
 def test_runbook_cpu_rehearsal_of_the_staging(tmp_path):
     data = _staged(tmp_path)
-    env = {"JAKIRO_STAGE_SOURCE": str(tmp_path / "stage"), "JAKIRO_STAGE_DIR": str(tmp_path / "stash"),
-           "PYTHON": sys.executable}
+    env = _stage_env(tmp_path)
     result = _runbook("--device", "cpu", "--steps", "stage,e2e_compile", "--out", tmp_path / "out", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = _summary(tmp_path / "out")
@@ -234,8 +239,7 @@ def test_runbook_on_cuda_reports_what_is_missing(tmp_path):
     # The first GPU call carries part 1 only: the stage step reports the missing part, not a failure.
     _staged(tmp_path)
     (tmp_path / "stage" / "parts" / "part-2").unlink()
-    env = {"JAKIRO_STAGE_SOURCE": str(tmp_path / "stage"), "JAKIRO_STAGE_DIR": str(tmp_path / "stash"),
-           "PYTHON": sys.executable}
+    env = _stage_env(tmp_path)
     result = _runbook("--device", "cuda", "--steps", "stage", "--out", tmp_path / "out", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = _summary(tmp_path / "out")

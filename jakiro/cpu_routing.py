@@ -154,7 +154,13 @@ def use_kernels(routes):
     """Runs each route of ``routes`` (from :func:`cpu_routes`) through its kernel for the call.
 
     Thread-safe: overlapping calls share one installation (routes of the same owner and attribute
-    compute the same thing), and the last call to leave restores the original."""
+    compute the same thing), and the last call to leave restores the original.
+
+    Inside ``torch.compile`` it does nothing: a compiled caller installs the routes around the
+    compiled call (the lock and ``setattr`` cannot be traced), and the graph records them."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     with _installed_lock:
         for owner, attribute, replacement in routes:
             entry = _installed.get((id(owner), attribute))

@@ -10,6 +10,12 @@ A cycle of :class:`SpeculativeGenerator` (``docs/architecture.md``, One speculat
 
 The only host read inside a cycle is the ``all rows done?`` flag at its start. Rows that are
 done keep riding along (their caches no longer advance) until every row is done.
+
+The body of a cycle is one function of tensors (:meth:`SpeculativeGenerator._cycle`,
+:func:`_vanilla_cycle`): no host reads, no data-dependent shapes, the caches and the output
+mutated in place. ``compile=True`` runs that same function under
+``torch.compile(fullgraph=True, dynamic=False)`` (:mod:`jakiro.compiled`); the ``done`` check
+stays outside, as the one host read per cycle.
 """
 from __future__ import annotations
 
@@ -18,12 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jakiro import ops
-from jakiro.draft import JakiroDraft
+from jakiro import compiled, ops
+from jakiro.cpu_routing import use_kernels
+from jakiro.draft import DraftOutput, JakiroDraft
 from jakiro.target import TargetModel
 from jakiro.tree import TreeDrafter
 
-PHASES = ("prefill", "draft", "target", "verify", "other")
+PHASES = ("prefill", "draft", "target", "verify", "cycle", "other")
 
 
 @dataclass
@@ -39,8 +46,10 @@ class GenerationResult:
     timings: seconds per phase: ``prefill`` (the prompt pass and the first token), then per
         cycle ``draft`` (tree growth and the draft's pass over the committed pairs, the first one
         included), ``target`` (the target's tree pass), ``verify`` (the ``verify_*`` op, the
-        cache's commit of the accepted path, emission), ``other`` (the stopping check); and ``total`` (the whole call, input checks
-        included). Exact on CUDA only with ``profile=True``.
+        cache's commit of the accepted path, emission), ``other`` (the stopping check); with
+        ``compile`` on, ``cycle`` (the compiled cycle: draft, target and verify in one graph, not
+        split; compilation on a call's first cycle included); and ``total`` (the whole call, input
+        checks included). Exact on CUDA only with ``profile=True``.
     """
     sequences: torch.Tensor
     new_tokens: torch.Tensor
@@ -203,21 +212,30 @@ class _Acceptor:
         self.greedy = temperature == 0.0
         self.temperature, self.top_p, self.top_k, self.generator = temperature, top_p, top_k, generator
 
-    def __call__(self, tokens, parents, logits):
+    def uniforms(self, batch: int, nodes: int, device) -> torch.Tensor | None:
+        """The uniforms of a ``[batch, nodes]`` tree (None when greedy): drawn from the generator
+        where it lives (a CPU generator also drives a CUDA run), or from the default generator
+        of ``device``. A compiled cycle takes them as an input, so that its random numbers are
+        eager's."""
+        if self.greedy:
+            return None
+        if self.generator is None:
+            return torch.rand((batch, nodes, 2), device=device)
+        return torch.rand((batch, nodes, 2), generator=self.generator,
+                          device=self.generator.device).to(device, non_blocking=True)
+
+    def __call__(self, tokens, parents, logits, uniforms=None):
         if self.greedy:
             return ops.verify_greedy(tokens, parents, logits, validate=False)
-        uniforms = None
-        if self.generator is not None:
-            # Drawn where the generator lives (a CPU generator also drives a CUDA run).
-            uniforms = torch.rand(tokens.shape + (2,), generator=self.generator,
-                                  device=self.generator.device).to(logits.device, non_blocking=True)
+        if uniforms is None:
+            uniforms = self.uniforms(tokens.shape[0], tokens.shape[1], logits.device)
         return ops.verify_sampling(tokens, parents, logits, self.temperature, self.top_p, self.top_k,
                                    uniforms=uniforms, validate=False)
 
-    def next_token(self, root, logits):
+    def next_token(self, root, logits, uniforms=None):
         """The token after ``root`` [B] given its logits [B, V]: a one-node tree."""
         parents = torch.full((root.shape[0], 1), -1, dtype=torch.int32, device=root.device)
-        return self(root.unsqueeze(1), parents, logits.unsqueeze(1))[2]
+        return self(root.unsqueeze(1), parents, logits.unsqueeze(1), uniforms)[2]
 
 
 class _Decoding:
@@ -228,7 +246,7 @@ class _Decoding:
 
     def __init__(self, target: TargetModel, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k,
                  eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len,
-                 min_new_tokens: int = 0, stop=None):
+                 min_new_tokens: int = 0, stop=None, compile=False):
         _check_sampling(temperature, top_p, top_k, max_new_tokens)
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
             raise ValueError(f"generate: min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
@@ -240,6 +258,12 @@ class _Decoding:
         self.prompt = prompt = _Prompt(input_ids, attention_mask, device, target.vocab_size, streamer)
         capacity = prompt.width + max_new_tokens + extra_capacity
         _check_capacity(target, capacity, max_cache_len)
+        # Compiled: a cycle's shapes are static, so the cache's capacity is rounded up (one graph
+        # per capacity bucket, not per prompt length); a streamer or stop callable reads the host
+        # in every cycle, so those calls stay eager (jakiro.compiled).
+        self.compiled = compiled.backend(compile, device) if streamer is None and stop is None else None
+        if self.compiled is not None:
+            capacity = compiled.bucket(capacity, target, max_cache_len)
         self.accept = _Acceptor(temperature, top_p, top_k, generator)
         self.output = _Output(prompt.ids.shape[0], max_new_tokens, eos_token_id,
                               _pad_id(target.model, eos_token_id, pad_token_id), device)
@@ -304,6 +328,13 @@ class _Decoding:
                                 len(self.accepted), accepted.to(torch.int32), timings)
 
 
+def _features(context: DraftOutput) -> tuple:
+    """The context's tensors, copied out of the draft pass's output: fixed strides whatever the
+    width of that pass (a compiled cycle's inputs keep one layout from cycle to cycle)."""
+    return tuple(None if t is None else t.clone(memory_format=torch.contiguous_format)
+                 for t in (context.mixture, context.contrastive, context.experts))
+
+
 def _check_capacity(target: TargetModel, needed: int, max_cache_len: int | None):
     limit = target.config.max_position_embeddings if max_cache_len is None else max_cache_len
     if needed > limit:
@@ -319,10 +350,16 @@ class SpeculativeGenerator:
         draft: a :class:`~jakiro.draft.JakiroDraft` bound to ``target``.
         depth, top_k, total_tokens: tree shape (see :class:`~jakiro.tree.TreeDrafter`).
         max_cache_len: cache positions per row (default: the target's max_position_embeddings).
+        compile: run each cycle (draft expansion, the verify pass, acceptance, KV compaction, the
+            draft's advance) as one ``torch.compile(fullgraph=True, dynamic=False)`` graph, built
+            once per batch size, tree size and cache bucket; on CUDA also captured as a CUDA graph
+            and replayed (:mod:`jakiro.compiled`). False: eager (the default). A string names the
+            ``torch.compile`` backend (``"eager"``, ``"aot_eager"``: tests and debugging). Calls
+            with a ``streamer`` or ``stop`` run eager.
     """
 
     def __init__(self, target, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60,
-                 max_cache_len: int | None = None):
+                 max_cache_len: int | None = None, compile: bool | str = False):
         self.target = TargetModel.of(target)
         if draft.config.vocab_size != self.target.vocab_size or draft.config.hidden_size != self.target.hidden_size:
             raise ValueError("SpeculativeGenerator: the draft was not built for this target "
@@ -330,6 +367,8 @@ class SpeculativeGenerator:
         self.draft = draft
         self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens)
         self.max_cache_len = max_cache_len
+        self.compile = compile
+        compiled.backend(compile, self.target.device)        # checks the argument
         self._check_ops()
 
     @torch.no_grad()
@@ -382,38 +421,62 @@ class SpeculativeGenerator:
         run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
                         generator, streamer, pad_token_id, profile,
                         extra_capacity=drafter.max_new_pairs + drafter.total_tokens, max_cache_len=self.max_cache_len,
-                        min_new_tokens=min_new_tokens, stop=stop)
-        prompt, cache, output, clock = run.prompt, run.cache, run.output, run.clock
+                        min_new_tokens=min_new_tokens, stop=stop, compile=self.compile)
+        prompt, cache, clock = run.prompt, run.cache, run.clock
         draft_cache = drafter.new_cache(prompt.ids.shape[0], cache.capacity)
         pair_tokens = torch.cat((prompt.model_ids[:, 1:], run.token.unsqueeze(1)), dim=1)
         context = drafter.advance(draft_cache, run.prefill_hidden, pair_tokens, prompt.lengths)
         clock.mark("draft")
 
-        root = run.token
-        width = drafter.max_new_pairs
-        columns = torch.arange(width, device=target.device).unsqueeze(0)
-        while not run.finished():                             # the cycle's one host read
-            clock.mark("other")
-            tree = drafter.expand(draft_cache, context, root)
-            clock.mark("draft")
-            logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
-                                            tree.attention_step(cache))
-            clock.mark("target")
-            accept_len, path, next_token = run.accept(tree.tokens, tree.parents, run.no_early_eos(logits, tree.level))
-            live = ~output.done
-            committed = cache.commit_path(path, accept_len, live)       # 0 for rows already done
-            # Emitted: the accepted tokens after the root, then next_token (the new root).
-            new, path = tree.path_tokens(path, accept_len, next_token, width)
-            run.emit(new, committed)
-            run.accepted.append(torch.where(live, accept_len, -1))
-            root = next_token
-            clock.mark("verify")
-            # The draft's new pairs (f of each committed node, the token after it), right-aligned.
-            source = (columns - (width - committed).unsqueeze(1)).clamp(min=0)
-            pair_hidden = hidden.gather(1, path.gather(1, source).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            context = drafter.advance(draft_cache, pair_hidden, new.gather(1, source), committed)
-            clock.mark("draft")
+        state = (_features(context), run.token)
+        batch, nodes = prompt.ids.shape[0], drafter.total_tokens
+        drafter.slot_bits(target.device)
+        # The kernel routes of both models stay installed for the whole loop (a compiled cycle
+        # cannot install them itself); the cycle's own use_kernels calls then only count.
+        with use_kernels(target._call_routes + drafter._kernel_routes):
+            cycle = self._cycle if run.compiled is None else compiled.cycle(self._cycle, run.compiled, 2, target.device)
+            while not run.finished():                             # the cycle's one host read
+                clock.mark("other")
+                uniforms = run.accept.uniforms(batch, nodes, target.device)
+                if run.compiled is None:
+                    state, accepted = cycle(run, draft_cache, state, uniforms, clock)
+                else:
+                    state, accepted = cycle(run, draft_cache, state, uniforms, None)
+                    clock.mark("cycle")
+                run.accepted.append(accepted)
         return run.result()
+
+    def _cycle(self, run: _Decoding, draft_cache, state, uniforms, clock=None):
+        """One speculative cycle, every row at once: a function of tensors (``state`` = the draft's
+        context features and the root token, ``uniforms`` the acceptance's random numbers) that
+        updates both caches and the output in place and returns ``(state, accepted)``. No host
+        reads, no data-dependent shapes: ``compile`` runs it as one graph. ``clock``: eager phase
+        timing (None: untimed)."""
+        target, drafter, cache, output = self.target, self.drafter, run.cache, run.output
+        mark = (lambda phase: None) if clock is None else clock.mark
+        context, root = DraftOutput(*state[0]), state[1]
+        width = drafter.max_new_pairs
+        tree = drafter.expand(draft_cache, context, root)
+        mark("draft")
+        logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
+                                        tree.attention_step(cache))
+        mark("target")
+        accept_len, path, next_token = run.accept(tree.tokens, tree.parents, run.no_early_eos(logits, tree.level),
+                                                  uniforms)
+        live = ~output.done
+        committed = cache.commit_path(path, accept_len, live)       # 0 for rows already done
+        # Emitted: the accepted tokens after the root, then next_token (the new root).
+        new, path = tree.path_tokens(path, accept_len, next_token, width)
+        run.emit(new, committed)
+        accepted = torch.where(live, accept_len, -1)
+        mark("verify")
+        # The draft's new pairs (f of each committed node, the token after it), right-aligned.
+        columns = torch.arange(width, device=root.device).unsqueeze(0)
+        source = (columns - (width - committed).unsqueeze(1)).clamp(min=0)
+        pair_hidden = hidden.gather(1, path.gather(1, source).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        context = drafter.advance(draft_cache, pair_hidden, new.gather(1, source), committed)
+        mark("draft")
+        return (_features(context), next_token), accepted
 
 
 @torch.no_grad()
@@ -421,26 +484,44 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      eos_token_id=None, generator: torch.Generator | None = None, streamer=None,
                      pad_token_id: int | None = None, max_cache_len: int | None = None,
-                     profile: bool = False) -> GenerationResult:
+                     profile: bool = False, compile: bool | str = False) -> GenerationResult:
     """Plain autoregressive decoding on the same cache, attention and acceptance stack as
     :class:`SpeculativeGenerator` (the honest baseline). Arguments and result as there;
     each step is one target pass over one token (timed as ``target``; choosing the token as
-    ``verify``)."""
+    ``verify``). ``compile``: each step as one compiled graph (CUDA graph on CUDA), as
+    :class:`SpeculativeGenerator`'s ``compile``."""
     target = TargetModel.of(target)
+    compiled.backend(compile, target.device)                    # checks the argument
     run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
-                    generator, streamer, pad_token_id, profile, extra_capacity=1, max_cache_len=max_cache_len)
-    cache, output, clock, token = run.cache, run.output, run.clock, run.token
-    one = torch.ones_like(output.count)
-    no_draft = torch.zeros_like(output.count, dtype=torch.int32)
-    while not run.finished():
-        clock.mark("other")
-        live = ~output.done
-        logits, _ = target.forward(token.unsqueeze(1), cache.lengths.to(torch.int64).unsqueeze(1), cache,
-                                   cache.step(1))
-        cache.advance(live)
-        clock.mark("target")
-        token = run.accept.next_token(token, logits[:, 0])
-        run.emit(token.unsqueeze(1), one)
-        run.accepted.append(no_draft)
-        clock.mark("verify")
+                    generator, streamer, pad_token_id, profile, extra_capacity=1, max_cache_len=max_cache_len,
+                    compile=compile)
+    clock, token = run.clock, run.token
+    batch = token.shape[0]
+    no_draft = torch.zeros_like(run.output.count, dtype=torch.int32)
+    with use_kernels(target._call_routes):
+        step = _vanilla_cycle if run.compiled is None else compiled.cycle(_vanilla_cycle, run.compiled, 2, target.device)
+        while not run.finished():
+            clock.mark("other")
+            uniforms = run.accept.uniforms(batch, 1, target.device)
+            if run.compiled is None:
+                token = step(target, run, token, uniforms, clock)
+            else:
+                token = step(target, run, token, uniforms, None)
+                clock.mark("cycle")
+            run.accepted.append(no_draft)
     return run.result()
+
+
+def _vanilla_cycle(target: TargetModel, run: _Decoding, token: torch.Tensor, uniforms, clock=None) -> torch.Tensor:
+    """One decoding step of every row (see :meth:`SpeculativeGenerator._cycle`): returns the new token."""
+    cache, output = run.cache, run.output
+    live = ~output.done
+    logits, _ = target.forward(token.unsqueeze(1), cache.lengths.to(torch.int64).unsqueeze(1), cache, cache.step(1))
+    cache.advance(live)
+    if clock is not None:
+        clock.mark("target")
+    token = run.accept.next_token(token, logits[:, 0], uniforms)
+    run.emit(token.unsqueeze(1), torch.ones_like(output.count))
+    if clock is not None:
+        clock.mark("verify")
+    return token

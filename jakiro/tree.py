@@ -135,6 +135,13 @@ class TreeDrafter:
         """A draft cache for ``committed_capacity`` committed pairs plus the tree's slots."""
         return self.draft.new_cache(batch, committed_capacity + self.slots)
 
+    def slot_bits(self, device) -> torch.Tensor:
+        """The tree slots' mask bits (:func:`_slot_bits`), built once per device (before a
+        compiled cycle's first call: it is a host-side build)."""
+        if self._bits is None or self._bits.device != torch.device(device):
+            self._bits = _slot_bits(self.slots, self.words, device)
+        return self._bits
+
     # ------------------------------------------------------------------ context pass
     @torch.no_grad()
     def advance(self, cache: KVCache, hidden: torch.Tensor, tokens: torch.Tensor, count: torch.Tensor) -> DraftOutput:
@@ -207,8 +214,7 @@ class TreeDrafter:
 
     def _expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
         k, batch, device = self.top_k, root.shape[0], root.device
-        if self._bits is None or self._bits.device != device:
-            self._bits = _slot_bits(self.slots, self.words, device)
+        self.slot_bits(device)
         base = cache.lengths.to(torch.int64).unsqueeze(1)                        # position of level 1
 
         # Level 1: the root's children, all of them expanded.

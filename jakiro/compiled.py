@@ -32,18 +32,23 @@ from torch.utils import _pytree as pytree
 
 # Cache capacities with compile on are rounded up to a multiple of this (one graph per bucket).
 CAPACITY_BUCKET = 256
+# Graphs Dynamo keeps per cycle function (its default, 8, is shared by every generator, model,
+# batch size, cache bucket and greedy/sampled setting of the process; past it, fullgraph fails).
+RECOMPILE_LIMIT = 64
 
 _compiled: dict = {}
 
 
-def backend(compile, device) -> str | None:
+def backend(compile, device):
     """The ``torch.compile`` backend ``compile`` asks for (None: eager). True: Inductor; a
-    string: that backend (``"eager"``, ``"aot_eager"``, ``"inductor"``)."""
+    string: that backend (``"eager"``, ``"aot_eager"``, ``"inductor"``); a callable: a custom
+    backend (tests use one to read the graph)."""
     if compile is None or compile is False:
         return None
     if compile is True:
         return "inductor"
-    if isinstance(compile, str) and compile in torch._dynamo.list_backends(exclude_tags=()) + ["eager"]:
+    if callable(compile) or (isinstance(compile, str)
+                             and compile in torch._dynamo.list_backends(exclude_tags=()) + ["eager"]):
         return compile
     raise ValueError(f"generate: compile must be True, False or a torch.compile backend name, got {compile!r}")
 
@@ -54,7 +59,7 @@ def bucket(capacity: int, target, max_cache_len: int | None) -> int:
     return max(capacity, min(-(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET, limit))
 
 
-def compiled(fn, backend_name: str):
+def compiled(fn, backend_name):
     """``fn`` under ``torch.compile(fullgraph=True, dynamic=False)`` with ``backend_name``
     (one wrapper per function and backend; Dynamo keeps a graph per shape and setting)."""
     key = (getattr(fn, "__func__", fn), backend_name)
@@ -66,7 +71,12 @@ def compiled(fn, backend_name: str):
     return wrapper if owner is None else (lambda *args: wrapper(owner, *args))
 
 
-def cycle(fn, backend_name: str, fixed: int, device):
+def limits():
+    """The Dynamo settings compiled cycles run under (a context manager around the decoding loop)."""
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+
+
+def cycle(fn, backend_name, fixed: int, device):
     """The cycle ``fn`` compiled; on CUDA with Inductor also captured as a CUDA graph and replayed.
 
     ``fn(*args)``: its first ``fixed`` arguments are the same objects at every cycle of a call (the

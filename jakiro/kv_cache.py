@@ -102,9 +102,25 @@ class KVCache:
         """
         cache_k, cache_v = self.kv[layer, 0], self.kv[layer, 1]          # [B, Hkv, S + 1, D]
         rows = self._rows.expand_as(step.positions)
-        # cache[rows, :, positions] is [B, Nq, Hkv, D]: advanced indices come first.
-        cache_k[rows, :, step.positions] = key.transpose(1, 2).to(cache_k.dtype)
-        cache_v[rows, :, step.positions] = value.transpose(1, 2).to(cache_v.dtype)
+        if torch.compiler.is_compiling():
+            # One in-place op on the whole cache: written into a view of the cache, the block would
+            # be functionalised by the compiler into a copy of the whole cache per layer.
+            torch.ops.jakiro_compiled.write_kv(self.kv, layer, rows, step.positions, key, value)
+        else:
+            _write_kv(self.kv, layer, rows, step.positions, key, value)
         return ops.tree_attention(query.to(cache_k.dtype), cache_k, cache_v, step.seqlens, step.tree_mask,
                                   step.tree_len, scale, validate=False, window=window, softcap=softcap)
 
+
+
+def _write_kv(kv: torch.Tensor, layer: int, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> None:
+    """``kv[layer, 0|1]`` at (``rows``, ``positions``) = ``key`` / ``value`` ``[B, Hkv, Nq, D]``."""
+    # cache[rows, :, positions] is [B, Nq, Hkv, D]: advanced indices come first.
+    kv[layer, 0][rows, :, positions] = key.transpose(1, 2).to(kv.dtype)
+    kv[layer, 1][rows, :, positions] = value.transpose(1, 2).to(kv.dtype)
+
+
+# The same write as an opaque op that mutates the whole cache, for compiled cycles (jakiro.compiled).
+torch.library.custom_op("jakiro_compiled::write_kv", mutates_args=("kv",))(_write_kv).register_fake(
+    lambda kv, layer, rows, positions, key, value: None)

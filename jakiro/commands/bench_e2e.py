@@ -17,7 +17,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from jakiro.commands.options import (DRAFT_HELP, RunSettings, UsageError, add_target_arguments, at_least,
+from jakiro.commands.options import (DRAFT_HELP, RunSettings, UsageError, add_compile_argument,
+                                     add_target_arguments, at_least,
                                      check_context, greedy_must_match, load_draft, load_target_model,
                                      load_tokenizer, resolve_run_settings, resolve_total_tokens)
 from jakiro.progress import PROGRESS_HELP
@@ -42,6 +43,8 @@ def add_parser(commands):
                    help="also draw the report as PNGs in DIR: tokens/s with speedups, the accepted-length "
                         "histogram, speed and tau against the tree size (needs matplotlib: pip install "
                         "'jakiro[plots]')")
+    add_compile_argument(p, "; the compiling calls are untimed warm-ups, one per prompt length bucket, and "
+                            "their time is in the report as compile_s")
     p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
@@ -129,7 +132,7 @@ def prompt_sets(tokenizer, datasets: list[str], limit: int | None, categories: l
     return {name: [encode_prompt(tokenizer, t) for t in items[:limit]] for name, items in texts.items()}
 
 
-def build_methods(names: list[str], target, settings: RunSettings, total_tokens: int) -> dict:
+def build_methods(names: list[str], target, settings: RunSettings, total_tokens: int, compile: bool = False) -> dict:
     """``{name: fn(input_ids, **options)}`` for the requested methods, in :data:`METHODS` order."""
     from jakiro.commands.evaluate import hf_generate_method
     from jakiro.generate import SpeculativeGenerator, vanilla_generate
@@ -137,7 +140,7 @@ def build_methods(names: list[str], target, settings: RunSettings, total_tokens:
     methods = {}
     for name in sorted(names, key=METHODS.index):
         if name == "vanilla":
-            methods[name] = lambda ids, **o: vanilla_generate(target, ids.to(device), **o)
+            methods[name] = lambda ids, **o: vanilla_generate(target, ids.to(device), compile=compile, **o)
             continue
         if name == "hf-generate":
             methods[name] = hf_generate_method(target)
@@ -148,11 +151,37 @@ def build_methods(names: list[str], target, settings: RunSettings, total_tokens:
             draft = load_draft(settings, "jakiro", target, candidate_mode=name.split("-", 1)[1])
         try:
             generator = SpeculativeGenerator(target, draft, depth=settings.depth, top_k=settings.tree_top_k,
-                                             total_tokens=total_tokens)
+                                             total_tokens=total_tokens, compile=compile)
         except ValueError as error:   # a tree this draft cannot grow (per_expert: top_k >= its experts)
             raise SystemExit(f"jakiro: {name}: {error}") from None
         methods[name] = (lambda g: lambda ids, **o: g.generate(ids.to(device), **o))(generator)
     return methods
+
+
+def compile_warmup(runners: dict, prompts: dict, temperatures: list[float], max_new: int, eos_token_id) -> dict:
+    """``--compile``: one untimed call per method, temperature kind (greedy, sampled) and cache size
+    bucket of the prompts (what a compiled cycle's graph depends on), so the timed runs compile
+    nothing. Returns the seconds per method."""
+    import torch
+
+    from jakiro.compiled import CAPACITY_BUCKET
+    seconds = {}
+    firsts = {}
+    for items in prompts.values():
+        for ids in items:
+            firsts.setdefault((ids.shape[1] + max_new) // CAPACITY_BUCKET, ids)
+    kinds = sorted({0.0 if t == 0 else 1.0 for t in temperatures})
+    for name, fn in runners.items():
+        if name == "hf-generate":
+            continue
+        start = time.perf_counter()
+        for ids in firsts.values():
+            for temperature in kinds:
+                fn(ids, max_new_tokens=max_new, temperature=temperature, eos_token_id=eos_token_id,
+                   generator=torch.Generator(device="cpu").manual_seed(0))
+        seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"[jakiro] --compile: {name} compiled in {seconds[name]} s", file=sys.stderr, flush=True)
+    return seconds
 
 
 def run(args, bench: BenchSettings) -> int:
@@ -168,11 +197,13 @@ def run(args, bench: BenchSettings) -> int:
     target, tokenizer = load_target_model(settings, folder)
     device, dtype = settings.device, settings.dtype
     total_tokens, tuning = tuned_total_tokens(settings, target, load_draft(settings, "jakiro", target), mode)
-    runners = build_methods(bench.methods, target, settings, total_tokens)
+    runners = build_methods(bench.methods, target, settings, total_tokens, compile=args.compile)
     report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, draft_vocab=settings.draft_vocab,
                   total_tokens=total_tokens,
                   total_tokens_auto=settings.total_tokens == "auto", tuning=tuning, depth=settings.depth,
-                  tree_top_k=settings.tree_top_k, max_new_tokens=max_new, results=[])
+                  tree_top_k=settings.tree_top_k, max_new_tokens=max_new, compile=args.compile, results=[])
+    if args.compile:
+        report["compile_s"] = compile_warmup(runners, prompts, bench.temperatures, max_new, tokenizer.eos_token_id)
     print(f"[jakiro] {report['device']}, {report['dtype']}, total_tokens={total_tokens}"
           f"{' (auto)' if tuning else ''}, depth={settings.depth}, top_k={settings.tree_top_k}", flush=True)
     runs = sum(len(ids) for ids in prompts.values()) * len(bench.temperatures) * len(runners)
@@ -184,7 +215,8 @@ def run(args, bench: BenchSettings) -> int:
                     stats = run_side_by_side(runners, ids, max_new_tokens=max_new, temperature=temperature,
                                              seed=settings.seed, eos_token_id=tokenizer.eos_token_id,
                                              unchecked=("hf-generate",),
-                                             strict=greedy_must_match(device, dtype, total_tokens), progress=bar)
+                                             strict=greedy_must_match(device, dtype, total_tokens), progress=bar,
+                                             warmup=not args.compile)
                 except LosslessError as error:
                     raise SystemExit(f"jakiro bench-e2e: NOT LOSSLESS on {dataset}: {error}") from None
                 for row in (s.summary(stats[0]) for s in stats):

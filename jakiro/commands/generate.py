@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from jakiro.commands.options import (RunSettings, UsageError, add_target_arguments, at_least, check_context,
+from jakiro.commands.options import (RunSettings, UsageError, add_compile_argument, add_target_arguments, at_least,
+                                     check_context,
                                      load_draft, load_target_model, load_tokenizer, resolve_run_settings,
                                      resolve_total_tokens)
 
@@ -21,6 +22,8 @@ def add_parser(commands):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0: off)")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as is")
+    add_compile_argument(p, "; the answer then prints at the end instead of streaming (a streamer reads the "
+                            "host every cycle, so a streamed call stays eager)")
 
 
 @dataclass(frozen=True)
@@ -56,24 +59,26 @@ def run(args, generate: GenerateSettings) -> int:
     check_context(settings, config, input_ids.shape[1], speculative=not args.vanilla)
     target, tokenizer = load_target_model(settings, folder)
     input_ids = input_ids.to(settings.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = None if args.compile else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     options = dict(max_new_tokens=settings.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
                    generator=torch.Generator(device="cpu").manual_seed(settings.seed))
     try:
         if args.vanilla:
-            result = vanilla_generate(target, input_ids, **options)
+            result = vanilla_generate(target, input_ids, compile=args.compile, **options)
             tau = "n/a (vanilla)"
         else:
             draft = load_draft(settings, "jakiro", target)
             total_tokens, _ = resolve_total_tokens(settings, target, draft)
             generator = SpeculativeGenerator(target, draft, depth=settings.depth, top_k=settings.tree_top_k,
-                                             total_tokens=total_tokens)
+                                             total_tokens=total_tokens, compile=args.compile)
             result = generator.generate(input_ids, **options)
             tau = f"{result.mean_accepted_length:.2f} (total_tokens={total_tokens})"
     except ValueError as error:   # what only the loaded models can tell (e.g. a tree this draft cannot grow)
         raise SystemExit(f"jakiro generate: {error}") from None
     new = int(result.new_tokens[0])
+    if args.compile:
+        print(tokenizer.decode(result.sequences[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True))
     seconds = result.timings["total"]
     print(f"\n[jakiro] {new} tokens in {seconds:.2f} s: {new / max(seconds, 1e-9):.1f} tokens/s, "
           f"{result.cycles} target passes, mean accepted length tau = {tau}", file=sys.stderr)

@@ -123,6 +123,18 @@ def add_target_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling runs")
 
 
+COMPILE_HELP = ("compile each decoding cycle (draft tree, verify pass, acceptance, KV compaction) with "
+                "torch.compile(fullgraph=True), vanilla decoding's steps too; on CUDA also captured as a "
+                "CUDA graph and replayed. The first call per batch size, tree size and cache size compiles "
+                "(about a minute for SmolLM2 on a CPU core). Default: eager (on the CPU compiling was not "
+                "faster end to end: BENCHMARKS.md, Compiled cycles)")
+
+
+def add_compile_argument(p, extra: str = ""):
+    """``--compile`` (``generate`` and ``bench-e2e``)."""
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP + extra)
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """The options of :func:`add_target_arguments`, checked and resolved for the device.

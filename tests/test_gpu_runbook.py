@@ -225,13 +225,11 @@ def _stage_env(tmp_path: Path) -> dict:
 def test_runbook_cpu_rehearsal_of_the_staging(tmp_path):
     data = _staged(tmp_path)
     env = _stage_env(tmp_path)
-    result = _runbook("--device", "cpu", "--steps", "stage,e2e_compile", "--out", tmp_path / "out", env=env)
+    result = _runbook("--device", "cpu", "--steps", "stage", "--out", tmp_path / "out", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = _summary(tmp_path / "out")
     assert steps["stage"]["status"] == "OK" and "GGUF joined and checked" in steps["stage"]["note"]
     assert (tmp_path / "stash" / "site" / "pkg_model" / "model.gguf").read_bytes() == data
-    # compile=True does not exist yet: its slot says so instead of failing.
-    assert steps["e2e_compile"]["status"] in ("SKIPPED", "OK")
     assert "logs.tar.gz" in os.listdir(tmp_path / "out")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from jakiro import ops
 from jakiro.draft import JakiroDraft
+from jakiro.lookup import NgramLookup
 from jakiro.target import TargetModel
 from jakiro.tree import TreeDrafter
 
@@ -319,16 +320,20 @@ class SpeculativeGenerator:
         draft: a :class:`~jakiro.draft.JakiroDraft` bound to ``target``.
         depth, top_k, total_tokens: tree shape (see :class:`~jakiro.tree.TreeDrafter`).
         max_cache_len: cache positions per row (default: the target's max_position_embeddings).
+        lookup: tokens of a lookup branch (``jakiro.lookup``: the continuation of the latest n-gram
+            match of the row's suffix in its prompt and output) added to every tree, within
+            ``total_tokens`` (0: off; at most ``total_tokens - 1``).
     """
 
     def __init__(self, target, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60,
-                 max_cache_len: int | None = None):
+                 max_cache_len: int | None = None, lookup: int = 0):
         self.target = TargetModel.of(target)
         if draft.config.vocab_size != self.target.vocab_size or draft.config.hidden_size != self.target.hidden_size:
             raise ValueError("SpeculativeGenerator: the draft was not built for this target "
                              "(hidden size or vocabulary differ)")
         self.draft = draft
-        self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens)
+        self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens, lookup=lookup)
+        self.lookup = NgramLookup(lookup) if lookup else None
         self.max_cache_len = max_cache_len
         self._check_ops()
 
@@ -394,7 +399,11 @@ class SpeculativeGenerator:
         columns = torch.arange(width, device=target.device).unsqueeze(0)
         while not run.finished():                             # the cycle's one host read
             clock.mark("other")
-            tree = drafter.expand(draft_cache, context, root)
+            proposal = None
+            if self.lookup is not None:   # the row's text: the prompt (left-padded), then its output
+                proposal = self.lookup.propose(torch.cat((prompt.ids, output.tokens), dim=1), prompt.pad,
+                                               prompt.width + output.count)
+            tree = drafter.expand(draft_cache, context, root, proposal)
             clock.mark("draft")
             logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
                                             tree.attention_step(cache))

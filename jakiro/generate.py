@@ -229,7 +229,7 @@ class _Decoding:
 
     def __init__(self, target: TargetModel, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k,
                  eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len,
-                 min_new_tokens: int = 0, stop=None):
+                 min_new_tokens: int = 0, stop=None, feature_layers=None):
         _check_sampling(temperature, top_p, top_k, max_new_tokens)
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
             raise ValueError(f"generate: min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
@@ -251,7 +251,7 @@ class _Decoding:
         self.clock = _Clock(device, profile)
         self.cache = target.new_cache(prompt.ids.shape[0], capacity)
         logits, self.prefill_hidden = target.forward(prompt.model_ids, prompt.positions, self.cache,
-                                                     self.cache.step(prompt.width, pad=prompt.pad))
+                                                     self.cache.step(prompt.width, pad=prompt.pad), feature_layers)
         self.cache.advance(prompt.lengths)
         self.token = self.accept.next_token(prompt.ids[:, -1], self.no_early_eos(logits[:, -1:])[:, 0])
         self.emit(self.token.unsqueeze(1), torch.ones_like(self.output.count))
@@ -387,7 +387,7 @@ class SpeculativeGenerator:
         run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
                         generator, streamer, pad_token_id, profile,
                         extra_capacity=drafter.max_new_pairs + drafter.total_tokens, max_cache_len=self.max_cache_len,
-                        min_new_tokens=min_new_tokens, stop=stop)
+                        min_new_tokens=min_new_tokens, stop=stop, feature_layers=self.draft.config.feature_layers)
         prompt, cache, output, clock = run.prompt, run.cache, run.output, run.clock
         draft_cache = drafter.new_cache(prompt.ids.shape[0], cache.capacity)
         pair_tokens = torch.cat((prompt.model_ids[:, 1:], run.token.unsqueeze(1)), dim=1)
@@ -406,7 +406,7 @@ class SpeculativeGenerator:
             tree = drafter.expand(draft_cache, context, root, proposal)
             clock.mark("draft")
             logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
-                                            tree.attention_step(cache))
+                                            tree.attention_step(cache), self.draft.config.feature_layers)
             clock.mark("target")
             accept_len, path, next_token = run.accept(tree.tokens, tree.parents, run.no_early_eos(logits, tree.level))
             live = ~output.done

@@ -21,6 +21,13 @@ under several routing heads at once:
 * one head per expert (``return_experts``): each expert's own feature, used by the
   ``"per_expert"`` candidate mode.
 
+With ``feature_layers`` (EAGLE-3's multi-layer features, the default for new drafts) the
+target's feature ``f_t`` read from the committed text is a fusion ``fuse([h_a; h_b; h_c; f_t])``
+of the residual stream after a low, a middle and a high layer (each RMS-normalised) and the
+last layer's feature; ``fuse`` starts as the identity on ``f_t``. Where the draft reads its
+own predictions (deeper tree levels, later training-time-test passes) they are ``H``-wide
+already and skip the fusion.
+
 The embedding and LM head are the target's own modules (frozen, shared, never saved).
 The EAGLE-2 baseline is the configuration ``DraftConfig.eagle2(...)``: one dense expert at
 the target's intermediate size, no contrastive head.
@@ -55,6 +62,16 @@ _DEFAULTED_FIELDS = ("experts_per_token", "expert_intermediate_size", "sliding_w
 _POSITIVE_FIELDS = ("rms_norm_eps", "attention_scale")
 _OPTIONAL_FIELDS = ("attention_scale",)
 _BOOL_FIELDS = ("contrastive", "fc_bias", "attention_bias", "norm_unit_offset")
+
+
+def default_feature_layers(num_layers: int) -> list[int] | None:
+    """EAGLE-3's low, middle and high layers of a ``num_layers``-layer target, as indices of
+    Hugging Face's ``hidden_states`` (``i``: the residual stream after layer ``i``): 3, L/2 + 1
+    and L - 2 (3, 16, 28 for SmolLM2's 30), clipped to the layers below the last and
+    deduplicated. None for a one-layer target (nothing below the last)."""
+    if num_layers < 2:
+        return None
+    return sorted({min(max(i, 1), num_layers - 1) for i in (3, num_layers // 2 + 1, num_layers - 2)})
 # Keys of older config.json files that the draft now takes from its target (the RoPE).
 LEGACY_FIELDS = ("rope_theta",)
 
@@ -81,6 +98,7 @@ class DraftConfig:
     sliding_window: int | None = None             # the target's last layer's window (None: full attention)
     norm_unit_offset: bool = False                # RMSNorm weight is (1 + w), as Gemma's
     hidden_act: str = "silu"                      # the experts' gate activation: "silu" or "gelu_tanh"
+    feature_layers: list[int] | None = None       # the target's hidden_states fused with f_t (None: f_t only)
 
     def __post_init__(self):
         # Types and ranges first (a config.json may hold "256" or 8.0): one line naming the field.
@@ -100,6 +118,14 @@ class DraftConfig:
                 raise ValueError(f"DraftConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"DraftConfig: hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
+        if self.feature_layers is not None:
+            layers = self.feature_layers
+            if (not isinstance(layers, (list, tuple)) or not layers
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+                    or list(layers) != sorted(set(layers))):
+                raise ValueError(f"DraftConfig: feature_layers must be a non-empty increasing list of "
+                                 f"hidden-state indices >= 0 (or null), got {layers!r}")
+            self.feature_layers = list(layers)
         if self.target_model_type is not None and not isinstance(self.target_model_type, str):
             raise ValueError(f"DraftConfig: target_model_type must be a string, got {self.target_model_type!r}")
         if self.expert_intermediate_size is None:
@@ -128,7 +154,9 @@ class DraftConfig:
     @classmethod
     def from_target(cls, hf_config, **overrides) -> "DraftConfig":
         """The Jakiro defaults for a target with Hugging Face config ``hf_config``: the target's
-        head layout, attention scale, last layer's sliding window, norm and activation."""
+        head layout, attention scale, last layer's sliding window, norm and activation, and
+        EAGLE-3's multi-layer features (:func:`default_feature_layers`; ``feature_layers=None``
+        for the last layer's feature alone)."""
         hf_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
         model_type = getattr(hf_config, "model_type", None)
         act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None) or "silu"
@@ -145,6 +173,7 @@ class DraftConfig:
             sliding_window=_last_layer_window(hf_config),
             norm_unit_offset=str(model_type).startswith("gemma"),
             hidden_act=ACTIVATIONS.get(act, "silu"),      # another activation: the draft keeps SiLU
+            feature_layers=default_feature_layers(hf_config.num_hidden_layers),
         )
         values.update(overrides)
         return cls(**values)
@@ -160,6 +189,12 @@ class DraftConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features the draft reads from the committed text: ``H`` per
+        feature layer plus the last layer's ``H``."""
+        return self.hidden_size * (1 + len(self.feature_layers or ()))
 
 
 def _attention_scale(hf_config) -> float | None:
@@ -263,6 +298,8 @@ class JakiroDraft(nn.Module):
         hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
                                              config.num_key_value_heads, config.head_dim)
         experts, inter = config.num_experts, config.expert_intermediate_size
+        # EAGLE-3's fusion of the target's layers into one H-wide feature (None: f_t alone).
+        self.fuse = nn.Linear(config.feature_size, hidden, bias=False) if config.feature_layers else None
         self.fc = nn.Linear(2 * hidden, hidden, bias=config.fc_bias)
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=config.attention_bias)
@@ -288,6 +325,13 @@ class JakiroDraft(nn.Module):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
         nn.init.constant_(self.post_norm, 0.0 if self.config.norm_unit_offset else 1.0)   # a unit scale
+        if self.fuse is not None:
+            # The identity on f_t: a new draft starts as a one-feature one, the other layers' weights
+            # grow from zero (random ones would drown f_t under three normalised streams).
+            hidden = self.config.hidden_size
+            nn.init.zeros_(self.fuse.weight)
+            with torch.no_grad():
+                self.fuse.weight[:, -hidden:] = torch.eye(hidden)
         nn.init.normal_(self.w_gate_up, std=std)
         nn.init.normal_(self.w_down, std=std)
 
@@ -453,7 +497,9 @@ class JakiroDraft(nn.Module):
         """One draft pass over pairs ``(f_t, x_{t+1})``.
 
         Args:
-            hidden: ``[B, T, H]`` target features ``f_t`` (or the draft's own predictions).
+            hidden: ``[B, T, F]`` target features ``f_t`` (``F = config.feature_size``: with
+                ``feature_layers``, the chosen layers then the last, concatenated) or ``[B, T, H]``
+                the draft's own predictions.
             input_ids: int64 ``[B, T]`` the tokens ``x_{t+1}``.
             position_ids: int ``[B, T]`` the positions ``t``.
             cache, step: where the keys go and what each query sees (``jakiro.ops.tree_attention``
@@ -494,7 +540,7 @@ class JakiroDraft(nn.Module):
         keys, values, outputs, features = [], [], [], hidden
         for r in range(rounds):
             if r:
-                features = torch.cat((hidden[:, :1].to(outputs[-1].mixture.dtype),
+                features = torch.cat((self.fused_feature(hidden[:, :1]).to(outputs[-1].mixture.dtype),
                                       outputs[-1].mixture[:, :-1].detach()), dim=1)
             z = self._input(features, input_ids)
             q, k, v = self._qkv(z, position_ids)
@@ -522,16 +568,30 @@ class JakiroDraft(nn.Module):
 
     def _check_inputs(self, hidden, input_ids, position_ids, return_contrastive):
         config = self.config
-        if hidden.dim() != 3 or hidden.shape[-1] != config.hidden_size:
-            raise ValueError(f"JakiroDraft: hidden must be [B, T, {config.hidden_size}], got {tuple(hidden.shape)}")
+        if hidden.dim() != 3 or hidden.shape[-1] not in (config.hidden_size, config.feature_size):
+            widths = f"{config.feature_size} (target features) or {config.hidden_size} (the draft's own)" \
+                if config.feature_layers else str(config.hidden_size)
+            raise ValueError(f"JakiroDraft: hidden must be [B, T, {widths}], got {tuple(hidden.shape)}")
         if input_ids.shape != hidden.shape[:2] or position_ids.shape != hidden.shape[:2]:
             raise ValueError("JakiroDraft: input_ids and position_ids must be [B, T] like hidden")
         if return_contrastive and not config.contrastive:
             raise ValueError("JakiroDraft: return_contrastive needs a draft built with contrastive=True")
 
-    def _input(self, hidden, input_ids):
-        """``z = fc([embed(x_{t+1}); f_t])`` in the draft's dtype."""
+    def fused_feature(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]``: target features of width ``feature_size`` fused into one (each lower
+        layer RMS-normalised: residual streams differ in scale by orders of magnitude); an
+        ``H``-wide feature (the last layer's, or the draft's own) is returned as it is."""
         hidden = hidden.to(self.fc.weight.dtype)          # target features may be wider than the draft
+        size = self.config.hidden_size
+        if self.fuse is None or hidden.shape[-1] == size:
+            return hidden
+        lower, last = hidden[..., :-size], hidden[..., -size:]
+        lower = F.rms_norm(lower.unflatten(-1, (-1, size)), (size,), eps=self.config.rms_norm_eps).flatten(-2)
+        return self.fuse(torch.cat((lower, last), dim=-1))
+
+    def _input(self, hidden, input_ids):
+        """``z = fc([embed(x_{t+1}); f_t])`` in the draft's dtype (``f_t`` fused first)."""
+        hidden = self.fused_feature(hidden)
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         return self.fc(torch.cat((embeds, hidden), dim=-1))
 
@@ -612,5 +672,8 @@ def _check_compatible(config: DraftConfig, target_model: nn.Module):
         problems.append(f"hidden size {hf.hidden_size} != {config.hidden_size}")
     if hf.vocab_size != config.vocab_size:
         problems.append(f"vocabulary {hf.vocab_size} != {config.vocab_size}")
+    if config.feature_layers and config.feature_layers[-1] >= hf.num_hidden_layers:
+        problems.append(f"feature_layers {config.feature_layers} reach past the target's layers below the last "
+                        f"(hidden_states 0..{hf.num_hidden_layers - 1})")
     if problems:
         raise ValueError("JakiroDraft: the target does not match this draft: " + "; ".join(problems))

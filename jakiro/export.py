@@ -58,6 +58,7 @@ DRAFT_FIELDS = {
     "experts_per_token": None, "expert_intermediate_size": None, "contrastive": True,
     "candidate_mode": "mixture", "fc_bias": True, "attention_bias": False, "target_model_type": None,
     "attention_scale": None, "sliding_window": None, "norm_unit_offset": False, "hidden_act": "silu",
+    "feature_layers": None,
 }
 LEGACY_FIELDS = ("rope_theta",)
 REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
@@ -105,6 +106,8 @@ def _expected_draft_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         shapes.update({"q_proj.bias": (heads * d,), "k_proj.bias": (kv * d,), "v_proj.bias": (kv * d,)})
     if e > 1:
         shapes["router.weight"] = (e * (2 if c["contrastive"] else 1), h)
+    if c["feature_layers"]:
+        shapes["fuse.weight"] = (h, h * (1 + len(c["feature_layers"])))
     return shapes
 
 
@@ -207,6 +210,10 @@ def _target_rope(hf) -> dict:
 def _problems(c: dict, arch: str, tensors: dict, drop_fc_bias: bool) -> list[str]:
     """Why ``arch`` cannot express the draft exactly (empty: it can)."""
     problems = []
+    if c["feature_layers"]:
+        problems.append(f"it fuses the target's layers {c['feature_layers']} with the last (EAGLE-3 features; "
+                        f"vLLM's EAGLE proposer hands a draft the last layer's feature only): train it with "
+                        f"`jakiro train --draft-config feature_layers=null`")
     if c["sliding_window"] is not None:
         problems.append(f"sliding-window attention (window {c['sliding_window']}) is not exported")
     if c["attention_scale"] is not None and not math.isclose(c["attention_scale"], c["head_dim"] ** -0.5,

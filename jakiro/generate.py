@@ -27,6 +27,7 @@ import torch
 from jakiro import compiled, ops
 from jakiro.cpu_routing import use_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
+from jakiro.lookup import NgramLookup
 from jakiro.target import TargetModel
 from jakiro.tree import TreeDrafter
 
@@ -246,7 +247,7 @@ class _Decoding:
 
     def __init__(self, target: TargetModel, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k,
                  eos_token_id, generator, streamer, pad_token_id, profile, extra_capacity, max_cache_len,
-                 min_new_tokens: int = 0, stop=None, compile=False):
+                 min_new_tokens: int = 0, stop=None, feature_layers=None, compile=False):
         _check_sampling(temperature, top_p, top_k, max_new_tokens)
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
             raise ValueError(f"generate: min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
@@ -274,7 +275,7 @@ class _Decoding:
         self.clock = _Clock(device, profile)
         self.cache = target.new_cache(prompt.ids.shape[0], capacity)
         logits, self.prefill_hidden = target.forward(prompt.model_ids, prompt.positions, self.cache,
-                                                     self.cache.step(prompt.width, pad=prompt.pad))
+                                                     self.cache.step(prompt.width, pad=prompt.pad), feature_layers)
         self.cache.advance(prompt.lengths)
         self.token = self.accept.next_token(prompt.ids[:, -1], self.no_early_eos(logits[:, -1:])[:, 0])
         self.emit(self.token.unsqueeze(1), torch.ones_like(self.output.count))
@@ -350,22 +351,27 @@ class SpeculativeGenerator:
         draft: a :class:`~jakiro.draft.JakiroDraft` bound to ``target``.
         depth, top_k, total_tokens: tree shape (see :class:`~jakiro.tree.TreeDrafter`).
         max_cache_len: cache positions per row (default: the target's max_position_embeddings).
+        lookup: tokens of a lookup branch (``jakiro.lookup``: the continuation of the latest n-gram
+            match of the row's suffix in its prompt and output) added to every tree, within
+            ``total_tokens`` (0: off; at most ``total_tokens - 1``).
         compile: run each cycle (draft expansion, the verify pass, acceptance, KV compaction, the
             draft's advance) as one ``torch.compile(fullgraph=True, dynamic=False)`` graph, built
-            once per batch size, tree size and cache bucket; on CUDA also captured as a CUDA graph
-            and replayed (:mod:`jakiro.compiled`). False: eager (the default). A string names the
-            ``torch.compile`` backend (``"eager"``, ``"aot_eager"``: tests and debugging). Calls
-            with a ``streamer`` or ``stop`` run eager.
+            once per batch size, tree size and cache bucket (with ``lookup``: per prompt width
+            too); on CUDA also captured as a CUDA graph and replayed (:mod:`jakiro.compiled`).
+            False: eager (the default). A string names the ``torch.compile`` backend
+            (``"eager"``, ``"aot_eager"``: tests and debugging). Calls with a ``streamer`` or
+            ``stop`` run eager.
     """
 
     def __init__(self, target, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60,
-                 max_cache_len: int | None = None, compile: bool | str = False):
+                 max_cache_len: int | None = None, lookup: int = 0, compile: bool | str = False):
         self.target = TargetModel.of(target)
         if draft.config.vocab_size != self.target.vocab_size or draft.config.hidden_size != self.target.hidden_size:
             raise ValueError("SpeculativeGenerator: the draft was not built for this target "
                              "(hidden size or vocabulary differ)")
         self.draft = draft
-        self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens)
+        self.drafter = TreeDrafter(draft, depth=depth, top_k=top_k, total_tokens=total_tokens, lookup=lookup)
+        self.lookup = NgramLookup(lookup) if lookup else None
         self.max_cache_len = max_cache_len
         self.compile = compile
         compiled.backend(compile, self.target.device)        # checks the argument
@@ -421,7 +427,8 @@ class SpeculativeGenerator:
         run = _Decoding(target, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, eos_token_id,
                         generator, streamer, pad_token_id, profile,
                         extra_capacity=drafter.max_new_pairs + drafter.total_tokens, max_cache_len=self.max_cache_len,
-                        min_new_tokens=min_new_tokens, stop=stop, compile=self.compile)
+                        min_new_tokens=min_new_tokens, stop=stop, feature_layers=self.draft.config.feature_layers,
+                        compile=self.compile)
         prompt, cache, clock = run.prompt, run.cache, run.clock
         draft_cache = drafter.new_cache(prompt.ids.shape[0], cache.capacity)
         pair_tokens = torch.cat((prompt.model_ids[:, 1:], run.token.unsqueeze(1)), dim=1)
@@ -456,10 +463,15 @@ class SpeculativeGenerator:
         mark = (lambda phase: None) if clock is None else clock.mark
         context, root = DraftOutput(*state[0]), state[1]
         width = drafter.max_new_pairs
-        tree = drafter.expand(draft_cache, context, root)
+        proposal = None
+        if self.lookup is not None:   # the row's text: the prompt (left-padded), then its output
+            prompt = run.prompt
+            proposal = self.lookup.propose(torch.cat((prompt.ids, output.tokens), dim=1), prompt.pad,
+                                           prompt.width + output.count)
+        tree = drafter.expand(draft_cache, context, root, proposal)
         mark("draft")
         logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,
-                                        tree.attention_step(cache))
+                                        tree.attention_step(cache), self.draft.config.feature_layers)
         mark("target")
         accept_len, path, next_token = run.accept(tree.tokens, tree.parents, run.no_early_eos(logits, tree.level),
                                                   uniforms)

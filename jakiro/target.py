@@ -153,19 +153,23 @@ class TargetModel:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                step: AttentionStep) -> tuple[torch.Tensor, torch.Tensor]:
+                step: AttentionStep, feature_layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs ``input_ids`` ``[B, Nq]`` at ``position_ids`` ``[B, Nq]`` through the model,
         writing their KV into ``cache`` as ``step`` says.
 
-        Returns ``(logits [B, Nq, V], hidden [B, Nq, H])``; ``hidden`` is the last layer's
-        output after the final norm (what the LM head reads, the draft's input feature).
-        Does not change ``cache.lengths``.
+        Returns ``(logits [B, Nq, V], features)``: ``features`` ``[B, Nq, H]`` is the last layer's
+        output after the final norm (what the LM head reads, the draft's input feature); with
+        ``feature_layers`` (indices of Hugging Face's ``hidden_states``, a multi-layer draft's
+        ``config.feature_layers``) those residual streams come first, ``[B, Nq, (n + 1) H]``,
+        from the same pass. Does not change ``cache.lengths``.
         """
         with use_kernels(self._call_routes):
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                               jakiro_cache=cache, jakiro_step=step)
+                               jakiro_cache=cache, jakiro_step=step, output_hidden_states=bool(feature_layers))
             hidden = out.last_hidden_state
             logits = self.lm_head(hidden)
             if self.final_logit_softcap:        # Gemma 2/3: what their ForCausalLM does after the head
                 logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+            if feature_layers:
+                hidden = torch.cat([out.hidden_states[i] for i in feature_layers] + [hidden], dim=-1)
             return logits, hidden

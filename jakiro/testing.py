@@ -419,23 +419,24 @@ def single_thread():
 
 
 def make_feature_shards(target, directory, *, conversations: int = 16, length: int = 24, per_shard: int = 8,
-                        seed: int = 0, equal_masks: bool = False):
+                        seed: int = 0, equal_masks: bool = False, feature_layers: list[int] | None = None):
     """Writes a datagen-format folder (``jakiro.train.data``) for ``target`` from random tokens:
-    one target forward per conversation, last-layer features after the final norm, and a loss
+    one target forward per conversation, last-layer features after the final norm (with the
+    residual streams of ``feature_layers`` before them, as datagen stores them), and a loss
     mask on a random "assistant" tail of each conversation (the same tail length everywhere
     with ``equal_masks``, and then every conversation has ``length`` tokens). Returns the index.
     """
     import os
 
     from jakiro.train.data import FORMAT, write_index, write_shard
+    from jakiro.train.datagen import target_features
     generator = torch.Generator().manual_seed(seed)
     vocab = target.config.vocab_size
     samples = []
     for _ in range(conversations):
         n = length if equal_masks else int(torch.randint(length // 2, length + 1, (1,), generator=generator))
         ids = torch.randint(0, vocab, (n,), generator=generator)
-        with torch.no_grad():
-            hidden = target.get_decoder()(input_ids=ids[None]).last_hidden_state[0].float()  # after the final norm
+        hidden = target_features(target, ids, feature_layers).float()
         start = n // 3 if equal_masks else int(torch.randint(1, n // 2, (1,), generator=generator))
         mask = torch.zeros(n, dtype=torch.uint8)
         mask[start:] = 1
@@ -444,6 +445,8 @@ def make_feature_shards(target, directory, *, conversations: int = 16, length: i
     shards = [write_shard(str(directory), number, samples[at:at + per_shard])
               for number, at in enumerate(range(0, len(samples), per_shard))]
     index = {"format": FORMAT, "version": 1, "hidden_size": target.config.hidden_size, "shards": shards}
+    if feature_layers:
+        index["feature_layers"] = list(feature_layers)
     write_index(str(directory), index)
     return index
 

@@ -32,6 +32,7 @@ from jakiro import calibration, ops
 from jakiro.cpu_routing import cpu_routes, use_kernels
 from jakiro.draft import DraftOutput, JakiroDraft
 from jakiro.kv_cache import AttentionStep, KVCache
+from jakiro.lookup import LookupProposal, merge
 
 
 @dataclass
@@ -98,9 +99,12 @@ class TreeDrafter:
         depth: draft depth as in EAGLE-2 / Jakiro: the tree has ``depth + 1`` levels.
         top_k: children per expanded node and nodes expanded per level.
         total_tokens: nodes per tree including the root (``N``).
+        lookup: most nodes of a lookup chain a tree may hold (0: none; ``jakiro.lookup``); they
+            count in ``total_tokens``.
     """
 
-    def __init__(self, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60):
+    def __init__(self, draft: JakiroDraft, depth: int = 5, top_k: int = 10, total_tokens: int = 60,
+                 lookup: int = 0):
         vocab = draft.drafting_vocab_size
         if depth < 1:
             raise ValueError(f"TreeDrafter: depth must be >= 1, got {depth}")
@@ -117,6 +121,10 @@ class TreeDrafter:
             raise ValueError(f"TreeDrafter: total_tokens must be in [2, {candidates + 1}] for depth={depth}, "
                              f"top_k={top_k}, got {total_tokens}")
         self.total_tokens = total_tokens
+        if isinstance(lookup, bool) or not isinstance(lookup, int) or not 0 <= lookup <= total_tokens - 1:
+            raise ValueError(f"TreeDrafter: lookup must be an int in [0, total_tokens - 1 = {total_tokens - 1}] "
+                             f"(lookup nodes share the tree's nodes), got {lookup!r}")
+        self.lookup = lookup
         self.slots = self.levels * top_k
         self.words = ops.tree_mask_words(self.slots)
         self.contrastive = draft.config.contrastive
@@ -128,8 +136,9 @@ class TreeDrafter:
 
     @property
     def max_new_pairs(self) -> int:
-        """Most pairs one cycle commits: the root plus a full root-to-leaf path."""
-        return self.levels + 1
+        """Most pairs one cycle commits: the root plus a full root-to-leaf path (a lookup chain
+        may be the deepest)."""
+        return max(self.levels, self.lookup) + 1
 
     def new_cache(self, batch: int, committed_capacity: int) -> KVCache:
         """A draft cache for ``committed_capacity`` committed pairs plus the tree's slots."""
@@ -207,12 +216,17 @@ class TreeDrafter:
         return values, tokens, torch.cat(hiddens, dim=2), ahead
 
     @torch.no_grad()
-    def expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
-        """Grows one tree per row from ``context`` (see :meth:`advance`) under ``root`` int64 ``[B]``."""
+    def expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor,
+               lookup: LookupProposal | None = None) -> DraftTree:
+        """Grows one tree per row from ``context`` (see :meth:`advance`) under ``root`` int64 ``[B]``;
+        a ``lookup`` proposal (at most ``self.lookup`` tokens) joins it (``jakiro.lookup.merge``)."""
+        if lookup is not None and lookup.tokens.shape[1] > self.lookup:
+            raise ValueError(f"TreeDrafter.expand: the lookup proposal has {lookup.tokens.shape[1]} tokens, "
+                             f"more than this drafter's lookup={self.lookup}")
         with use_kernels(self._kernel_routes):
-            return self._expand(cache, context, root)
+            return self._expand(cache, context, root, lookup)
 
-    def _expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor) -> DraftTree:
+    def _expand(self, cache: KVCache, context: DraftOutput, root: torch.Tensor, lookup=None) -> DraftTree:
         k, batch, device = self.top_k, root.shape[0], root.device
         self.slot_bits(device)
         base = cache.lengths.to(torch.int64).unsqueeze(1)                        # position of level 1
@@ -258,10 +272,20 @@ class TreeDrafter:
                 front_mask = _gather_rows(front_mask, parent_row) | self._bits[level * k:(level + 1) * k]
             next_id += k * k
 
-        return self._rerank(root, torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parent, 1))
+        return self._rerank(root, torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parent, 1),
+                            lookup)
 
-    def _rerank(self, root, tokens, scores, parent_ids) -> DraftTree:
-        """Keeps the best ``total_tokens - 1`` candidates, in id order (parents first)."""
+    def _rerank(self, root, tokens, scores, parent_ids, lookup=None) -> DraftTree:
+        """Keeps the best ``total_tokens - 1`` candidates, in id order (parents first); with a
+        ``lookup`` proposal, its chain shares those nodes (``jakiro.lookup.merge``)."""
+        k = self.top_k
+        if lookup is not None:
+            index = torch.arange(tokens.shape[1], device=tokens.device)
+            level = torch.where(index < k, 1, 2 + (index - k) // (k * k))    # as below
+            node_tokens, parents, node_scores, level = merge(root, tokens, scores, parent_ids, level, lookup,
+                                                             self.total_tokens)
+            mask, _ = ops.build_tree_mask(parents, validate=False)
+            return DraftTree(node_tokens, parents, node_scores, level, mask)
         keep = self.total_tokens - 1
         chosen = _sort_desc(scores)[:, :keep].sort(dim=1).values                 # candidate indices
         parent_id = parent_ids.gather(1, chosen)                                   # global id, root = 0
@@ -275,7 +299,6 @@ class TreeDrafter:
         node_scores = torch.cat((scores.new_zeros((batch, 1)), scores.gather(1, chosen)), dim=1)
         level = torch.zeros_like(node_tokens)
         # Level of a candidate from its index: level 1 is [0, k), level l>1 is a k*k block.
-        k = self.top_k
         level[:, 1:] = torch.where(chosen < k, 1, 2 + (chosen - k) // (k * k))
         mask, _ = ops.build_tree_mask(parents, validate=False)
         return DraftTree(node_tokens, parents, node_scores, level, mask)

@@ -104,6 +104,8 @@ def test_demo_and_bench_check_their_arguments_before_loading_a_model(no_model, c
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
     (["--data", "/nowhere.json"], "--data /nowhere.json is not a file"),
+    (["--feature-layers", "3,2"], "--feature-layers must be increasing"),
+    (["--feature-layers", "low"], "--feature-layers must be auto, none or"),
 ])
 def test_datagen_checks_its_arguments_before_loading_a_model(saved, no_model, capsys, tmp_path, extra, match):
     fails(["datagen", "--target", str(saved / "chat"), "--data", str(saved / "good.json"), "--format", "sharegpt",

@@ -125,7 +125,7 @@ def test_shipped_drafts_in_the_plugin_layout(tmp_path, kind, experts, inter, cap
 def test_auto_picks_vllm_own_class_when_it_is_exact(tmp_path):
     target = make_tiny_target("llama", hidden=64, heads=2, kv_heads=1, head_dim=32, intermediate=96)
     target.save_pretrained(tmp_path / "target")
-    draft = JakiroDraft.from_target(target, eagle2=True, fc_bias=False)
+    draft = JakiroDraft.from_target(target, eagle2=True, fc_bias=False, feature_layers=None)
     draft.save_pretrained(tmp_path / "draft")
     result = export.export_vllm_eagle(tmp_path / "draft", tmp_path / "out", target=tmp_path / "target")
     assert result.architecture == "EagleLlamaForCausalLM" and not result.needs_plugin and not result.notes
@@ -200,9 +200,9 @@ def test_exported_layer_computes_the_draft(tmp_path, case):
     torch.manual_seed(2)
     if case.startswith("eagle2") or case == "qkv-bias-vllm-class":
         draft = JakiroDraft.from_target(target, eagle2=True, fc_bias=case == "eagle2",
-                                        attention_bias=case == "qkv-bias-vllm-class")
+                                        attention_bias=case == "qkv-bias-vllm-class", feature_layers=None)
     else:
-        draft = JakiroDraft.from_target(target, **options)
+        draft = JakiroDraft.from_target(target, feature_layers=None, **options)
     with torch.no_grad():            # trained-looking parameters: no zero biases, no unit norm
         for param in draft.parameters():
             param.add_(torch.randn_like(param) * 0.05)
@@ -225,7 +225,7 @@ def test_exported_layer_computes_the_draft(tmp_path, case):
 def test_rope_and_context_come_from_the_target(tmp_path):
     target = make_tiny_target("llama3", hidden=64, heads=2, kv_heads=1, head_dim=32, max_positions=512)
     target.save_pretrained(tmp_path / "target")
-    JakiroDraft.from_target(target).save_pretrained(tmp_path / "draft")
+    JakiroDraft.from_target(target, feature_layers=None).save_pretrained(tmp_path / "draft")
     result = export.export_vllm_eagle(tmp_path / "draft", tmp_path / "out", target=tmp_path / "target")
     rope = result.config["rope_parameters"]
     assert rope["rope_type"] == "llama3" and rope["rope_theta"] == 500000.0 and rope["factor"] == 8.0
@@ -307,14 +307,16 @@ def test_bad_draft_files(tmp_path, capsys):
 def test_drafts_that_cannot_be_expressed(tmp_path, capsys):
     gemma = make_tiny_target("gemma3", hidden=64, heads=2, kv_heads=1, head_dim=32)
     gemma.save_pretrained(tmp_path / "gemma")
-    JakiroDraft.from_target(gemma).save_pretrained(tmp_path / "gemma-draft")
+    JakiroDraft.from_target(gemma, feature_layers=None).save_pretrained(tmp_path / "gemma-draft")
     llama = make_tiny_target("llama", hidden=64, heads=2, kv_heads=1, head_dim=32)
     llama.save_pretrained(tmp_path / "llama")
     geglu = make_tiny_target("llama", hidden=64, heads=2, kv_heads=1, head_dim=32, hidden_act="gelu_pytorch_tanh")
     geglu.save_pretrained(tmp_path / "geglu")
-    JakiroDraft.from_target(geglu, eagle2=True, fc_bias=False).save_pretrained(tmp_path / "geglu-draft")
-    windowed = DraftConfig.from_target(llama.config, sliding_window=4).to_dict()
-    JakiroDraft.from_target(llama).save_pretrained(tmp_path / "window-draft")
+    JakiroDraft.from_target(geglu, eagle2=True, fc_bias=False, feature_layers=None).save_pretrained(
+        tmp_path / "geglu-draft")
+    windowed = DraftConfig.from_target(llama.config, sliding_window=4, feature_layers=None).to_dict()
+    JakiroDraft.from_target(llama, feature_layers=None).save_pretrained(tmp_path / "window-draft")
+    JakiroDraft.from_target(llama).save_pretrained(tmp_path / "fused-draft")
     (tmp_path / "window-draft" / "config.json").write_text(json.dumps(windowed))
     capsys.readouterr()                               # the progress bars of save_pretrained
     # Gemma 3: its query_pre_attn_scalar scale (the tiny target's last layer is a global one).
@@ -328,6 +330,8 @@ def test_drafts_that_cannot_be_expressed(tmp_path, capsys):
     fails(["jakiro", tmp_path / "o", "--target", tmp_path / "nowhere"], capsys, "target")
     fails([tmp_path / "geglu-draft", tmp_path / "o", "--target", tmp_path / "geglu", "--arch", "vllm"], capsys,
           "GeGLU experts")
+    fails([tmp_path / "fused-draft", tmp_path / "o", "--target", tmp_path / "llama"], capsys,
+          "it fuses the target's layers [1] with the last (EAGLE-3 features")
 
 
 # ------------------------------------------------------------------ against the installed vLLM

@@ -316,7 +316,8 @@ def feature_items():
     from jakiro.train.data import FeatureDataset
     target = make_tiny_target("llama", hidden=128, heads=2, kv_heads=1, head_dim=64, intermediate=96, vocab=64)
     with tempfile.TemporaryDirectory() as folder:
-        make_feature_shards(target, folder, conversations=6, length=14, per_shard=3, seed=1)
+        # With the layer a new draft of a 2-layer target fuses (EAGLE-3 features: the wider input path).
+        make_feature_shards(target, folder, conversations=6, length=14, per_shard=3, seed=1, feature_layers=[1])
         dataset = FeatureDataset(folder)
         return [dataset[i] for i in range(len(dataset))]
 

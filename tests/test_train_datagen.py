@@ -121,3 +121,21 @@ def test_regenerate_rewrites_answers_with_the_target_batched_like_one_by_one(tmp
     index = generate_features(target, tokenizer, conversations, str(tmp_path / "regen"), regenerate=True,
                               max_new_tokens=5, progress=False)
     assert sum(entry["samples"] for entry in index["shards"]) >= 1
+
+
+def test_generate_features_stores_the_feature_layers_and_resumes_only_with_them(tmp_path):
+    tokenizer = make_chat_tokenizer(SMOLLM2_CHAT_TEMPLATE)
+    target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64,
+                              layers=4)
+    out = tmp_path / "features"
+    index = generate_features(target, tokenizer, [CONVERSATION] * 4, str(out), per_shard=2, progress=False,
+                              feature_layers=[1, 3])
+    assert index["feature_layers"] == [1, 3]
+    dataset = FeatureDataset(str(out))
+    ids, _ = encode_conversation(tokenizer, CONVERSATION)
+    with torch.no_grad():
+        states = target.get_decoder()(input_ids=ids[None], output_hidden_states=True).hidden_states
+    expected = torch.cat((states[1], states[3], states[-1]), dim=-1)[0]
+    torch.testing.assert_close(dataset[0]["hidden_states"], expected)
+    with pytest.raises(ValueError, match="feature_layers=\\[1, 3\\]"):
+        generate_features(target, tokenizer, [CONVERSATION] * 4, str(out), per_shard=2, progress=False)

@@ -23,7 +23,9 @@ def add_parser(commands):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--eagle2", action="store_true", help="train the EAGLE-2 baseline configuration")
     p.add_argument("--draft-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="DraftConfig override, e.g. num_experts=4 (value parsed as JSON when possible); repeatable")
+                   help="DraftConfig override, e.g. num_experts=4 (value parsed as JSON when possible); repeatable. "
+                        "A new draft fuses the layers the data holds (datagen --feature-layers); "
+                        "feature_layers=null trains one on the last layer's feature alone")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=4, help="conversations per process and step")
@@ -45,6 +47,13 @@ def add_parser(commands):
                    help="training-time test (EAGLE-3): the draft also trains on R-1 passes that read its own "
                         "predictions, as it drafts the levels of a tree (pass r weighs 0.8^r; each pass costs "
                         "about one more step). Default 1: the target's features only")
+    p.add_argument("--held-out", type=int, default=0, metavar="N",
+                   help="keep N conversations (a seeded draw) out of training and score the draft's level-1 "
+                        "top-1 on them every --eval-every steps (logged as heldout_top1); the final draft is "
+                        "the best-scoring one (kept in OUT/best meanwhile). Default 0: no held-out set")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out scores")
+    p.add_argument("--patience", type=int, default=0,
+                   help="with --held-out: stop after this many scores in a row without a new best (0: never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     p.add_argument("--init", default=None, metavar="DRAFT",
@@ -64,7 +73,10 @@ def validate(args):
         check_device(args.device)
     at_least(args, 1, "steps", "epochs", "batch_size", "checkpoint_every", "loss_vocab", "rounds")
     at_least(args, 3, "max_len")
-    at_least(args, 0, "lr", "warmup_steps", "noise", "keep_checkpoints")
+    at_least(args, 0, "lr", "warmup_steps", "noise", "keep_checkpoints", "held_out", "patience")
+    at_least(args, 1, "eval_every")
+    if args.patience and not args.held_out:
+        raise UsageError("--patience stops on held-out scores: give --held-out N too")
     if args.init is not None:
         if args.eagle2 or args.draft_config:
             raise UsageError("--init takes the draft's configuration from its folder; drop --eagle2 and "
@@ -121,14 +133,17 @@ def run(args, settings=None) -> int:
             draft = JakiroDraft.from_pretrained(args.init, target)   # float32 master weights, as the target
         else:
             try:
-                draft = JakiroDraft.from_target(target, eagle2=args.eagle2, **_overrides(args.draft_config))
+                # A new draft reads what the data holds: multi-layer features where datagen stored them.
+                overrides = {"feature_layers": dataset.feature_layers, **_overrides(args.draft_config)}
+                draft = JakiroDraft.from_target(target, eagle2=args.eagle2, **overrides)
             except TypeError as error:
                 raise SystemExit(f"jakiro train: bad --draft-config: {error}") from None
         config = TrainConfig(lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, noise=args.noise, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                              max_len=args.max_len, bf16=None if args.precision == "auto" else args.precision == "bf16",
-                             loss_vocab=args.loss_vocab, rounds=args.rounds)
+                             loss_vocab=args.loss_vocab, rounds=args.rounds, held_out=args.held_out,
+                             eval_every=args.eval_every, patience=args.patience)
         trainer = Trainer(draft, dataset, args.out, config, progress=mode_from_args(args))
         started = time.perf_counter()
         metrics = trainer.train(resume=args.resume)

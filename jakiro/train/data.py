@@ -4,12 +4,15 @@ A shard holds the concatenation of its conversations, so it is one safetensors f
 four tensors:
 
 * ``input_ids``      int64 ``[N]``  the tokens of every conversation, back to back;
-* ``hidden_states``  ``[N, H]``     the target's last-layer features after the final norm;
+* ``hidden_states``  ``[N, F]``     the target's last-layer features after the final norm
+  (``F = H``), or, with ``feature_layers``, the residual streams of those layers followed by
+  them (``F = (n + 1) H``: EAGLE-3's multi-layer features; the last ``H`` columns are always
+  the last layer's);
 * ``loss_mask``      uint8 ``[N]``  1 on assistant tokens;
 * ``offsets``        int64 ``[n+1]`` conversation ``i`` is ``offsets[i]:offsets[i+1]``.
 
 ``index.json`` lists the finished shards (``{"format": "jakiro-features", "version": 1,
-"hidden_size": H, "shards": [{"file", "samples", "tokens"}, ...]}``); a shard is written
+"hidden_size": H, ["feature_layers": [...],] "shards": [{"file", "samples", "tokens"}, ...]}``); a shard is written
 under a temporary name and renamed, then entered in the index, so an interrupted run
 leaves only whole shards behind.
 """
@@ -99,7 +102,9 @@ def open_shard(path: str):
 
 class FeatureDataset(torch.utils.data.Dataset):
     """Every conversation of one or more datagen folders, in order; item ``i`` is a dict of ``input_ids [S]``,
-    ``hidden_states [S, H]`` (float32), ``loss_mask [S]`` and ``index`` (= ``i``).
+    ``hidden_states [S, F]`` (float32; ``F = feature_size``), ``loss_mask [S]`` and ``index`` (= ``i``).
+    ``feature_layers``: the folders' layers before the last (None: the last layer's feature only);
+    folders of different layers do not mix.
 
     Conversations longer than ``max_len`` are cut; those shorter than 3 tokens are dropped
     (the contrastive branch needs two steps ahead). Items are read from the shards on demand.
@@ -108,6 +113,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __init__(self, directories: str | list[str], max_len: int | None = None):
         self.directories = [directories] if isinstance(directories, (str, os.PathLike)) else list(directories)
         self.hidden_size = None
+        self.feature_layers = None
         self.shards = []
         self.spans = []   # (shard number, start token, end token) per conversation
         for directory in self.directories:
@@ -115,9 +121,17 @@ class FeatureDataset(torch.utils.data.Dataset):
             if self.hidden_size is not None and index.get("hidden_size") != self.hidden_size:
                 raise ValueError(f"jakiro data: {directory} holds features of size {index.get('hidden_size')}, "
                                  f"{self.directories[0]} of size {self.hidden_size}")
-            self.hidden_size = index.get("hidden_size")
+            layers = index.get("feature_layers")
+            if directory != self.directories[0] and layers != self.feature_layers:
+                raise ValueError(f"jakiro data: {directory} holds the features of layers {layers}, "
+                                 f"{self.directories[0]} of layers {self.feature_layers} (null: the last layer's only)")
+            self.hidden_size, self.feature_layers = index.get("hidden_size"), layers
             for entry in index["shards"]:
                 handle, offsets = open_shard(os.path.join(directory, entry["file"]))
+                width = handle.get_slice("hidden_states").get_shape()[1]
+                if self.hidden_size is not None and width != self.feature_size:
+                    raise ValueError(f"jakiro data: shard {os.path.join(directory, entry['file'])} holds features "
+                                     f"of width {width}, its index says {self.feature_size}")
                 self.shards.append(handle)
                 for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
                     if max_len is not None:
@@ -127,6 +141,11 @@ class FeatureDataset(torch.utils.data.Dataset):
         if not self.spans:
             raise ValueError(f"jakiro data: {', '.join(map(str, self.directories))} hold no conversation "
                              "of 3 tokens or more")
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the stored features: the hidden size per feature layer plus the last's."""
+        return self.hidden_size * (1 + len(self.feature_layers or ()))
 
     def __len__(self):
         return len(self.spans)

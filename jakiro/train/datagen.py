@@ -1,7 +1,8 @@
 """Feature generation (``jakiro datagen``): conversations -> target features.
 
 Each conversation is rendered with the target's own chat template and run through the
-target once; the shard keeps its tokens, the last-layer features after the final norm and
+target once; the shard keeps its tokens, the last-layer features after the final norm (and,
+for EAGLE-3's multi-layer drafts, the residual streams of ``feature_layers`` before them) and
 a loss mask that covers exactly the assistant tokens.
 
 The mask comes from the template itself, by rendering prefixes of the conversation: for
@@ -59,10 +60,15 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int | None = N
 
 # ---------------------------------------------------------------------------- generation
 @torch.no_grad()
-def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
-    """Last-layer features after the final norm, ``[S, H]``, from one forward of ``target``."""
+def target_features(target, input_ids: torch.Tensor, feature_layers: list[int] | None = None) -> torch.Tensor:
+    """Last-layer features after the final norm, ``[S, H]``, from one forward of ``target``;
+    with ``feature_layers`` (indices of ``hidden_states``) those layers' residual streams
+    first, ``[S, (n + 1) H]`` (what ``TargetModel.forward`` gives a multi-layer draft)."""
     device = target.get_input_embeddings().weight.device
-    return target.get_decoder()(input_ids=input_ids.to(device)[None]).last_hidden_state[0]
+    out = target.get_decoder()(input_ids=input_ids.to(device)[None], output_hidden_states=bool(feature_layers))
+    if not feature_layers:
+        return out.last_hidden_state[0]
+    return torch.cat([out.hidden_states[i] for i in feature_layers] + [out.last_hidden_state], dim=-1)[0]
 
 
 @torch.no_grad()
@@ -129,13 +135,15 @@ def regenerate_answers(target, tokenizer, conversations: list[list[dict]], *, ma
 def generate_features(target, tokenizer, conversations: Iterable[list[dict]], out_dir: str, *,
                       max_len: int = 2048, limit: int | None = None, per_shard: int = 256,
                       regenerate: bool = False, max_new_tokens: int = 512, batch_size: int = 8,
-                      progress: bool | str = True) -> dict:
+                      progress: bool | str = True, feature_layers: list[int] | None = None) -> dict:
     """Writes the shards and index of ``conversations`` to ``out_dir``; returns the index.
 
     Shard ``k`` holds the usable conversations among records ``k*per_shard .. (k+1)*per_shard-1``
     of the stream, so a rerun skips the shards its index already lists (resumable; rerun with the
     same ``limit`` and ``per_shard``: a last, partial shard counts as finished). ``regenerate``:
     the target first rewrites the answers (:func:`regenerate_answers`, ``batch_size`` prompts at a time).
+    ``feature_layers``: also store those layers' residual streams (:func:`target_features`;
+    recorded in the index, so a resumed run must pass the same).
     ``progress``: True (a bar on a terminal, else a line every 10% or 30 s), False, or a mode of
     :func:`jakiro.progress.resolve_mode`.
     """
@@ -148,9 +156,14 @@ def generate_features(target, tokenizer, conversations: Iterable[list[dict]], ou
         if index.get("per_shard") != per_shard:
             raise ValueError(f"jakiro datagen: {out_dir} was written with per_shard={index.get('per_shard')}; "
                              f"resume with the same value or use another folder")
+        if index.get("feature_layers") != feature_layers:
+            raise ValueError(f"jakiro datagen: {out_dir} was written with feature_layers="
+                             f"{index.get('feature_layers')}; resume with the same layers or use another folder")
     else:
         index = {"format": FORMAT, "version": 1, "hidden_size": target.config.get_text_config().hidden_size,
                  "per_shard": per_shard, "max_len": max_len, "shards": []}
+        if feature_layers:
+            index["feature_layers"] = list(feature_layers)
     done = {entry["file"] for entry in index["shards"] if os.path.isfile(os.path.join(out_dir, entry["file"]))}
     index["shards"] = [entry for entry in index["shards"] if entry["file"] in done]
     stream = iter(conversations) if limit is None else itertools.islice(conversations, limit)
@@ -167,7 +180,7 @@ def generate_features(target, tokenizer, conversations: Iterable[list[dict]], ou
             for messages in records:
                 ids, mask = encode_conversation(tokenizer, messages, max_len)
                 if mask.any() and len(ids) >= 3:
-                    samples.append({"input_ids": ids, "hidden_states": target_features(target, ids),
+                    samples.append({"input_ids": ids, "hidden_states": target_features(target, ids, feature_layers),
                                     "loss_mask": mask})
                 bar.update(1)
             if samples:

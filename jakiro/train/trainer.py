@@ -38,6 +38,7 @@ CHECKPOINT_FORMAT = 1
 _METADATA_KEY = "jakiro_checkpoint"
 LOG_NAME = "train_log.jsonl"
 FINAL_DIR = "draft"
+BEST_DIR = "best"     # with a held-out set: the draft at its best held-out score so far
 ROUND_DECAY = 0.8   # weight of training-time-test pass r: ROUND_DECAY ** r (EAGLE-3's)
 
 
@@ -61,6 +62,9 @@ class TrainConfig:
     bf16: bool | None = None        # bf16 autocast and LM-head matmuls; None: on CUDA only
     loss_vocab: int | None = None   # LM-head losses over the data's most frequent tokens only; None: all
     rounds: int = 1                 # training-time test passes (JakiroDraft.rollout); pass r weighs 0.8^r
+    held_out: int = 0               # conversations kept out of training (seeded), scored every eval_every steps
+    eval_every: int = 500           # steps between held-out scores (with held_out)
+    patience: int = 0               # stop after this many scores without a new best (0: never stop early)
     loss_weights: LossWeights = LossWeights()
 
 
@@ -74,6 +78,19 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _split(dataset, held_out: int, seed: int):
+    """``(train, held_out)`` subsets: ``held_out`` conversations drawn with ``seed`` (both sources of a
+    multi-folder dataset alike), the rest for training; ``(dataset, None)`` without a held-out set."""
+    if held_out <= 0:
+        return dataset, None
+    if held_out >= len(dataset):
+        raise ValueError(f"jakiro train: --held-out {held_out} leaves nothing to train on ({len(dataset)} "
+                         f"conversations)")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return (torch.utils.data.Subset(dataset, sorted(order[held_out:])),
+            torch.utils.data.Subset(dataset, sorted(order[:held_out])))
 
 
 class _Rollout(torch.nn.Module):
@@ -90,6 +107,11 @@ class _Rollout(torch.nn.Module):
 class Trainer:
     """Trains ``draft`` (a :class:`jakiro.draft.JakiroDraft` bound to its target) on ``dataset``.
 
+    With ``config.held_out``, that many conversations are kept out of training and scored every
+    ``eval_every`` steps (:meth:`held_out_top1`, logged as ``heldout_top1``); the best draft so
+    far is kept in ``out_dir/best``, becomes the final draft, and ``patience`` scores without a
+    new best stop the run early.
+
     Writes ``out_dir/train_log.jsonl``, ``out_dir/checkpoints/step_N.safetensors`` and, at the end,
     ``out_dir/draft`` (``save_pretrained``). Under torchrun (``torch.distributed`` initialised
     before construction) the draft is wrapped in DDP and only rank 0 writes files. ``progress``:
@@ -105,16 +127,23 @@ class Trainer:
         self.draft = draft.float()          # fp32 master weights; autocast handles bf16 compute
         if config.rounds < 1:
             raise ValueError(f"jakiro train: rounds must be >= 1, got {config.rounds}")
+        layers = draft.config.feature_layers
+        if layers and layers != getattr(dataset, "feature_layers", layers):   # a plain list of items: as given
+            raise ValueError(f"jakiro train: the draft fuses the target's layers {layers} with the last, the data "
+                             f"holds the features of layers {dataset.feature_layers} (null: the last layer's only); "
+                             f"run `jakiro datagen --feature-layers {','.join(map(str, layers))}`, or train a draft "
+                             f"of the data's layers")
         self.model = _Rollout(self.draft)
         if self.world > 1:
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
+        self.train_set, self.held_out = _split(dataset, config.held_out, config.seed)
+        self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
                                                            shuffle=True, seed=config.seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // config.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"jakiro train: {len(dataset)} conversations are fewer than one global batch "
+            raise ValueError(f"jakiro train: {len(self.train_set)} conversations are fewer than one global batch "
                              f"({config.batch_size} x {self.world} processes)")
         self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
         warmup = max(1, min(config.warmup_steps, self.total_steps // 10))
@@ -126,6 +155,7 @@ class Trainer:
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.loss_head = self._loss_head()
         self.step = 0
+        self.best = None        # with held_out: {"top1", "step", "stale"} of the best held-out score so far
 
     def _loss_head(self) -> torch.nn.Module:
         """The frozen LM head the losses run through: the target's, or with ``loss_vocab`` its rows
@@ -163,7 +193,7 @@ class Trainer:
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         for i, state in enumerate(cuda_states):
             tensors[f"rng/cuda/{i}"] = state
-        meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "config": asdict(self.config),
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "config": asdict(self.config), "best": self.best,
                 "scheduler": self.scheduler.state_dict(),
                 "optimizer": {"param_groups": optimizer["param_groups"], "values": values},
                 "rng": {"python": random.getstate(), "cuda": len(cuda_states)}}
@@ -228,31 +258,35 @@ class Trainer:
             python_rng = (python_rng[0], tuple(python_rng[1]), python_rng[2])
             cuda_rng = [tensors[f"rng/cuda/{i}"] for i in range(meta["rng"]["cuda"])]
             torch_rng, step, scheduler = tensors["rng/torch"], int(meta["step"]), meta["scheduler"]
+            best = meta.get("best")
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(f"jakiro train: checkpoint {path} cannot be read (not a jakiro safetensors "
                              f"checkpoint): {error}") from None
         self.draft.load_state_dict(draft)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.scheduler.load_state_dict(scheduler)
-        self.step = step
+        self.step, self.best = step, best
         torch.set_rng_state(torch_rng)
         random.setstate(python_rng)
         if cuda_rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_rng)
 
     # ------------------------------------------------------------------ training
-    def _noise(self, epoch: int, index: int, length: int) -> torch.Tensor:
+    def _noise(self, epoch: int, index: int, length: int, width: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) * 10_000_019 + index)
-        hidden = self.draft.config.hidden_size
-        return (torch.rand(length, hidden, generator=generator) - 0.5) * self.config.noise
+        return (torch.rand(length, width, generator=generator) - 0.5) * self.config.noise
 
     def _batch(self, indices: list[int], epoch: int) -> dict:
-        items = [self.dataset[i] for i in indices]
+        items = [self.train_set[i] for i in indices]
+        # The columns the draft reads: all stored layers for a multi-layer draft, else the last layer's.
+        width = self.draft.config.feature_size
+        for item in items:
+            item["hidden_states"] = item["hidden_states"][:, -width:]
         batch = collate(items)
         if self.config.noise > 0:
             for row, item in enumerate(items):
                 n = item["input_ids"].numel()
-                batch["hidden_states"][row, :n] += self._noise(epoch, item["index"], n)
+                batch["hidden_states"][row, :n] += self._noise(epoch, item["index"], n, width)
             batch["clean_states"] = collate(items)["hidden_states"]
         else:
             batch["clean_states"] = batch["hidden_states"]
@@ -262,6 +296,7 @@ class Trainer:
         ids, noisy, clean, mask = batch["input_ids"], batch["hidden_states"], batch["clean_states"], batch["loss_mask"]
         positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
         contrastive = self.draft.config.contrastive
+        clean = clean[..., -self.draft.config.hidden_size:]      # the targets: the last layer's features
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             passes = self.model(noisy[:, :-1], ids[:, 1:], positions, self.config.rounds,
                                 return_contrastive=contrastive)
@@ -294,7 +329,8 @@ class Trainer:
         ids, clean, mask = batch["input_ids"], batch["clean_states"], batch["loss_mask"]
         positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
         head = self.loss_head
-        expected = head(clean[:, 1:].to(head.weight.dtype)).argmax(-1)
+        last = clean[:, 1:, -self.draft.config.hidden_size:]
+        expected = head(last.to(head.weight.dtype)).argmax(-1)
         weight = mask[:, 1:].float()
         self.draft.eval()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -305,6 +341,42 @@ class Trainer:
             hits = (head(out.mixture.float().to(head.weight.dtype)).argmax(-1) == expected).float()
             result[f"acc_{j}step"] = float((hits * weight).sum() / weight.sum().clamp_min(1.0))
         return result
+
+    @torch.no_grad()
+    def held_out_top1(self) -> float:
+        """Level-1 top-1 on the held-out conversations: the draft reads the target's (clean)
+        features, as the first level of a tree does, and is scored against the target's own next
+        token on the answer tokens, both argmaxes over the loss's vocabulary."""
+        head, size, width = self.loss_head, self.config.batch_size, self.draft.config.feature_size
+        hits = total = 0.0
+        self.draft.eval()
+        for at in range(0, len(self.held_out), size):
+            items = [self.held_out[i] for i in range(at, min(at + size, len(self.held_out)))]
+            for item in items:
+                item["hidden_states"] = item["hidden_states"][:, -width:]
+            batch = {k: v.to(self.device) for k, v in collate(items).items()}
+            ids, features, mask = batch["input_ids"], batch["hidden_states"], batch["loss_mask"][:, 1:]
+            positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.draft(features[:, :-1], ids[:, 1:], positions)
+            expected = head(features[:, 1:, -self.draft.config.hidden_size:].to(head.weight.dtype)).argmax(-1)
+            got = head(out.mixture.float().to(head.weight.dtype)).argmax(-1)
+            hits += float(((got == expected).float() * mask).sum())
+            total += float(mask.sum())
+        self.draft.train()
+        return hits / max(total, 1.0)
+
+    def _score_held_out(self) -> tuple[float, bool]:
+        """Scores the held-out set; a new best is saved to ``out_dir/best``. Returns the score and
+        whether training should stop (``patience`` scores in a row without a new best)."""
+        top1 = self.held_out_top1()
+        if self.best is None or top1 > self.best["top1"]:
+            self.best = {"top1": top1, "step": self.step, "stale": 0}
+            if self.rank == 0:
+                self.draft.save_pretrained(os.path.join(self.out_dir, BEST_DIR))
+        else:
+            self.best["stale"] += 1
+        return top1, self.config.patience > 0 and self.best["stale"] >= self.config.patience
 
     def _global_metrics(self, metrics: dict) -> dict:
         if self.world == 1:
@@ -335,9 +407,10 @@ class Trainer:
                        mode=self.progress if self.rank == 0 else "off")
         log = open(os.path.join(self.out_dir, LOG_NAME), "a") if self.rank == 0 else None
         metrics, size = {}, self.config.batch_size
+        stopped = self.best is not None and self.config.patience > 0 and self.best["stale"] >= self.config.patience
         try:
             self.model.train()
-            while self.step < end:
+            while self.step < end and not stopped:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch)
                 order = list(self.sampler)
@@ -348,6 +421,8 @@ class Trainer:
                     if self.config.k_step and (self.step % self.config.k_step_every == 0 or self.step == end):
                         metrics.update(self.k_step_accuracy(batch, self.config.k_step))
                     metrics = self._global_metrics(metrics)
+                    if self.held_out is not None and (self.step % self.config.eval_every == 0 or self.step == end):
+                        metrics["heldout_top1"], stopped = self._score_held_out()
                     record = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **metrics}
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
@@ -355,15 +430,20 @@ class Trainer:
                     bar.set_postfix({k: round(v, 3) for k, v in metrics.items()
                                      if k.startswith(("loss_feature", "top1"))})
                     bar.update(1)
-                    if self.step % self.config.checkpoint_every == 0 or self.step == end:
+                    if self.step % self.config.checkpoint_every == 0 or self.step == end or stopped:
                         self.save_checkpoint()
-                    if self.step >= end:
+                    if self.step >= end or stopped:
                         break
         finally:
             bar.close()
             if log is not None:
                 log.close()
-        if self.step >= self.total_steps and self.rank == 0:
+        if (self.step >= self.total_steps or stopped) and self.rank == 0:
+            if self.best is not None:    # the draft of the best held-out score, not the last step's
+                from safetensors.torch import load_file
+                self.draft.load_state_dict(load_file(os.path.join(self.out_dir, BEST_DIR, "model.safetensors")))
+                print(f"jakiro train: best held-out top-1 {self.best['top1']:.4f} at step {self.best['step']}"
+                      + (f" (stopped early at step {self.step})" if stopped else ""), flush=True)
             self.draft.save_pretrained(os.path.join(self.out_dir, FINAL_DIR))
         if self.world > 1:
             # A gloo rank that tears its process group down while a peer is still busy can

@@ -39,20 +39,21 @@ def _runs(gen_eager, gen_compiled, ids, mask, max_new_tokens=12, **options):
     return pairs
 
 
-# (draft kind, draft overrides, (depth, top_k, total_tokens))
+# (draft kind, draft overrides, (depth, top_k, total_tokens), lookup)
 CASES = [
-    ("jakiro", {}, (3, 4, 16)),
-    ("jakiro", {"candidate_mode": "per_expert"}, (2, 4, 10)),
-    ("jakiro", {}, (1, 4, 12)),                      # CEPD straight from the context pass
+    ("jakiro", {"feature_layers": None}, (3, 4, 16), 0),
+    ("jakiro", {"candidate_mode": "per_expert", "feature_layers": [0, 1]}, (2, 4, 10), 0),  # multi-layer features
+    ("jakiro", {"feature_layers": None}, (1, 4, 12), 3),    # CEPD straight from the context pass; lookup
 ]
 
 
-@pytest.mark.parametrize("kind,overrides,tree", CASES, ids=lambda c: str(c))
-def test_compiled_cycle_is_one_graph_and_equals_eager(kind, overrides, tree):
+@pytest.mark.parametrize("kind,overrides,tree,lookup", CASES, ids=lambda c: str(c))
+def test_compiled_cycle_is_one_graph_and_equals_eager(kind, overrides, tree, lookup):
     target, draft = make_target_and_draft("llama", kind, "cpu", rigged=True, seed=3, **overrides)
     depth, top_k, total = tree
-    eager = SpeculativeGenerator(target, draft, depth=depth, top_k=top_k, total_tokens=total)
-    traced = SpeculativeGenerator(target, draft, depth=depth, top_k=top_k, total_tokens=total, compile="eager")
+    shape = dict(depth=depth, top_k=top_k, total_tokens=total, lookup=lookup)
+    eager = SpeculativeGenerator(target, draft, **shape)
+    traced = SpeculativeGenerator(target, draft, **shape, compile="eager")
     ids, mask, _ = make_prompts(3, 256, 2, 7, torch.Generator().manual_seed(30))
     for e, c in _runs(eager, traced, ids, mask, eos_token_id=5, min_new_tokens=2):
         assert torch.equal(e.sequences, c.sequences)

@@ -31,7 +31,7 @@ from jakiro.lookup import NgramLookup
 from jakiro.target import TargetModel
 from jakiro.tree import TreeDrafter
 
-PHASES = ("prefill", "draft", "target", "verify", "cycle", "other")
+PHASES = ("prefill", "draft", "target", "verify", "other")     # plus "cycle" when compiled
 
 
 @dataclass
@@ -48,8 +48,8 @@ class GenerationResult:
         cycle ``draft`` (tree growth and the draft's pass over the committed pairs, the first one
         included), ``target`` (the target's tree pass), ``verify`` (the ``verify_*`` op, the
         cache's commit of the accepted path, emission), ``other`` (the stopping check); with
-        ``compile`` on, ``cycle`` (the compiled cycle: draft, target and verify in one graph, not
-        split; compilation on a call's first cycle included); and ``total`` (the whole call, input
+        ``compile`` on, an extra ``cycle`` (the compiled cycle: draft, target and verify in one
+        graph, not split; compilation on a call's first cycle included); and ``total`` (the whole call, input
         checks included). Exact on CUDA only with ``profile=True``.
     """
     sequences: torch.Tensor

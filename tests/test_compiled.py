@@ -95,7 +95,7 @@ def test_one_graph_per_shape_not_per_prompt():
             pass
 
     result = gen.generate(ids[:1], mask[:1], max_new_tokens=8, streamer=Streamer())
-    assert len(graphs) == 1 and result.timings["cycle"] == 0
+    assert len(graphs) == 1 and "cycle" not in result.timings
 
 
 # ---------------------------------------------------------------------------------------------

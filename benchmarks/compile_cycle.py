@@ -5,7 +5,11 @@ draft, and decodes MT-bench first turns with vanilla decoding and with speculati
 eager and compiled (``torch.compile(fullgraph=True, dynamic=False)`` of the whole cycle,
 :mod:`jakiro.compiled`). The first compiled call of each method is a warm-up whose time (the
 compilation, mostly) is reported separately; the timed calls then run the prompts interleaved
-(eager, compiled, eager, ...), greedy, and every compiled output must equal the eager one.
+(eager, compiled, eager, ...), and every compiled output must equal the eager one (greedy, and
+sampled with the same seeded generator: a compiled cycle takes eager's uniforms).
+
+Not a ``bench_*.py`` script (``run_all.py`` does not run it: it loads a real model and compiles
+for minutes). Run: ``python benchmarks/compile_cycle.py --threads 1 --json OUT.json``.
 """
 from __future__ import annotations
 
@@ -78,7 +82,7 @@ def main(argv=None):
         start = time.perf_counter()
         call(method, True, prompts[0])
         warmup_s = time.perf_counter() - start
-        print(f"[bench_compile] {method}: first compiled call {warmup_s:.1f} s", file=sys.stderr, flush=True)
+        print(f"[compile_cycle] {method}: first compiled call {warmup_s:.1f} s", file=sys.stderr, flush=True)
         totals = {False: [0, 0.0, 0, 0], True: [0, 0.0, 0, 0]}    # tokens, seconds, cycles, accepted
         for i, ids in enumerate(prompts):
             outs = {}
@@ -90,7 +94,7 @@ def main(argv=None):
                 t[1] += out.timings["total"]
                 t[2] += out.cycles
             if not torch.equal(outs[False].sequences, outs[True].sequences):
-                raise SystemExit(f"bench_compile: {method}: compiled output differs from eager on prompt {i}")
+                raise SystemExit(f"compile_cycle: {method}: compiled output differs from eager on prompt {i}")
         for compiled in (False, True):
             tokens, seconds, cycles, _ = totals[compiled]
             row = dict(method=method, compiled=compiled, tokens=tokens, seconds=round(seconds, 3),

@@ -247,3 +247,14 @@ def test_compile_argument_is_checked():
         vanilla_generate(target, torch.tensor([[1, 2]]), max_new_tokens=2, compile=3)
     assert compiled.bucket(300, make_tiny_target("llama", max_positions=1024), None) == 512
     assert compiled.bucket(1000, make_tiny_target("llama", max_positions=1024), None) == 1024
+
+
+def test_commands_take_compile():
+    from jakiro.cli import _parser
+    for command in ("generate", "bench-e2e"):
+        extra = ["--prompt", "hi"] if command == "generate" else []
+        assert _parser().parse_args([command, "--compile", *extra]).compile
+        assert not _parser().parse_args([command, *extra]).compile
+        help_text = next(action.help for action in _parser()._subparsers._group_actions[0].choices[command]._actions
+                         if "--compile" in action.option_strings)
+        assert "fullgraph" in help_text and "CUDA graph" in help_text

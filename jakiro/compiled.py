@@ -27,6 +27,8 @@ read per cycle.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils import _pytree as pytree
 
@@ -71,8 +73,11 @@ def compiled(fn, backend_name):
     return wrapper if owner is None else (lambda *args: wrapper(owner, *args))
 
 
-def limits():
-    """The Dynamo settings compiled cycles run under (a context manager around the decoding loop)."""
+def limits(backend_name):
+    """The Dynamo settings compiled cycles run under (a context manager around the decoding loop;
+    nothing for an eager run, which never imports Dynamo)."""
+    if backend_name is None:
+        return contextlib.nullcontext()
     return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
 

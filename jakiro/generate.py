@@ -440,8 +440,9 @@ class SpeculativeGenerator:
         drafter.slot_bits(target.device)
         # The kernel routes of both models stay installed for the whole loop (a compiled cycle
         # cannot install them itself); the cycle's own use_kernels calls then only count.
-        with use_kernels(target._call_routes + drafter._kernel_routes), compiled.limits():
-            cycle = self._cycle if run.compiled is None else compiled.cycle(self._cycle, run.compiled, 2, target.device)
+        with use_kernels(target._call_routes + drafter._kernel_routes), compiled.limits(run.compiled):
+            cycle = (self._cycle if run.compiled is None
+                     else compiled.cycle(self._cycle, run.compiled, 2, target.device))
             while not run.finished():                             # the cycle's one host read
                 clock.mark("other")
                 uniforms = run.accept.uniforms(batch, nodes, target.device)
@@ -510,8 +511,9 @@ def vanilla_generate(target, input_ids: torch.Tensor, attention_mask: torch.Tens
     clock, token = run.clock, run.token
     batch = token.shape[0]
     no_draft = torch.zeros_like(run.output.count, dtype=torch.int32)
-    with use_kernels(target._call_routes), compiled.limits():
-        step = _vanilla_cycle if run.compiled is None else compiled.cycle(_vanilla_cycle, run.compiled, 2, target.device)
+    with use_kernels(target._call_routes), compiled.limits(run.compiled):
+        step = (_vanilla_cycle if run.compiled is None
+                else compiled.cycle(_vanilla_cycle, run.compiled, 2, target.device))
         while not run.finished():
             clock.mark("other")
             uniforms = run.accept.uniforms(batch, 1, target.device)

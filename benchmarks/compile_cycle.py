@@ -5,8 +5,10 @@ draft, and decodes MT-bench first turns with vanilla decoding and with speculati
 eager and compiled (``torch.compile(fullgraph=True, dynamic=False)`` of the whole cycle,
 :mod:`jakiro.compiled`). The first compiled call of each method is a warm-up whose time (the
 compilation, mostly) is reported separately; the timed calls then run the prompts interleaved
-(eager, compiled, eager, ...), and every compiled output must equal the eager one (greedy, and
-sampled with the same seeded generator: a compiled cycle takes eager's uniforms).
+(eager, compiled, eager, ...). Greedy, every compiled output must equal the eager one. Sampled (the
+same seeded generator; a compiled cycle takes eager's uniforms), the report counts the identical
+answers: they are identical while the draft grows the same trees, which Inductor's rounding of a
+half-precision draft does not guarantee (docs/architecture.md, Compiled cycles).
 
 Not a ``bench_*.py`` script (``run_all.py`` does not run it: it loads a real model and compiles
 for minutes). Run: ``python benchmarks/compile_cycle.py --threads 1 --json OUT.json``.
@@ -76,6 +78,7 @@ def main(argv=None):
     report = dict(cpu=cpu_name(), device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   target=args.target, tree=tree, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, results=[])
+    identical = {"vanilla": 0, "jakiro": 0}
     for method in ("vanilla", "jakiro"):
         # Warm-up: eager once, then the first compiled call (compilation) timed on its own.
         call(method, False, prompts[0])
@@ -93,13 +96,15 @@ def main(argv=None):
                 t[0] += int(out.new_tokens.sum())
                 t[1] += out.timings["total"]
                 t[2] += out.cycles
-            if not torch.equal(outs[False].sequences, outs[True].sequences):
+            same = torch.equal(outs[False].sequences, outs[True].sequences)
+            identical[method] += same
+            if not same and not args.temperature:
                 raise SystemExit(f"compile_cycle: {method}: compiled output differs from eager on prompt {i}")
         for compiled in (False, True):
             tokens, seconds, cycles, _ = totals[compiled]
             row = dict(method=method, compiled=compiled, tokens=tokens, seconds=round(seconds, 3),
                        tokens_per_s=round(tokens / seconds, 2), cycles=cycles,
-                       tau=round(tokens / max(cycles, 1), 3))
+                       tau=round(tokens / max(cycles, 1), 3), identical_answers=f"{identical[method]}/{len(prompts)}")
             if compiled:
                 row["first_call_s"] = round(warmup_s, 1)
             report["results"].append(row)

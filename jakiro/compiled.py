@@ -67,8 +67,11 @@ def compiled(fn, backend_name):
     key = (getattr(fn, "__func__", fn), backend_name)
     wrapper = _compiled.get(key)
     if wrapper is None:
+        # Inductor rounds to bfloat16 / float16 where eager does (not only at a fusion's end), so
+        # a half-precision draft grows eager's trees as often as it can.
+        options = {"emulate_precision_casts": True} if backend_name == "inductor" else None
         wrapper = _compiled[key] = torch.compile(getattr(fn, "__func__", fn), fullgraph=True, dynamic=False,
-                                                 backend=backend_name)
+                                                 backend=backend_name, options=options)
     owner = getattr(fn, "__self__", None)
     return wrapper if owner is None else (lambda *args: wrapper(owner, *args))
 

@@ -56,9 +56,13 @@ def backend(compile, device):
 
 
 def bucket(capacity: int, target, max_cache_len: int | None) -> int:
-    """``capacity`` rounded up to a multiple of :data:`CAPACITY_BUCKET`, within the cache's limit."""
+    """``capacity`` rounded up to a multiple of :data:`CAPACITY_BUCKET`, within the cache's limit
+    (none without a ``target``: a lookup's prompt width)."""
+    rounded = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    if target is None:
+        return rounded
     limit = target.config.max_position_embeddings if max_cache_len is None else max_cache_len
-    return max(capacity, min(-(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET, limit))
+    return max(capacity, min(rounded, limit))
 
 
 def compiled(fn, backend_name):

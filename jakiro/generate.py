@@ -356,8 +356,7 @@ class SpeculativeGenerator:
             ``total_tokens`` (0: off; at most ``total_tokens - 1``).
         compile: run each cycle (draft expansion, the verify pass, acceptance, KV compaction, the
             draft's advance) as one ``torch.compile(fullgraph=True, dynamic=False)`` graph, built
-            once per batch size, tree size and cache bucket (with ``lookup``: per prompt width
-            too); on CUDA also captured as a CUDA graph and replayed (:mod:`jakiro.compiled`).
+            once per batch size, tree size and cache bucket; on CUDA also captured as a CUDA graph and replayed (:mod:`jakiro.compiled`).
             False: eager (the default). A string names the ``torch.compile`` backend
             (``"eager"``, ``"aot_eager"``: tests and debugging). Calls with a ``streamer`` or
             ``stop`` run eager.
@@ -435,6 +434,12 @@ class SpeculativeGenerator:
         context = drafter.advance(draft_cache, run.prefill_hidden, pair_tokens, prompt.lengths)
         clock.mark("draft")
 
+        if self.lookup is not None:   # the rows' text: the prompt (left-padded), then the output
+            ids, pad, width = prompt.ids, prompt.pad, prompt.width
+            if run.compiled is not None:  # padded to a static width: one graph per bucket, not per prompt
+                extra = compiled.bucket(width, None, None) - width
+                ids, pad, width = torch.nn.functional.pad(ids, (extra, 0)), pad + extra, width + extra
+            run.lookup_prompt = ids, pad, width
         state = (_features(context), run.token)
         batch, nodes = prompt.ids.shape[0], drafter.total_tokens
         drafter.slot_bits(target.device)
@@ -466,9 +471,8 @@ class SpeculativeGenerator:
         width = drafter.max_new_pairs
         proposal = None
         if self.lookup is not None:   # the row's text: the prompt (left-padded), then its output
-            prompt = run.prompt
-            proposal = self.lookup.propose(torch.cat((prompt.ids, output.tokens), dim=1), prompt.pad,
-                                           prompt.width + output.count)
+            ids, pad, prompt_width = run.lookup_prompt
+            proposal = self.lookup.propose(torch.cat((ids, output.tokens), dim=1), pad, prompt_width + output.count)
         tree = drafter.expand(draft_cache, context, root, proposal)
         mark("draft")
         logits, hidden = target.forward(tree.tokens, tree.positions(cache.lengths), cache,

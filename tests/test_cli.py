@@ -94,11 +94,12 @@ def test_bench_e2e_runs_every_method_and_writes_its_report(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
     assert report["total_tokens"] == 16 and not report["total_tokens_auto"]
     rows = {(r["dataset"], r["temperature"], r["method"]): r for r in report["results"]}
-    assert len(rows) == 2 * 2 * 5
+    assert len(rows) == 2 * 2 * 6   # jakiro-lookup too: lookup is on by default on a CPU
     for (dataset, temperature, method), row in rows.items():
         assert row["prompts"] == 1 and row["tokens"] > 0
         assert row["tau"] == 1.0 if method in ("vanilla", "hf-generate") else row["tau"] >= 1.0
-    assert "jakiro-per_expert" in table_path.read_text()
+    assert "jakiro-per_expert" in table_path.read_text() and "jakiro-lookup" in table_path.read_text()
+    assert report["lookup"] == 5
 
 
 def test_bench_e2e_rejects_unknown_choices():

@@ -156,7 +156,7 @@ def test_a_prompt_longer_than_the_context_fails_before_the_model_loads(saved, no
     # A prompt that fits alone but not with the draft tree and the new tokens.
     fails(["generate", "--target", str(saved / "target"), "--prompt", " ".join(["w1"] * 1000), "--device", "cpu",
            "--max-new-tokens", "20", "--total-tokens", "8"], capsys,
-          "a 1000-token prompt, 20 new tokens and the draft tree need 1033 positions")
+          "a 1000-token prompt, 20 new tokens and the draft tree need 1034 positions")   # lookup's chain: 5 deep
 
 
 def test_a_draft_without_token_counts_explains_draft_vocab_0(saved, no_model, capsys):

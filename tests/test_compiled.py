@@ -73,8 +73,9 @@ def test_compiled_vanilla_equals_eager():
 
 
 def test_one_graph_per_shape_not_per_prompt():
-    """Prompts of other lengths reuse the graph (the cache capacity is bucketed; the context is
-    copied to fixed strides); a call with a streamer runs eager."""
+    """Prompts of other lengths reuse the graph (the cache capacity is bucketed, and so is the
+    prompt a lookup reads; the context is copied to fixed strides); a call with a streamer runs
+    eager."""
     target, draft = make_target_and_draft("llama", "jakiro", "cpu", seed=5)
     graphs = []
 
@@ -82,11 +83,13 @@ def test_one_graph_per_shape_not_per_prompt():
         graphs.append(gm)
         return gm.forward
 
-    gen = SpeculativeGenerator(target, draft, depth=2, top_k=3, total_tokens=8, compile=counting)
-    for seed, longest in ((50, 5), (51, 9), (52, 30)):
-        ids, mask, _ = make_prompts(2, 256, 2, longest, torch.Generator().manual_seed(seed))
-        gen.generate(ids, mask, max_new_tokens=8)
-    assert len(graphs) == 1
+    for lookup in (0, 3):
+        graphs.clear()
+        gen = SpeculativeGenerator(target, draft, depth=2, top_k=3, total_tokens=8, lookup=lookup, compile=counting)
+        for seed, longest in ((50, 5), (51, 9), (52, 30)):
+            ids, mask, _ = make_prompts(2, 256, 2, longest, torch.Generator().manual_seed(seed))
+            gen.generate(ids, mask, max_new_tokens=8)
+        assert len(graphs) == 1, lookup
 
     class Streamer:
         def put(self, value):

@@ -335,3 +335,43 @@ def test_bad_lookup_arguments_raise_clear_errors():
     long = LookupProposal(torch.zeros((1, 3), dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     with pytest.raises(ValueError, match="the lookup proposal has 3 tokens, more than this drafter's lookup=2"):
         drafter.expand(drafter.new_cache(1, 8), None, torch.zeros(1, dtype=torch.int64), long)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands' --lookup.
+
+@pytest.fixture
+def no_model(monkeypatch):
+    from jakiro import pretrained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(pretrained, "load_target", refuse)
+
+
+@pytest.mark.parametrize("command, extra, match", [
+    ("generate", ["--prompt", "hi", "--lookup", "-1"], "--lookup must be >= 0"),
+    ("generate", ["--prompt", "hi", "--lookup", "8", "--total-tokens", "8"],
+     "--lookup 8 needs --total-tokens >= 9 (lookup nodes share the tree), got 8"),
+    ("bench-e2e", ["--methods", "jakiro-lookup", "--lookup", "0"], "--methods jakiro-lookup needs --lookup >= 1"),
+    ("demo", ["--lookup", "5", "--total-tokens", "4"], "--lookup 5 needs --total-tokens >= 6"),
+])
+def test_commands_check_lookup_before_loading_a_model(no_model, capsys, command, extra, match):
+    from jakiro import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--device", "cpu"] + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
+def test_lookup_defaults_per_device_and_shrinks_to_the_tree():
+    from jakiro.cli import _parser
+    from jakiro.commands.options import LOOKUP_TOKENS, resolve_run_settings
+    settings = resolve_run_settings(_parser().parse_args(["generate", "--prompt", "hi", "--device", "cpu"]))
+    assert settings.lookup == LOOKUP_TOKENS["cpu"] and not settings.lookup_given
+    assert settings.lookup_for(60) == LOOKUP_TOKENS["cpu"] and settings.lookup_for(3) == 2
+    # The deepest path is the lookup chain (5 > depth + 1 = 4), in a tree of at most 53 nodes (depth 3, top-k 4).
+    assert settings.max_tree_positions() == 5 + 1 + 53
+    off = resolve_run_settings(_parser().parse_args(["generate", "--prompt", "hi", "--device", "cpu", "--lookup", "0"]))
+    assert off.lookup == 0 and off.lookup_for(4) == 0

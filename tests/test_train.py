@@ -22,7 +22,8 @@ def target():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, target):
     folder = tmp_path_factory.mktemp("features")
-    make_feature_shards(target, folder, conversations=12, length=20, per_shard=5, seed=1)
+    # The layer a new draft of this 2-layer target fuses with the last (EAGLE-3 features).
+    make_feature_shards(target, folder, conversations=12, length=20, per_shard=5, seed=1, feature_layers=[1])
     return folder
 
 
@@ -41,7 +42,7 @@ def test_dataset_reads_every_conversation(data_dir):
     dataset = FeatureDataset(str(data_dir))
     assert len(dataset) == 12
     item = dataset[3]
-    assert item["hidden_states"].shape == (item["input_ids"].numel(), 32) and item["index"] == 3
+    assert item["hidden_states"].shape == (item["input_ids"].numel(), 2 * 32) and item["index"] == 3
     assert len(FeatureDataset(str(data_dir), max_len=6)[0]["input_ids"]) == 6
 
 
@@ -200,7 +201,8 @@ def test_bf16_autocast_training_keeps_float32_weights_and_learns(target, data_di
 def test_dataset_of_several_folders(target, data_dir, tmp_path):
     from jakiro.testing import make_feature_shards
     from jakiro.train.data import token_counts
-    make_feature_shards(target, tmp_path / "more", conversations=3, length=9, per_shard=5, seed=2)
+    make_feature_shards(target, tmp_path / "more", conversations=3, length=9, per_shard=5, seed=2,
+                        feature_layers=[1])
     both = FeatureDataset([str(data_dir), str(tmp_path / "more")])
     first, second = FeatureDataset(str(data_dir)), FeatureDataset(str(tmp_path / "more"))
     assert len(both) == 15 and both[12]["index"] == 12
@@ -209,7 +211,7 @@ def test_dataset_of_several_folders(target, data_dir, tmp_path):
     counts = token_counts([str(data_dir), str(tmp_path / "more")], 64)
     assert torch.equal(counts, token_counts(str(data_dir), 64) + token_counts(str(tmp_path / "more"), 64))
     wide = make_tiny_target("llama", hidden=48, heads=2, kv_heads=1, head_dim=24, intermediate=64, vocab=64, seed=5)
-    make_feature_shards(wide, tmp_path / "wide", conversations=2, length=9, per_shard=5, seed=3)
+    make_feature_shards(wide, tmp_path / "wide", conversations=2, length=9, per_shard=5, seed=3, feature_layers=[1])
     with pytest.raises(ValueError, match="features of size 48"):
         FeatureDataset([str(data_dir), str(tmp_path / "wide")])
 
@@ -239,9 +241,9 @@ def test_loss_vocab_trains_over_the_most_frequent_tokens(target, data_dir, tmp_p
     positions = torch.arange(batch["input_ids"].shape[1] - 1).expand(4, -1)
     with torch.no_grad():
         out = draft(batch["hidden_states"][:, :-1], batch["input_ids"][:, 1:], positions, return_contrastive=True)
-        full = jakiro_loss(out.mixture, out.contrastive, batch["clean_states"], batch["loss_mask"], draft.lm_head)
-        expected = jakiro_loss(out.mixture, out.contrastive, batch["clean_states"], batch["loss_mask"],
-                               trainer.loss_head)
+        last = batch["clean_states"][..., -32:]       # the losses' targets: the last layer's features
+        full = jakiro_loss(out.mixture, out.contrastive, last, batch["loss_mask"], draft.lm_head)
+        expected = jakiro_loss(out.mixture, out.contrastive, last, batch["loss_mask"], trainer.loss_head)
     metrics = trainer.train_step(batch)
     assert metrics["loss"] == pytest.approx(expected.metrics["loss"], rel=1e-5)
     # The random target's p* is near uniform: its CE is about log 24 over 24 tokens, log 64 over all.

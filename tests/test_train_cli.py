@@ -145,7 +145,7 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp
     target = make_tiny_target("llama", hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab=64, seed=2)
     # Equal lengths and masks: every rank's loss is normalised by the same token count.
     make_feature_shards(target, tmp_path / "data", conversations=10, length=12, per_shard=4, seed=4,
-                        equal_masks=True)
+                        equal_masks=True, feature_layers=[1])
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")

@@ -3,7 +3,9 @@
 For each prompt set and temperature, every method decodes every prompt (interleaved, see
 :mod:`jakiro.commands.evaluate`); the report gives tokens/s, speedup over vanilla decoding on the same
 cache and attention stack, and tau, plus the ``total_tokens`` chosen by timing this device
-(:mod:`jakiro.autotune`). Hugging Face ``generate`` runs too, as a second vanilla baseline.
+(:mod:`jakiro.autotune`). The drafts run alone; ``jakiro-lookup`` is Jakiro's mixture draft with
+the lookup branch of ``--lookup`` tokens (:mod:`jakiro.lookup`), where lookup is on. Hugging Face
+``generate`` runs too, as a second vanilla baseline.
 At temperature 0 every jakiro method must reproduce vanilla's tokens exactly: a difference stops
 the run with an error (:func:`greedy_must_match`), except in half precision on a GPU, where it is
 reported. ``--plot DIR`` draws the report (tokens/s and speedups, the accepted-length histogram,
@@ -23,7 +25,8 @@ from jakiro.commands.options import (DRAFT_HELP, RunSettings, UsageError, add_co
                                      load_tokenizer, resolve_run_settings, resolve_total_tokens)
 from jakiro.progress import PROGRESS_HELP
 
-METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_expert")
+METHODS = ("vanilla", "hf-generate", "eagle2", "jakiro-mixture", "jakiro-per_expert", "jakiro-lookup")
+# eagle2 and jakiro-* are the drafts alone; jakiro-lookup is jakiro-mixture with --lookup's branch.
 DATASETS = ("mtbench", "humaneval")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 def add_parser(commands):
@@ -36,7 +39,10 @@ def add_parser(commands):
     p.add_argument("--limit", type=int, default=None, help="first K prompts of each dataset (default: all)")
     p.add_argument("--categories", default=None, help="MT-bench categories, comma-separated (default: all)")
     p.add_argument("--temperatures", default="0,1", help="comma-separated sampling temperatures (0: greedy)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {METHODS}; the drafts run alone, jakiro-lookup is "
+                        f"jakiro-mixture with --lookup's branch (default: all; jakiro-lookup only where --lookup "
+                        f"is on)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here (JSON)")
     p.add_argument("--markdown", default=None, help="also write the tables here (markdown)")
     p.add_argument("--plot", default=None, metavar="DIR",
@@ -70,7 +76,7 @@ class BenchSettings:
 
 def validate(args) -> BenchSettings:
     """``jakiro bench-e2e``'s options, checked before any model loads."""
-    methods = _split(args.methods, METHODS, "methods")
+    methods = _split(args.methods or ",".join(METHODS), METHODS, "methods")
     if "vanilla" not in methods:
         methods.insert(0, "vanilla")   # the reference of the speedups and of the greedy check
     try:
@@ -84,6 +90,11 @@ def validate(args) -> BenchSettings:
     at_least(args, 1, "limit")
     check_plot_option(args.plot)
     run = resolve_run_settings(args, ("jakiro", "eagle2") if "eagle2" in methods else ("jakiro",))
+    if "jakiro-lookup" in methods and not run.lookup:
+        if args.methods:
+            raise UsageError("--methods jakiro-lookup needs --lookup >= 1 (lookup is off by default on "
+                             f"{run.device.type})")
+        methods.remove("jakiro-lookup")
     return BenchSettings(run, datasets, methods, categories, temperatures)
 
 
@@ -145,13 +156,17 @@ def build_methods(names: list[str], target, settings: RunSettings, total_tokens:
         if name == "hf-generate":
             methods[name] = hf_generate_method(target)
             continue
+        lookup = 0
         if name == "eagle2":
             draft = load_draft(settings, "eagle2", target)
+        elif name == "jakiro-lookup":
+            draft = load_draft(settings, "jakiro", target, candidate_mode="mixture")
+            lookup = settings.lookup_for(total_tokens)
         else:
             draft = load_draft(settings, "jakiro", target, candidate_mode=name.split("-", 1)[1])
         try:
             generator = SpeculativeGenerator(target, draft, depth=settings.depth, top_k=settings.tree_top_k,
-                                             total_tokens=total_tokens, compile=compile)
+                                             total_tokens=total_tokens, lookup=lookup, compile=compile)
         except ValueError as error:   # a tree this draft cannot grow (per_expert: top_k >= its experts)
             raise SystemExit(f"jakiro: {name}: {error}") from None
         methods[name] = (lambda g: lambda ids, **o: g.generate(ids.to(device), **o))(generator)
@@ -199,13 +214,15 @@ def run(args, bench: BenchSettings) -> int:
     total_tokens, tuning = tuned_total_tokens(settings, target, load_draft(settings, "jakiro", target), mode)
     runners = build_methods(bench.methods, target, settings, total_tokens, compile=args.compile)
     report = dict(environment(device, dtype), draft_dtype=args.draft_dtype, draft_vocab=settings.draft_vocab,
-                  total_tokens=total_tokens,
+                  total_tokens=total_tokens, lookup=settings.lookup_for(total_tokens),
                   total_tokens_auto=settings.total_tokens == "auto", tuning=tuning, depth=settings.depth,
                   tree_top_k=settings.tree_top_k, max_new_tokens=max_new, compile=args.compile, results=[])
+    lookup_note = f", lookup={report['lookup']} (jakiro-lookup)" if "jakiro-lookup" in runners else ""
     if args.compile:
         report["compile_s"] = compile_warmup(runners, prompts, bench.temperatures, max_new, tokenizer.eos_token_id)
     print(f"[jakiro] {report['device']}, {report['dtype']}, total_tokens={total_tokens}"
-          f"{' (auto)' if tuning else ''}, depth={settings.depth}, top_k={settings.tree_top_k}", flush=True)
+          f"{' (auto)' if tuning else ''}, depth={settings.depth}, top_k={settings.tree_top_k}{lookup_note}",
+          flush=True)
     runs = sum(len(ids) for ids in prompts.values()) * len(bench.temperatures) * len(runners)
     with Progress(total=runs, desc="jakiro bench-e2e", unit="run", mode=mode) as bar:
         for dataset, ids in prompts.items():
@@ -229,7 +246,8 @@ def run(args, bench: BenchSettings) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"{report['device']}, {report['dtype']}, torch {report['torch']}, total_tokens={total_tokens}, "
-                    f"depth={settings.depth}, top_k={settings.tree_top_k}, {max_new} new tokens\n\n{table}\n")
+                    f"depth={settings.depth}, top_k={settings.tree_top_k}, {max_new} new tokens{lookup_note}"
+                    f"\n\n{table}\n")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2)

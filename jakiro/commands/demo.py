@@ -56,9 +56,10 @@ def run(args, settings: RunSettings) -> int:
     target, tokenizer = load_target_model(settings, folder)
     device, dtype = settings.device, settings.dtype
     total_tokens, tuning = tuned_total_tokens(settings, target, load_draft(settings, "jakiro", target), "auto")
-    methods = build_methods(["vanilla", "jakiro-mixture"], target, settings, total_tokens)
+    jakiro_method = "jakiro-lookup" if settings.lookup else "jakiro-mixture"   # --lookup's branch, or none
+    methods = build_methods(["vanilla", jakiro_method], target, settings, total_tokens)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    jakiro_run = methods["jakiro-mixture"]
+    jakiro_run = methods[jakiro_method]
 
     def note_vanilla(index, name, result):
         if name == "jakiro":
@@ -94,7 +95,7 @@ def run(args, settings: RunSettings) -> int:
     print(markdown_table([summary], ["vanilla_tok_s", "jakiro_tok_s", "speedup", "tau", "device", "dtype"]))
     plural = "s" if summary["questions"] != 1 else ""
     print(f"\n{summary['questions']} MT-bench question{plural}, {max_new} new tokens at most, "
-          f"total_tokens={total_tokens}; "
+          f"total_tokens={total_tokens}, lookup={settings.lookup_for(total_tokens)}; "
           + ("greedy answers identical to vanilla decoding." if summary["lossless_checked"]
              else f"sampled at temperature {args.temperature}." if args.temperature > 0
              else f"{len(jakiro.diverged)} answers parted from vanilla at a {summary['dtype']} near-tie."))

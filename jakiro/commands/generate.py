@@ -71,9 +71,10 @@ def run(args, generate: GenerateSettings) -> int:
             draft = load_draft(settings, "jakiro", target)
             total_tokens, _ = resolve_total_tokens(settings, target, draft)
             generator = SpeculativeGenerator(target, draft, depth=settings.depth, top_k=settings.tree_top_k,
-                                             total_tokens=total_tokens, compile=args.compile)
+                                             total_tokens=total_tokens, lookup=settings.lookup_for(total_tokens),
+                                             compile=args.compile)
             result = generator.generate(input_ids, **options)
-            tau = f"{result.mean_accepted_length:.2f} (total_tokens={total_tokens})"
+            tau = f"{result.mean_accepted_length:.2f} (total_tokens={total_tokens}, lookup={generator.drafter.lookup})"
     except ValueError as error:   # what only the loaded models can tell (e.g. a tree this draft cannot grow)
         raise SystemExit(f"jakiro generate: {error}") from None
     new = int(result.new_tokens[0])

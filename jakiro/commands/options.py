@@ -24,6 +24,10 @@ TREE_SHAPES = {"cuda": (5, 10), "cpu": (3, 4)}
 # Default drafting vocabulary per device type (None: all tokens). On a CPU the draft's LM head
 # is most of a tree level's cost; 8192 of SmolLM2's 49152 tokens cover the training answers.
 DRAFT_VOCAB = {"cuda": None, "cpu": 8192}
+# Default lookup branch per device type (tokens; 0: off), jakiro.lookup. On a CPU it raised tau on
+# HumanEval and MT-bench and tokens/s with it (BENCHMARKS.md, Lookup candidates); on CUDA it is
+# not measured yet, so it stays off there.
+LOOKUP_TOKENS = {"cuda": 0, "cpu": 5}
 # float32 by default: the one dtype in which greedy output matches on every device (see below).
 DEFAULT_DTYPE = torch.float32
 # Tree nodes up to which a CPU verify pass of one sequence (the commands decode one at a time)
@@ -120,6 +124,11 @@ def add_target_arguments(p):
                    help="tree nodes verified per cycle, or 'auto': chosen by timing this device")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer (default: 256 on CUDA, "
                                                                       "128 on CPU)")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="tokens of a lookup branch added to every tree: what followed the latest earlier "
+                        "occurrence of the text's last 3, 2 or 1 tokens in the prompt or the answer so far "
+                        "(repeats, as in code), verified with the draft's nodes in the same pass and within "
+                        "--total-tokens; the output does not change (0: off; default: 5 on a CPU, off on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling runs")
 
 
@@ -141,7 +150,8 @@ class RunSettings:
 
     ``total_tokens``: an int, or "auto" (chosen by :func:`resolve_total_tokens` once the models
     have loaded); ``draft_vocab``: None for the whole vocabulary; ``draft_dtype``: None for the
-    target's; ``max_new_tokens``: the option, or the device's default when not given.
+    target's; ``max_new_tokens``: the option, or the device's default when not given;
+    ``lookup``: lookup tokens per tree (0: off), ``lookup_given`` whether ``--lookup`` was passed.
     """
     target: str
     draft: str | None
@@ -156,6 +166,8 @@ class RunSettings:
     total_tokens: int | str
     max_new_tokens: int
     seed: int
+    lookup: int = 0
+    lookup_given: bool = False
 
     def tree_limit(self) -> int:
         """The most nodes a tree of this depth and top-k can hold."""
@@ -166,7 +178,17 @@ class RunSettings:
         while ``total_tokens`` is "auto")."""
         from jakiro.autotune import CANDIDATES
         nodes = self.total_tokens if self.total_tokens != "auto" else min(max(CANDIDATES), self.tree_limit())
-        return self.depth + 2 + nodes
+        return max(self.depth + 1, self.lookup) + 1 + nodes
+
+    def lookup_for(self, total_tokens: int) -> int:
+        """Lookup tokens for a tree of ``total_tokens`` nodes: the default shrinks to fit the tree
+        (a tree keeps its root), a given ``--lookup`` that does not fit is a :class:`UsageError`."""
+        if self.lookup > total_tokens - 1:
+            if self.lookup_given:
+                raise UsageError(f"--lookup {self.lookup} needs --total-tokens >= {self.lookup + 1} (lookup nodes "
+                                 f"share the tree), got {total_tokens}")
+            return total_tokens - 1
+        return self.lookup
 
 
 def _check_draft_folder(path, option: str, draft_vocab: int | None, vocab_defaulted: bool, target: str):
@@ -200,7 +222,7 @@ def resolve_run_settings(args, drafts: tuple[str, ...] = ("jakiro",)) -> RunSett
     device's defaults; ``drafts``: the kinds of draft the command will load. Raises
     :class:`UsageError`."""
     device = check_device(args.device)
-    at_least(args, 0, "threads", "draft_vocab")
+    at_least(args, 0, "threads", "draft_vocab", "lookup")
     at_least(args, 1, "depth", "tree_top_k", "max_new_tokens")
     depth, top_k = TREE_SHAPES.get(device.type, TREE_SHAPES["cuda"])
     depth = depth if args.depth is None else args.depth
@@ -220,10 +242,14 @@ def resolve_run_settings(args, drafts: tuple[str, ...] = ("jakiro",)) -> RunSett
         dtype=DTYPES[args.dtype] if args.dtype else DEFAULT_DTYPE,
         draft_dtype=None if args.draft_dtype == "target" else DTYPES[args.draft_dtype],
         draft_vocab=draft_vocab or None, threads=args.threads, depth=depth, tree_top_k=top_k,
-        total_tokens=total_tokens, max_new_tokens=max_new, seed=args.seed)
+        total_tokens=total_tokens, max_new_tokens=max_new, seed=args.seed,
+        lookup=LOOKUP_TOKENS.get(device.type, 0) if args.lookup is None else args.lookup,
+        lookup_given=args.lookup is not None)
     if total_tokens != "auto" and not 2 <= total_tokens <= settings.tree_limit():
         raise UsageError(f"--total-tokens must be in [2, {settings.tree_limit()}] for --depth {depth} and "
                          f"--tree-top-k {top_k} (the nodes such a tree can hold), got {total_tokens}")
+    if total_tokens != "auto":
+        settings.lookup_for(total_tokens)
     temperature = getattr(args, "temperature", None)   # demo and generate
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {temperature}")

@@ -40,7 +40,7 @@ class DraftTree:
     """A batch of draft trees (``docs/architecture.md``, Tree format) with their cumulative draft log-probabilities.
 
     tokens: int64 ``[B, N]`` (node 0 = the root); parents: int32 ``[B, N]``;
-    scores: float32 ``[B, N]`` (root 0); level: int64 ``[B, N]`` depth of every node;
+    scores: float32 ``[B, N]`` (root and lookup nodes 0); level: int64 ``[B, N]`` depth of every node;
     mask: int32 ``[B, N, W]`` every node's ancestors (``build_tree_mask``'s format).
     """
     tokens: torch.Tensor

@@ -112,7 +112,6 @@ class KVCache:
                                   step.tree_len, scale, validate=False, window=window, softcap=softcap)
 
 
-
 def _write_kv(kv: torch.Tensor, layer: int, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor) -> None:
     """``kv[layer, 0|1]`` at (``rows``, ``positions``) = ``key`` / ``value`` ``[B, Hkv, Nq, D]``."""

@@ -160,6 +160,14 @@ def test_datagen_and_train_report_in_lines_and_end_with_a_summary(tmp_path, caps
     assert 1 <= len(progress) <= 5 and progress[-1].startswith("jakiro datagen: 5/5 conv (100%)")
     last = captured.out.strip().splitlines()[-1]
     assert last.startswith("[jakiro] wrote 5 conversations in 3 shards under") and "conversations/s" in last
+    # A rerun resumes: it counts what it wrote itself, not the shards it found.
+    (tmp_path / "features" / "shard_00002.safetensors").unlink()
+    assert cli.main(["datagen", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "data.json"),
+                     "--format", "sharegpt", "--out", str(tmp_path / "features"), "--limit", "5",
+                     "--per-shard", "2", "--device", "cpu", "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("[jakiro] wrote 1 conversations in 1 shards under") and \
+        "(4 more in the 2 shards a previous run wrote)" in last, last
     assert cli.main(["train", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "features"),
                      "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "2", "--device", "cpu",
                      "--no-progress"]) == 0

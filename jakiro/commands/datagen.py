@@ -88,6 +88,13 @@ def run(args, settings=None) -> int:
         if first is None:
             raise UsageError(f"--data {args.data} holds no usable conversation (a record needs an assistant turn, "
                              f"and every turn text and a known role: {', '.join(sorted(ROLES))})")
+        # What a resumed run finds already written (skipped): the summary counts the rest.
+        index_path = os.path.join(args.out, "index.json")
+        before = set()
+        if os.path.isfile(index_path):
+            from jakiro.train.data import read_index
+            before = {entry["file"] for entry in read_index(args.out)["shards"]
+                      if os.path.isfile(os.path.join(args.out, entry["file"]))}
         target, tokenizer = load_target_or_exit(args.target, dtype, args.device)
         layers = parse_feature_layers(args.feature_layers, target.config.get_text_config().num_hidden_layers)
         index = generate_features(target, tokenizer, itertools.chain([first], conversations), args.out,
@@ -103,6 +110,10 @@ def run(args, settings=None) -> int:
                          "no shard")
     seconds = time.perf_counter() - started
     tokens = sum(entry.get("tokens", 0) for entry in index["shards"])
-    print(summary_line(f"wrote {samples} conversations in {len(index['shards'])} shards under {args.out}",
-                       seconds, f"{tokens} tokens, {samples / max(seconds, 1e-9):.2f} conversations/s"), flush=True)
+    new = [entry for entry in index["shards"] if entry["file"] not in before]
+    written = sum(entry["samples"] for entry in new)
+    kept = f" ({samples - written} more in the {len(index['shards']) - len(new)} shards a previous run wrote)" \
+        if len(new) < len(index["shards"]) else ""
+    print(summary_line(f"wrote {written} conversations in {len(new)} shards under {args.out}{kept}", seconds,
+                       f"{tokens} tokens in all, {written / max(seconds, 1e-9):.2f} conversations/s"), flush=True)
     return 0

@@ -210,7 +210,8 @@ def speculative_decoding(model, input_ids, logits_processor=None, stopping_crite
                          tree_top_k: int | None = None, total_tokens: int | str | None = None,
                          candidate_mode: str | None = None, draft_vocab: int | None = None,
                          draft_dtype: torch.dtype | None = None, max_cache_len: int | None = None,
-                         generator: torch.Generator | None = None, stop_strings=None, **model_kwargs):
+                         generator: torch.Generator | None = None, lookup: int = 0, stop_strings=None,
+                         **model_kwargs):
     """Jakiro speculative decoding as the decoding loop of Hugging Face ``model.generate``.
 
     Use it as ``model.generate(**inputs, custom_generate=jakiro.hf.speculative_decoding,
@@ -226,6 +227,8 @@ def speculative_decoding(model, input_ids, logits_processor=None, stopping_crite
             ``depth``, ``top_k``, ``total_tokens``; ``total_tokens="auto"`` times the device once
             per draft and shape, :func:`jakiro.autotune.choose_total_tokens`). Default: the
             generator's (5, 10, 60).
+        lookup: tokens of an n-gram lookup branch in every tree (``SpeculativeGenerator``'s
+            ``lookup``, :mod:`jakiro.lookup`; within ``total_tokens``; default 0: off).
         max_cache_len: cache positions per row (default: the model's ``max_position_embeddings``;
             the prompt, the new tokens and the tree's scratch must fit).
         generator: a ``torch.Generator`` for sampling (default: torch's global generator, so
@@ -319,7 +322,7 @@ def speculative_decoding(model, input_ids, logits_processor=None, stopping_crite
     if total_tokens is not None:
         shape = {**_TREE_DEFAULTS, **tree}
         tree["total_tokens"] = _tree_size(model, draft, shape["depth"], shape["top_k"], total_tokens)
-    gen = SpeculativeGenerator(model, draft, max_cache_len=max_cache_len, **tree)
+    gen = SpeculativeGenerator(model, draft, max_cache_len=max_cache_len, lookup=lookup, **tree)
     result = gen.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, eos_token_id=eos, generator=generator,
                           streamer=None if streamer is None else _AfterPrompt(streamer),

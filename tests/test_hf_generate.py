@@ -237,3 +237,14 @@ def test_refusals_that_need_more_than_a_flag(llama):
     with pytest.raises(ValueError, match=r"model inputs \['inputs_embeds'\]"):
         target.generate(inputs_embeds=target.get_input_embeddings()(ids), custom_generate=speculative_decoding,
                         draft=draft, max_new_tokens=4, pad_token_id=0)
+
+
+def test_lookup_branch_keeps_generate_s_greedy_output(llama):
+    target, draft = llama
+    # Prompts that repeat themselves, so the lookup branch has matches to propose.
+    ids = torch.tensor([[5, 9, 2, 7, 5, 9, 2, 7, 5, 9], [3, 3, 4, 3, 3, 4, 3, 3, 4, 3]])
+    plain = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20, pad_token_id=0)
+    expected = target.generate(ids, **plain)
+    assert torch.equal(jakiro_generate(target, draft, ids, lookup=4, **plain), expected)
+    with pytest.raises(ValueError, match="lookup must be an int in"):
+        jakiro_generate(target, draft, ids, lookup=16, **plain)

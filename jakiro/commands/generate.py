@@ -14,7 +14,7 @@ from jakiro.commands.options import (RunSettings, UsageError, add_compile_argume
 
 def add_parser(commands):
     p = commands.add_parser("generate", help="generate text with a target model and a Jakiro draft",
-                            description=__doc__.strip("`\n"))
+                            description=__doc__.replace("``", "").strip())
     add_target_arguments(p)
     p.add_argument("--vanilla", action="store_true", help="plain decoding, no draft (the baseline)")
     p.add_argument("--prompt", required=True)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,9 @@ from jakiro.commands.evaluate import encode_prompt
 from jakiro.commands.prompts import humaneval_prompts, mtbench_questions
 from jakiro.draft import JakiroDraft
 from jakiro.pretrained import load_target, shipped_draft
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name  # noqa: E402
 
 
 class Recorder:
@@ -132,7 +136,7 @@ def main(argv=None):
     report = {"target": args.target, "dataset": args.dataset, "prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens, "tree": dict(depth=args.depth, top_k=args.tree_top_k,
                                                                   total_tokens=args.total_tokens),
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "drafts": {}}
+              "device": device_name(torch.device("cpu")), "torch": torch.__version__, "drafts": {}}
     for spec in args.drafts.split(","):
         folder = shipped_draft(spec) if spec in ("jakiro", "eagle2") else spec
         draft = JakiroDraft.from_pretrained(folder, target, dtype=torch.bfloat16, draft_vocab=args.draft_vocab)

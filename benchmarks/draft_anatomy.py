@@ -127,8 +127,8 @@ def main(argv=None):
     recorders: list[Recorder] = []
     call = generate_module._Acceptor.__call__
 
-    def recording_call(self, tokens, parents, logits):
-        out = call(self, tokens, parents, logits)
+    def recording_call(self, tokens, parents, logits, *rest):
+        out = call(self, tokens, parents, logits, *rest)
         if tokens.shape[1] > 1 and recorders:
             recorders[-1].accepted(out[0])
         return out

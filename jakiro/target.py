@@ -170,6 +170,13 @@ class TargetModel:
             logits = self.lm_head(hidden)
             if self.final_logit_softcap:        # Gemma 2/3: what their ForCausalLM does after the head
                 logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
-            if feature_layers:
-                hidden = torch.cat([out.hidden_states[i] for i in feature_layers] + [hidden], dim=-1)
-            return logits, hidden
+            return logits, decoder_features(out, feature_layers)
+
+
+def decoder_features(out, feature_layers: list[int] | None) -> torch.Tensor:
+    """What a draft reads from a decoder's output (run with ``output_hidden_states`` when
+    ``feature_layers`` is set): the last layer's output after the final norm, after the residual
+    streams ``hidden_states[i]`` of ``feature_layers``, concatenated ``[..., (n + 1) H]``."""
+    if not feature_layers:
+        return out.last_hidden_state
+    return torch.cat([out.hidden_states[i] for i in feature_layers] + [out.last_hidden_state], dim=-1)

@@ -64,11 +64,10 @@ def target_features(target, input_ids: torch.Tensor, feature_layers: list[int] |
     """Last-layer features after the final norm, ``[S, H]``, from one forward of ``target``;
     with ``feature_layers`` (indices of ``hidden_states``) those layers' residual streams
     first, ``[S, (n + 1) H]`` (what ``TargetModel.forward`` gives a multi-layer draft)."""
+    from jakiro.target import decoder_features
     device = target.get_input_embeddings().weight.device
     out = target.get_decoder()(input_ids=input_ids.to(device)[None], output_hidden_states=bool(feature_layers))
-    if not feature_layers:
-        return out.last_hidden_state[0]
-    return torch.cat([out.hidden_states[i] for i in feature_layers] + [out.last_hidden_state], dim=-1)[0]
+    return decoder_features(out, feature_layers)[0]
 
 
 @torch.no_grad()

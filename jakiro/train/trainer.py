@@ -276,12 +276,18 @@ class Trainer:
         generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) * 10_000_019 + index)
         return (torch.rand(length, width, generator=generator) - 0.5) * self.config.noise
 
-    def _batch(self, indices: list[int], epoch: int) -> dict:
-        items = [self.train_set[i] for i in indices]
-        # The columns the draft reads: all stored layers for a multi-layer draft, else the last layer's.
+    def _items(self, subset, indices) -> list[dict]:
+        """Conversations of ``subset`` with the feature columns the draft reads: every stored layer
+        for a multi-layer draft, the last layer's for a one-feature draft."""
         width = self.draft.config.feature_size
+        items = [subset[i] for i in indices]
         for item in items:
             item["hidden_states"] = item["hidden_states"][:, -width:]
+        return items
+
+    def _batch(self, indices: list[int], epoch: int) -> dict:
+        items = self._items(self.train_set, indices)
+        width = self.draft.config.feature_size
         batch = collate(items)
         if self.config.noise > 0:
             for row, item in enumerate(items):
@@ -347,13 +353,11 @@ class Trainer:
         """Level-1 top-1 on the held-out conversations: the draft reads the target's (clean)
         features, as the first level of a tree does, and is scored against the target's own next
         token on the answer tokens, both argmaxes over the loss's vocabulary."""
-        head, size, width = self.loss_head, self.config.batch_size, self.draft.config.feature_size
+        head, size = self.loss_head, self.config.batch_size
         hits = total = 0.0
         self.draft.eval()
         for at in range(0, len(self.held_out), size):
-            items = [self.held_out[i] for i in range(at, min(at + size, len(self.held_out)))]
-            for item in items:
-                item["hidden_states"] = item["hidden_states"][:, -width:]
+            items = self._items(self.held_out, range(at, min(at + size, len(self.held_out))))
             batch = {k: v.to(self.device) for k, v in collate(items).items()}
             ids, features, mask = batch["input_ids"], batch["hidden_states"], batch["loss_mask"][:, 1:]
             positions = torch.arange(ids.shape[1] - 1, device=self.device).expand(ids.shape[0], -1)

@@ -118,10 +118,12 @@ def test_every_cpu_copy_matches_reference(copy, nq, group, dtype, monkeypatch):
 
 
 @pytest.mark.skipif("avx512" not in CPU_COPIES, reason="needs a CPU with AVX-512")
-def test_avx2_and_avx512_copies_sum_alike(monkeypatch):
-    # The tile height differs, the order of every sum does not: bit-identical outputs.
+@pytest.mark.parametrize("head_dim", [128, 80, 24])
+def test_avx2_and_avx512_copies_sum_alike(head_dim, monkeypatch):
+    # The tile height and the vector width differ (8 and 16 floats; 80 and 24 end on a
+    # narrower tile), the order of every sum does not: bit-identical outputs.
     gen = torch.Generator().manual_seed(5)
-    inputs = make_tree_attention_inputs(batch=2, hq=9, hkv=3, nq=11, head_dim=128, prefix_lens=[300, 64],
+    inputs = make_tree_attention_inputs(batch=2, hq=9, hkv=3, nq=11, head_dim=head_dim, prefix_lens=[300, 64],
                                         generator=gen)
     outs = []
     for copy in ("avx2", "avx512"):

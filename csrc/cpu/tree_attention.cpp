@@ -13,15 +13,18 @@
 //   visible tree keys follow in tree order), and the keys are split into fixed
 //   chunks of kKeysPerSplit virtual positions, whatever the call's shape;
 // - within a split the softmax is two-pass: the exact maximum first, then every
-//   probability, its sum and P·V accumulated in key order, so hidden keys add
-//   exact zeros and block boundaries change nothing;
+//   probability and P·V accumulated in key order, and the probabilities' sum
+//   in 8 lanes by virtual position, so hidden keys add exact zeros and block
+//   boundaries change nothing;
 // - splits merge by log-sum-exp in split order, and a single split is the same
 //   numbers as no merge.
-// Scores and P·V are register-blocked micro-kernels (4 rows x 16 keys or
-// columns) on 8-float GCC/Clang vector types, and exp is a branch-free
+// Scores and P·V are register-blocked micro-kernels (4 rows x 2 vectors of keys
+// or columns) on GCC/Clang vector types of 8 floats, and exp is a branch-free
 // polynomial, so no -ffast-math is needed; on x86 two more copies of the split
-// step are compiled and picked at run time: AVX2+FMA, and AVX-512VL with 8-row
-// tiles (its 32 vector registers hold them; the same sums in the same order).
+// step are compiled and picked at run time: AVX2+FMA, and AVX-512 with 8-row
+// tiles of 16-float vectors (its 32 registers hold them; every sum stays in one
+// lane, so the same sums in the same order). The softmax's sum runs in 8 lanes
+// keyed by virtual position (probability_sum).
 //
 // Head sizes: every multiple of 8 up to 256. 64 and 128 (the common sizes) are
 // compiled for their size; the others run one copy that reads the size at run
@@ -41,6 +44,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "jakiro/checks.h"
@@ -76,15 +80,23 @@ static_assert(kRowBlock % 8 == 0 && kKeyBlock % 16 == 0 && kKeysPerSplit % kKeyB
 
 // Eight floats; GCC/Clang lower it to AVX2 in the AVX2 copy and to SSE pairs otherwise.
 typedef float Vec8 __attribute__((vector_size(32)));
+// Sixteen floats: one AVX-512 register, the micro-kernels' vector in the AVX-512 copy. Every
+// sum of the micro-kernels runs within one lane, so the width changes no result.
+typedef float Vec16 __attribute__((vector_size(64)));
 constexpr int kRowQuantum = 4;  // rows are zero-padded to a multiple of the smallest micro-kernel tile
 
-JAKIRO_ALWAYS_INLINE Vec8 load8(const float* p) {
-  Vec8 v;
+template <class V>
+constexpr int width() { return static_cast<int>(sizeof(V) / sizeof(float)); }
+
+template <class V>
+JAKIRO_ALWAYS_INLINE V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-JAKIRO_ALWAYS_INLINE void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+template <class V>
+JAKIRO_ALWAYS_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
 // exp(x) for x <= 0 (or -inf), branch-free so loops over it vectorise: 2^n by
 // exponent bits times a degree-6 Taylor polynomial of 2^f, |f| <= 1/2
@@ -138,7 +150,7 @@ struct SplitWork {
   int64_t k_stride, v_stride;  // between positions
   int64_t scan_begin, scan_end, split_begin, split_end, tree_start;
   float* k_t;            // [D][key_stride(D)] scratch, transposed
-  float* v_block;        // [kKeyBlock][D] scratch
+  float* v_block;        // [kKeyBlock][D] scratch (unused for float32 values stored back to back)
   float* scores;         // [tiled_rows][score_stride] scratch
   int64_t score_stride;  // scan length rounded up to kKeyBlock
 };
@@ -154,16 +166,18 @@ JAKIRO_ALWAYS_INLINE int head_size(int runtime) { return kD != kRuntimeHeadDim ?
 JAKIRO_ALWAYS_INLINE int key_stride(int D) { return D > 128 ? kKeyBlock + 16 : kKeyBlock; }
 
 // scores[r][j] = q[r] . k[j] for kTileRows rows from r0 and kKeyBlock keys: tiles
-// of kTileRows rows x 16 keys held in registers, one pass over D per tile.
-template <int kD, int kTileRows>
+// of kTileRows rows x 2 vectors of keys held in registers, one pass over D per tile.
+template <class V, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void tile_scores(const float* q, const float* k_t, float* scores, int64_t stride, int64_t r0,
                                       int head_dim) {
+  constexpr int W = width<V>();
+  static_assert(kKeyBlock % (2 * W) == 0, "a key block is whole tiles");
   const int D = head_size<kD>(head_dim);
   const int k_stride = key_stride(D);
-  for (int j0 = 0; j0 < kKeyBlock; j0 += 16) {
-    Vec8 acc[kTileRows][2] = {};
+  for (int j0 = 0; j0 < kKeyBlock; j0 += 2 * W) {
+    V acc[kTileRows][2] = {};
     for (int d = 0; d < D; ++d) {
-      const Vec8 k0 = load8(k_t + d * k_stride + j0), k1 = load8(k_t + d * k_stride + j0 + 8);
+      const V k0 = load<V>(k_t + d * k_stride + j0), k1 = load<V>(k_t + d * k_stride + j0 + W);
       for (int rr = 0; rr < kTileRows; ++rr) {
         const float qd = q[(r0 + rr) * D + d];
         acc[rr][0] += qd * k0;
@@ -171,64 +185,72 @@ JAKIRO_ALWAYS_INLINE void tile_scores(const float* q, const float* k_t, float* s
       }
     }
     for (int rr = 0; rr < kTileRows; ++rr) {
-      store8(scores + (r0 + rr) * stride + j0, acc[rr][0]);
-      store8(scores + (r0 + rr) * stride + j0 + 8, acc[rr][1]);
+      store(scores + (r0 + rr) * stride + j0, acc[rr][0]);
+      store(scores + (r0 + rr) * stride + j0 + W, acc[rr][1]);
     }
   }
 }
 
-// acc[r][d0 .. d0 + 8 kVecs) += sum_j p[r][j] v[j][same columns], j in key order,
-// for kTileRows rows from r0, held in registers over the block's keys. A
+// acc[r][d0 .. d0 + kVecs vectors) += sum_j p[r][j] v[j][same columns], j in key
+// order, for kTileRows rows from r0, held in registers over the block's keys. A
 // column's sum does not depend on the columns beside it.
-template <int kTileRows, int kVecs>
+template <class V, int kTileRows, int kVecs>
 JAKIRO_ALWAYS_INLINE void tile_value_columns(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
                                              int64_t r0, int D, int d0) {
-  Vec8 sum[kTileRows][kVecs];
+  constexpr int W = width<V>();
+  V sum[kTileRows][kVecs];
   for (int rr = 0; rr < kTileRows; ++rr) {
-    for (int c = 0; c < kVecs; ++c) sum[rr][c] = load8(acc + (r0 + rr) * D + d0 + 8 * c);
+    for (int c = 0; c < kVecs; ++c) sum[rr][c] = load<V>(acc + (r0 + rr) * D + d0 + W * c);
   }
   for (int j = 0; j < num_keys; ++j) {
-    Vec8 vj[kVecs];
-    for (int c = 0; c < kVecs; ++c) vj[c] = load8(v + j * D + d0 + 8 * c);
+    V vj[kVecs];
+    for (int c = 0; c < kVecs; ++c) vj[c] = load<V>(v + j * D + d0 + W * c);
     for (int rr = 0; rr < kTileRows; ++rr) {
       const float pj = p[(r0 + rr) * stride + j];
       for (int c = 0; c < kVecs; ++c) sum[rr][c] += pj * vj[c];
     }
   }
   for (int rr = 0; rr < kTileRows; ++rr) {
-    for (int c = 0; c < kVecs; ++c) store8(acc + (r0 + rr) * D + d0 + 8 * c, sum[rr][c]);
+    for (int c = 0; c < kVecs; ++c) store(acc + (r0 + rr) * D + d0 + W * c, sum[rr][c]);
   }
 }
 
-// acc[r] += sum_j p[r][j] v[j] for kTileRows rows from r0: tiles of 16 columns,
-// then 8 when D is an odd multiple of 8.
-template <int kD, int kTileRows>
+// acc[r] += sum_j p[r][j] v[j] for kTileRows rows from r0: tiles of 2 vectors of
+// columns, then one vector, then 8 columns (D is a multiple of 8).
+template <class V, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void tile_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
                                       int64_t r0, int head_dim) {
+  constexpr int W = width<V>();
   const int D = head_size<kD>(head_dim);
   int d0 = 0;
-  for (; d0 + 16 <= D; d0 += 16) tile_value_columns<kTileRows, 2>(p, stride, v, num_keys, acc, r0, D, d0);
-  if (d0 < D) tile_value_columns<kTileRows, 1>(p, stride, v, num_keys, acc, r0, D, d0);
+  for (; d0 + 2 * W <= D; d0 += 2 * W) tile_value_columns<V, kTileRows, 2>(p, stride, v, num_keys, acc, r0, D, d0);
+  if (d0 + W <= D) {
+    tile_value_columns<V, kTileRows, 1>(p, stride, v, num_keys, acc, r0, D, d0);
+    d0 += W;
+  }
+  if constexpr (W > 8) {
+    if (d0 < D) tile_value_columns<Vec8, kTileRows, 1>(p, stride, v, num_keys, acc, r0, D, d0);
+  }
 }
 
 // Every row (a multiple of kRowQuantum) in kTileRows tiles, the rest in one
 // kRowQuantum tile: a row's sums do not depend on its tile.
-template <int kD, int kTileRows>
+template <class V, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void block_scores(const float* q, const float* k_t, float* scores, int64_t stride,
                                        int64_t rows, int head_dim) {
   int64_t r0 = 0;
-  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_scores<kD, kTileRows>(q, k_t, scores, stride, r0, head_dim);
-  if (r0 < rows) tile_scores<kD, kRowQuantum>(q, k_t, scores, stride, r0, head_dim);
+  for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_scores<V, kD, kTileRows>(q, k_t, scores, stride, r0, head_dim);
+  if (r0 < rows) tile_scores<V, kD, kRowQuantum>(q, k_t, scores, stride, r0, head_dim);
 }
 
-template <int kD, int kTileRows>
+template <class V, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void block_values(const float* p, int64_t stride, const float* v, int num_keys, float* acc,
                                        int64_t rows, int head_dim) {
   int64_t r0 = 0;
   for (; r0 + kTileRows <= rows; r0 += kTileRows) {
-    tile_values<kD, kTileRows>(p, stride, v, num_keys, acc, r0, head_dim);
+    tile_values<V, kD, kTileRows>(p, stride, v, num_keys, acc, r0, head_dim);
   }
-  if (r0 < rows) tile_values<kD, kRowQuantum>(p, stride, v, num_keys, acc, r0, head_dim);
+  if (r0 < rows) tile_values<V, kD, kRowQuantum>(p, stride, v, num_keys, acc, r0, head_dim);
 }
 
 // Sets the scores of keys a row does not count in this split to -inf and returns
@@ -252,18 +274,51 @@ JAKIRO_ALWAYS_INLINE float mask_row(const SplitWork<scalar_t>& w, RowState& row,
     if (!counted) s[j] = kNegInf;
   }
   for (int64_t j = visible; j < n; ++j) s[j] = kNegInf;
-  // A maximum is exact in any order, so it can run in 8 lanes.
-  Vec8 lanes;
-  for (int l = 0; l < 8; ++l) lanes[l] = kNegInf;
+  // A maximum is exact in any order, so it can run in 4 x 8 lanes.
+  Vec8 lanes[4];
+  for (int a = 0; a < 4; ++a)
+    for (int l = 0; l < 8; ++l) lanes[a][l] = kNegInf;
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const Vec8 x = load8(s + j);
-    lanes = x > lanes ? x : lanes;
+  for (; j + 32 <= n; j += 32) {
+    for (int a = 0; a < 4; ++a) {
+      const Vec8 x = load<Vec8>(s + j + 8 * a);
+      lanes[a] = x > lanes[a] ? x : lanes[a];
+    }
   }
   float max = kNegInf;
-  for (int l = 0; l < 8; ++l) max = std::max(max, lanes[l]);
+  for (int a = 0; a < 4; ++a)
+    for (int l = 0; l < 8; ++l) max = std::max(max, lanes[a][l]);
   for (; j < n; ++j) max = std::max(max, s[j]);
   return max;
+}
+
+// The sum of a row's probabilities s (hidden keys exactly 0), batch-invariant yet
+// vectorised: a key adds into lane (virtual position mod 8), each lane in key
+// order, and the lanes add up in a fixed order, so a key's lane and its place in
+// its lane are what a one-query call over the row's keys laid out contiguously
+// gives it. Prefix keys' virtual positions are their own; a visible tree key's
+// is the tree start plus its rank, as in mask_row.
+template <typename scalar_t>
+JAKIRO_ALWAYS_INLINE float probability_sum(const SplitWork<scalar_t>& w, const RowState& row,
+                                           int64_t tree_rank, const float* s) {
+  const int64_t n = w.scan_end - w.scan_begin;
+  const int64_t dense = std::clamp<int64_t>(row.range.dense_end - w.scan_begin, 0, n);
+  const int64_t visible = std::clamp<int64_t>(row.range.visible_end - w.scan_begin, 0, n);
+  Vec8 lanes = {};
+  // Prefix keys: scalar up to a position that is a multiple of 8, then 8 at a time.
+  const int64_t aligned = std::min(dense, (8 - w.scan_begin % 8) % 8);
+  int64_t j = 0;
+  for (; j < aligned; ++j) lanes[(w.scan_begin + j) % 8] += s[j];
+  for (; j + 8 <= dense; j += 8) lanes += load<Vec8>(s + j);
+  for (; j < dense; ++j) lanes[(w.scan_begin + j) % 8] += s[j];
+  if (row.mask_row != nullptr) {
+    for (j = dense; j < visible; ++j) {
+      if (tree_key_visible(row.mask_row, w.tree_start, w.scan_begin + j)) lanes[(w.tree_start + tree_rank++) % 8] += s[j];
+    }
+  }
+  float sum = 0.f;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
 }
 
 // score -> softcap * tanh(score / softcap), element by element.
@@ -271,22 +326,71 @@ JAKIRO_ALWAYS_INLINE void soft_cap(float* s, int64_t n, float softcap, float inv
   for (int64_t j = 0; j < n; ++j) s[j] = softcap * tanh_float(s[j] * inv_softcap);
 }
 
+#if JAKIRO_X86_COPIES
+typedef int Index8 __attribute__((vector_size(32)));
+
+// r[i] = element i of each of the 8 vectors, in place (three rounds of two-source shuffles).
+JAKIRO_ALWAYS_INLINE void transpose8x8(Vec8 r[8]) {
+  const Index8 lo32 = {0, 8, 1, 9, 4, 12, 5, 13}, hi32 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const Index8 lo64 = {0, 1, 8, 9, 4, 5, 12, 13}, hi64 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const Index8 lo128 = {0, 1, 2, 3, 8, 9, 10, 11}, hi128 = {4, 5, 6, 7, 12, 13, 14, 15};
+  Vec8 a[8], b[8];
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = __builtin_shuffle(r[i], r[i + 1], lo32);
+    a[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi32);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    b[i] = __builtin_shuffle(a[i], a[i + 2], lo64);
+    b[i + 1] = __builtin_shuffle(a[i], a[i + 2], hi64);
+    b[i + 2] = __builtin_shuffle(a[i + 1], a[i + 3], lo64);
+    b[i + 3] = __builtin_shuffle(a[i + 1], a[i + 3], hi64);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(b[i], b[i + 4], lo128);
+    r[i + 4] = __builtin_shuffle(b[i], b[i + 4], hi128);
+  }
+}
+#endif
+
+// k_t[d][j] = key (first + j)[d] in fp32 for the block's num_keys keys, zeros
+// past them. Float32 keys go through 8x8 register transposes (GCC on x86), the
+// rest one element at a time; either way the same values land.
+template <typename scalar_t>
+JAKIRO_ALWAYS_INLINE void transpose_keys(const SplitWork<scalar_t>& w, int64_t first, int num_keys, int D) {
+  const int stride = key_stride(D);
+  int j = 0;
+#if JAKIRO_X86_COPIES
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; j + 8 <= num_keys; j += 8) {
+      const float* k = w.k + (first + j) * w.k_stride;
+      for (int d = 0; d < D; d += 8) {
+        Vec8 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = load<Vec8>(k + i * w.k_stride + d);
+        transpose8x8(r);
+        for (int i = 0; i < 8; ++i) store(w.k_t + (d + i) * stride + j, r[i]);
+      }
+    }
+  }
+#endif
+  for (; j < num_keys; ++j) {
+    const scalar_t* k = w.k + (first + j) * w.k_stride;
+    for (int d = 0; d < D; ++d) w.k_t[d * stride + j] = static_cast<float>(k[d]);
+  }
+  for (; j < kKeyBlock; ++j) {
+    for (int d = 0; d < D; ++d) w.k_t[d * stride + j] = 0.f;
+  }
+}
+
 // The whole split for one row block: scores, exact softmax per row, P·V. Every
 // sum runs in key order, so keys a row does not count add exact zeros.
-template <typename scalar_t, int kD, int kTileRows>
+template <typename scalar_t, class V, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void attend_split(const SplitWork<scalar_t>& w) {
   const int D = head_size<kD>(w.head_dim);
   const int64_t n = w.scan_end - w.scan_begin;
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, n - j0));
-    for (int j = 0; j < num_keys; ++j) {
-      const scalar_t* k = w.k + (w.scan_begin + j0 + j) * w.k_stride;
-      for (int d = 0; d < D; ++d) w.k_t[d * key_stride(D) + j] = static_cast<float>(k[d]);
-    }
-    for (int j = num_keys; j < kKeyBlock; ++j) {
-      for (int d = 0; d < D; ++d) w.k_t[d * key_stride(D) + j] = 0.f;
-    }
-    block_scores<kD, kTileRows>(w.q, w.k_t, w.scores + j0, w.score_stride, w.tiled_rows, D);
+    transpose_keys(w, w.scan_begin + j0, num_keys, D);
+    block_scores<V, kD, kTileRows>(w.q, w.k_t, w.scores + j0, w.score_stride, w.tiled_rows, D);
   }
   for (int64_t r = 0; r < w.tiled_rows; ++r) {
     float* s = w.scores + r * w.score_stride;
@@ -296,39 +400,44 @@ JAKIRO_ALWAYS_INLINE void attend_split(const SplitWork<scalar_t>& w) {
     }
     if (w.softcap > 0.f) soft_cap(s, n, w.softcap, w.inv_softcap);
     // Locals, not the row's fields, so the compiler knows s does not alias them.
+    const int64_t first_tree_rank = w.rows[r].tree_rank;
     const float max = mask_row(w, w.rows[r], s);
     float sum = 0.f;
     if (max == kNegInf) {  // the row counts no key here
       std::fill(s, s + n, 0.f);
     } else {
-      // Two loops: the first vectorises; the second is an ordered sum, which must not.
       for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - max);  // exp(-inf) == 0
-      for (int64_t j = 0; j < n; ++j) sum += s[j];
+      sum = probability_sum(w, w.rows[r], first_tree_rank, s);
     }
     w.rows[r].max = max;
     w.rows[r].sum = sum;
   }
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kKeyBlock, n - j0));
-    for (int j = 0; j < num_keys; ++j) {
-      const scalar_t* v = w.v + (w.scan_begin + j0 + j) * w.v_stride;
-      for (int d = 0; d < D; ++d) w.v_block[j * D + d] = static_cast<float>(v[d]);
+    const float* v_block = w.v_block;
+    if (std::is_same_v<scalar_t, float> && w.v_stride == D) {  // float32 rows back to back: read in place
+      v_block = reinterpret_cast<const float*>(w.v + (w.scan_begin + j0) * w.v_stride);
+    } else {
+      for (int j = 0; j < num_keys; ++j) {
+        const scalar_t* v = w.v + (w.scan_begin + j0 + j) * w.v_stride;
+        for (int d = 0; d < D; ++d) w.v_block[j * D + d] = static_cast<float>(v[d]);
+      }
     }
-    block_values<kD, kTileRows>(w.scores + j0, w.score_stride, w.v_block, num_keys, w.acc, w.tiled_rows, D);
+    block_values<V, kD, kTileRows>(w.scores + j0, w.score_stride, v_block, num_keys, w.acc, w.tiled_rows, D);
   }
 }
 
 template <typename scalar_t, int kD>
-void attend_split_portable(const SplitWork<scalar_t>& w) { attend_split<scalar_t, kD, 4>(w); }
+void attend_split_portable(const SplitWork<scalar_t>& w) { attend_split<scalar_t, Vec8, kD, 4>(w); }
 
 #if JAKIRO_X86_COPIES
 template <typename scalar_t, int kD>
 __attribute__((target("avx2,fma"))) void attend_split_avx2(const SplitWork<scalar_t>& w) {
-  attend_split<scalar_t, kD, 4>(w);
+  attend_split<scalar_t, Vec8, kD, 4>(w);
 }
 template <typename scalar_t, int kD>
 __attribute__((target("avx512f,avx512vl"))) void attend_split_avx512(const SplitWork<scalar_t>& w) {
-  attend_split<scalar_t, kD, 8>(w);
+  attend_split<scalar_t, Vec16, kD, 8>(w);
 }
 #endif
 

@@ -109,7 +109,7 @@ CPU_COPIES = ["portable"] + (["avx2"] if _CAPABILITY in ("AVX2", "AVX512") else 
                                               (13, 1, torch.float16)])
 def test_every_cpu_copy_matches_reference(copy, nq, group, dtype, monkeypatch):
     # JAKIRO_TREE_ATTENTION_KERNEL picks the block step: the portable one, the AVX2+FMA copy
-    # (4-row tiles), the AVX-512VL copy (8-row tiles); every one this CPU can run is tested.
+    # (4-row tiles), the AVX-512 copy (12-row tiles of 16 floats); every one this CPU can run is tested.
     monkeypatch.setenv(KERNEL_ENV, copy)
     gen = torch.Generator().manual_seed(nq + group)
     inputs = make_tree_attention_inputs(batch=2, hq=2 * group, hkv=2, nq=nq, head_dim=64, prefix_lens=[37, 130],

@@ -21,7 +21,7 @@
 // Scores and P·V are register-blocked micro-kernels (4 rows x 2 vectors of keys
 // or columns) on GCC/Clang vector types of 8 floats, and exp is a branch-free
 // polynomial, so no -ffast-math is needed; on x86 two more copies of the split
-// step are compiled and picked at run time: AVX2+FMA, and AVX-512 with 8-row
+// step are compiled and picked at run time: AVX2+FMA, and AVX-512 with 12-row
 // tiles of 16-float vectors (its 32 registers hold them; every sum stays in one
 // lane, so the same sums in the same order). The softmax's sum runs in 8 lanes
 // keyed by virtual position (probability_sum).
@@ -70,7 +70,7 @@ namespace jakiro {
 namespace {
 
 constexpr const char* kOp = "tree_attention";
-constexpr int64_t kRowBlock = 32;       // packed query rows per work unit, at most
+constexpr int64_t kRowBlock = 48;       // packed query rows per work unit, at most
 constexpr int kKeyBlock = 64;           // keys converted to fp32 at a time
 constexpr int64_t kKeysPerSplit = 512;  // virtual key positions per split, fixed (see the top)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -233,14 +233,14 @@ JAKIRO_ALWAYS_INLINE void tile_values(const float* p, int64_t stride, const floa
   }
 }
 
-// Every row (a multiple of kRowQuantum) in kTileRows tiles, the rest in one
-// kRowQuantum tile: a row's sums do not depend on its tile.
+// Every row (a multiple of kRowQuantum) in kTileRows tiles, the rest in
+// kRowQuantum tiles: a row's sums do not depend on its tile.
 template <class V, int kD, int kTileRows>
 JAKIRO_ALWAYS_INLINE void block_scores(const float* q, const float* k_t, float* scores, int64_t stride,
                                        int64_t rows, int head_dim) {
   int64_t r0 = 0;
   for (; r0 + kTileRows <= rows; r0 += kTileRows) tile_scores<V, kD, kTileRows>(q, k_t, scores, stride, r0, head_dim);
-  if (r0 < rows) tile_scores<V, kD, kRowQuantum>(q, k_t, scores, stride, r0, head_dim);
+  for (; r0 < rows; r0 += kRowQuantum) tile_scores<V, kD, kRowQuantum>(q, k_t, scores, stride, r0, head_dim);
 }
 
 template <class V, int kD, int kTileRows>
@@ -250,7 +250,7 @@ JAKIRO_ALWAYS_INLINE void block_values(const float* p, int64_t stride, const flo
   for (; r0 + kTileRows <= rows; r0 += kTileRows) {
     tile_values<V, kD, kTileRows>(p, stride, v, num_keys, acc, r0, head_dim);
   }
-  if (r0 < rows) tile_values<V, kD, kRowQuantum>(p, stride, v, num_keys, acc, r0, head_dim);
+  for (; r0 < rows; r0 += kRowQuantum) tile_values<V, kD, kRowQuantum>(p, stride, v, num_keys, acc, r0, head_dim);
 }
 
 // Sets the scores of keys a row does not count in this split to -inf and returns
@@ -437,7 +437,7 @@ __attribute__((target("avx2,fma"))) void attend_split_avx2(const SplitWork<scala
 }
 template <typename scalar_t, int kD>
 __attribute__((target("avx512f,avx512vl"))) void attend_split_avx512(const SplitWork<scalar_t>& w) {
-  attend_split<scalar_t, Vec16, kD, 8>(w);
+  attend_split<scalar_t, Vec16, kD, 12>(w);
 }
 #endif
 

@@ -40,6 +40,8 @@ def forward_weights(dtype, gen):
 
 def kernel_path(dtype):
     capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+        return "amx"
     if capability == "AVX512" and dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported():
         return "avx512bf16"
     return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability)
@@ -58,7 +60,9 @@ def impls_for(weights, rows, dtype, gen):
     path = kernel_path(dtype)
     if path is not None:
         impls["jakiro_kernel"] = with_env("JAKIRO_LINEAR_KERNEL", path, run(ops.linear))
-    if path == "avx512bf16":
+    if path == "amx":
+        impls["jakiro_kernel_bf16_dot"] = with_env("JAKIRO_LINEAR_KERNEL", "avx512bf16", run(ops.linear))
+    if path in ("amx", "avx512bf16"):
         impls["jakiro_kernel_widen"] = with_env("JAKIRO_LINEAR_KERNEL", "avx512", run(ops.linear))
     impls["F.linear"] = run(F.linear)
     if dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):

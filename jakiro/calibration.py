@@ -129,10 +129,16 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     return name, [flag for flag in ISA_FLAGS if flag in flags]
 
 
+# Bumped when jakiro's CPU linear kernel changes speed (2: the AMX copy), so older timings are not reused.
+KERNEL_GENERATION = 2
+
+
 def machine_key() -> str:
-    """The cache key: CPU model, the flags that change which op wins, torch version, threads."""
+    """The cache key: CPU model, the flags that change which op wins, torch version, threads,
+    and the kernel's generation."""
     name, flags = _cpu_model_and_flags()
-    return f"{name} [{' '.join(flags)}] torch {torch.__version__} threads {torch.get_num_threads()}"
+    return (f"{name} [{' '.join(flags)}] torch {torch.__version__} threads {torch.get_num_threads()} "
+            f"kernel {KERNEL_GENERATION}")
 
 
 def cache_path() -> Path:

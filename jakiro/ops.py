@@ -729,10 +729,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     On the CPU, float32 inputs with at most 128 rows (``x.numel() // K``: decoding steps,
     tree verification, short prompts) and bfloat16 inputs with at most 64 run jakiro's
     kernel, which reads each weight row once for all rows of ``x``, in ``nn.Linear``'s own
-    layout, with AVX-512 or AVX2+FMA (bfloat16: AVX512_BF16 dot products where the CPU has
-    them), summing in float32; everything else calls ``at::linear``. The kernel is
-    batch-invariant: a row's output does not depend on the other rows of ``x``.
-    ``JAKIRO_LINEAR_KERNEL=auto|avx512bf16|avx512|avx2|aten`` picks the CPU path (a named
+    layout, with AVX-512 or AVX2+FMA (bfloat16: AMX tiles where the CPU has them and K is a
+    multiple of 32, else AVX512_BF16 dot products where it has those), summing in float32;
+    everything else calls ``at::linear``. The kernel is batch-invariant: a row's output does
+    not depend on the other rows of ``x``.
+    ``JAKIRO_LINEAR_KERNEL=auto|amx|avx512bf16|avx512|avx2|aten`` picks the CPU path (a named
     instruction set is used at every row count). Differentiable.
 
     Args:

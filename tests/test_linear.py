@@ -3,9 +3,10 @@ at::linear fallbacks, autograd, and bad input.
 
 Tolerance: largest absolute error over largest absolute reference value; fp32 1e-5,
 bf16 8e-3 (the kernel sums in fp32 along K; bf16 output rounds). The CPU paths tested are those this CPU can run
-(torch.backends.cpu.get_cpu_capability(), AVX512_BF16): avx512bf16, avx512 and avx2 are
-forced at every row count, auto switches to at::linear above 128 rows (bfloat16 weights: 64),
-aten always calls it. avx512bf16 runs float32 problems on the avx512 copy.
+(torch.backends.cpu.get_cpu_capability(), AVX512_BF16, AMX): amx, avx512bf16, avx512 and avx2
+are forced at every row count, auto switches to at::linear above 128 rows (bfloat16 weights: 64),
+aten always calls it. avx512bf16 runs float32 problems on the avx512 copy; amx runs bfloat16
+problems whose K is not a multiple of 32 on the avx512bf16 copy, float32 on the avx512 one.
 """
 import pytest
 import torch
@@ -15,7 +16,8 @@ from jakiro import ops, reference
 
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
 _HAS_AVX512_BF16 = _CAPABILITY == "AVX512" and torch.cpu._is_avx512_bf16_supported()
-KERNEL_PATHS = ((["avx512bf16"] if _HAS_AVX512_BF16 else []) +
+_HAS_AMX = _HAS_AVX512_BF16 and torch.cpu._is_amx_tile_supported()
+KERNEL_PATHS = ((["amx"] if _HAS_AMX else []) + (["avx512bf16"] if _HAS_AVX512_BF16 else []) +
                 [name for name, needs in (("avx512", ("AVX512",)), ("avx2", ("AVX2", "AVX512")))
                  if _CAPABILITY in needs])
 CPU_PATHS = KERNEL_PATHS + ["auto", "aten"]
@@ -49,7 +51,7 @@ def check(out, x, w, b, tolerance=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("k", [1, 7, 15, 16, 17, 33, 576, 1000])
+@pytest.mark.parametrize("k", [1, 7, 15, 16, 17, 33, 64, 576, 1000])
 @pytest.mark.parametrize("rows, n", [(1, 1), (2, 3), (5, 4), (6, 5), (7, 17), (13, 192), (48, 33), (49, 9),
                                      (100, 70), (129, 5)])
 def test_matches_reference(cpu_path, rows, n, k, bias, dtype):
@@ -68,6 +70,27 @@ def test_batch_invariant(path, dtype, monkeypatch):
     for start, count in [(0, 1), (5, 1), (36, 1), (3, 6), (10, 13), (30, 7)]:
         part = ops.linear(x[start:start + count], w, b)
         assert torch.equal(part, whole[start:start + count]), (start, count)
+
+
+@pytest.mark.skipif(not _HAS_AMX, reason="needs a CPU with AMX-BF16")
+@pytest.mark.parametrize("bias", [True, False])
+def test_amx_rows_agree_at_every_count(bias, monkeypatch):
+    # The AMX copy puts up to 64 rows of x side by side in its B tiles (zeros past M) and
+    # takes more in passes of 64: each output is still its own row's sum, bit for bit, at
+    # every row count, over strided rows of x and W and a last block of fewer than 16
+    # weight rows; and it matches the reference.
+    monkeypatch.setenv("JAKIRO_LINEAR_KERNEL", "amx")
+    x, w, b = make(70, 96, 37, bias, torch.bfloat16, seed=11)
+    wide = torch.zeros(37, 128, dtype=torch.bfloat16)
+    wide[:, 16:112] = w
+    w_view = wide[:, 16:112]                        # weight rows 128 apart
+    x_wide = torch.zeros(70, 160, dtype=torch.bfloat16)
+    x_wide[:, :96] = x
+    x_view = x_wide[:, :96]                         # rows of x 160 apart
+    whole = ops.linear(x_view, w_view, b)
+    check(whole, x, w, b)
+    for start, count in [(0, 1), (69, 1), (3, 16), (10, 17), (0, 64), (5, 65)]:
+        assert torch.equal(ops.linear(x[start:start + count], w, b), whole[start:start + count]), (start, count)
 
 
 def test_leading_dims_and_strided_layouts(cpu_path):

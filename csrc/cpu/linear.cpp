@@ -11,8 +11,10 @@
 //
 // JAKIRO_LINEAR_KERNEL (read on every call, so tests can switch it) picks the
 // CPU path: auto (default: the best instruction set this CPU has, at::linear
-// above kMaxRows rows), avx512bf16 (bfloat16 dot products for bfloat16 x and W,
-// the avx512 copy for the rest), avx512, avx2, or aten (always at::linear).
+// above kMaxRows rows), amx (AMX tiles for bfloat16 x and W with K a multiple of
+// 32, csrc/cpu/linear_amx.cpp; the avx512bf16 path for the rest), avx512bf16
+// (bfloat16 dot products for bfloat16 x and W, the avx512 copy for the rest),
+// avx512, avx2, or aten (always at::linear).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,6 +42,8 @@ constexpr int64_t kMaxRows = 128;
 constexpr int64_t kMaxRowsBf16 = 64;
 constexpr int64_t kColumnsPerTask = linear_kernel::kWeightRows;
 constexpr int64_t kMinWeightFloatsPerTask = 1 << 15;  // smaller chunks are not worth a thread
+constexpr int64_t kAmxChunk = 32;            // K values per AMX tile product
+constexpr int64_t kAmxColumnsPerTask = 16;   // weight rows per AMX tile
 
 CpuIsaChoice cpu_choice(const char* op) {
   return choose_cpu_isa("JAKIRO_LINEAR_KERNEL", "aten", JAKIRO_LINEAR_X86_KERNELS, op, /*bf16_copy=*/true);
@@ -78,14 +82,29 @@ bool kernel_applies(int64_t rows, bool w_bf16, const char* op) {
 
 void run_kernel(const LinearProblem& p, const char* op) {
   const CpuIsaChoice choice = cpu_choice(op);
+#if JAKIRO_LINEAR_X86_KERNELS
+  // The AMX copy takes bfloat16 x and W with K in whole chunks of 32 (the choice
+  // depends on the weight and the dtype only, never on the rows, so each output
+  // keeps its one order of sums); the rest go to the AVX-512 copies as without AMX.
+  if (choice.isa == CpuIsa::kAmx && p.x_bf16 && p.K % kAmxChunk == 0) {
+    std::vector<uint16_t> packed(amx_packed_x_elems(p));
+    amx_pack_x(p, packed.data());
+    const int64_t tasks = (p.N + kAmxColumnsPerTask - 1) / kAmxColumnsPerTask;
+    const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kAmxColumnsPerTask * p.K));
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      linear_columns_amx(p, packed.data(), begin * kAmxColumnsPerTask, std::min(p.N, end * kAmxColumnsPerTask));
+    });
+    return;
+  }
+#endif
   const int64_t tasks = (p.N + kColumnsPerTask - 1) / kColumnsPerTask;
   const int64_t grain = std::max<int64_t>(1, kMinWeightFloatsPerTask / (kColumnsPerTask * std::max<int64_t>(p.K, 1)));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t n_begin = begin * kColumnsPerTask, n_end = std::min(p.N, end * kColumnsPerTask);
 #if JAKIRO_LINEAR_X86_KERNELS
-    if (choice.isa == CpuIsa::kAvx512Bf16 && p.x_bf16) {
+    if ((choice.isa == CpuIsa::kAvx512Bf16 || choice.isa == CpuIsa::kAmx) && p.x_bf16) {
       linear_columns_avx512bf16(p, n_begin, n_end);
-    } else if (choice.isa == CpuIsa::kAvx512 || choice.isa == CpuIsa::kAvx512Bf16) {
+    } else if (choice.isa == CpuIsa::kAvx512 || choice.isa == CpuIsa::kAvx512Bf16 || choice.isa == CpuIsa::kAmx) {
       linear_columns_avx512(p, n_begin, n_end);
     } else {
       linear_columns_avx2(p, n_begin, n_end);
@@ -108,6 +127,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
 }
 
 }  // namespace
+
+#if !JAKIRO_LINEAR_X86_KERNELS
+bool amx_usable() { return false; }
+#endif
 
 bool linear_on_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
                       const char* op) {

@@ -13,7 +13,9 @@ namespace jakiro {
 
 enum class CpuIsa { kFallback, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 
-bool amx_usable();  // csrc/cpu/linear_amx.cpp
+// This CPU has AMX-BF16 and Linux grants its tile state (csrc/cpu/linear_amx.cpp;
+// false where the linear copies are not built).
+bool amx_usable();
 
 struct CpuIsaChoice {
   CpuIsa isa;

@@ -48,9 +48,7 @@ void linear_columns_avx2(const LinearProblem& p, int64_t n_begin, int64_t n_end)
 
 // The AMX copy (bfloat16 x and W, K a multiple of 32): x repacked once per call
 // (amx_packed_x_elems values) by amx_pack_x, then output columns [n_begin, n_end),
-// n_begin a multiple of 16. amx_usable: this CPU has AMX-BF16 and Linux grants
-// its tile state (false where the copies are not built).
-bool amx_usable();
+// n_begin a multiple of 16. (Whether it can run: amx_usable, jakiro/cpu_isa.h.)
 int64_t amx_packed_x_elems(const LinearProblem& p);
 void amx_pack_x(const LinearProblem& p, uint16_t* packed);
 void linear_columns_amx(const LinearProblem& p, const uint16_t* packed, int64_t n_begin, int64_t n_end);
